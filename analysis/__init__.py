@@ -1,0 +1,20 @@
+"""Estimators over ensembles: Gamma-method errors, ESS, ensemble reports.
+
+Imports only :mod:`latflow` I/O, numpy and scipy (never theories or jobs).
+"""
+
+from .ess import acceptance_rate, ess, reweighting_log_w
+from .gamma import GammaResult, gamma_method, gamma_method_derived
+from .report import DerivedObservable, analyze_ensemble, format_table
+
+__all__ = [
+    "GammaResult",
+    "gamma_method",
+    "gamma_method_derived",
+    "ess",
+    "reweighting_log_w",
+    "acceptance_rate",
+    "analyze_ensemble",
+    "format_table",
+    "DerivedObservable",
+]

@@ -1,0 +1,159 @@
+"""The ``latflow`` command: train, sample, run, analyze, verify."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+from latflow import __version__
+from latflow.ensemble import EnsembleError, verify
+from latflow.training import TrainingDivergedError
+
+from .config import JobConfig, JobError, load_job
+
+log = logging.getLogger("latflow")
+DEFAULT_EXAMPLE = "phi4_default.toml"
+
+
+def _job_args(p: argparse.ArgumentParser, optional_job: bool = False) -> None:
+    if optional_job:
+        p.add_argument("job", nargs="?", help=f"job file (TOML); default: the built-in example {DEFAULT_EXAMPLE}")
+    else:
+        p.add_argument("job", help="job file (TOML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job key, e.g. --set lattice.shape=[6,6] --set theory.lam=0.5 (repeatable)")
+    p.add_argument("--out", help="ensemble path (replaces output.path)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="replaces run.device (default cpu)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run (same chain, same seed)")
+    g.add_argument("--force", action="store_true", help="replace existing outputs")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="latflow",
+        description="Flow-based sampling for lattice field theory: exact ensembles from normalising flows and HMC.",
+    )
+    parser.add_argument("--version", action="version", version=f"latflow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _job_args(sub.add_parser("train", help="train the job's flow (reverse KL); writes the model checkpoint",
+                             description="Train the flow of a job by reverse-KL self-training. "
+                             "Under mpiexec, gradients are averaged over ranks every step."))
+    _job_args(sub.add_parser("sample", help="sample an ensemble (flow-MCMC or HMC); writes the HDF5 ensemble",
+                             description="Sample the job's ensemble. Under mpiexec each rank runs its own chain; "
+                             "all chains land in one file (markov/chain)."))
+    _job_args(sub.add_parser("run", help="train, sample and analyse in one go",
+                             description="Train (flow samplers), sample, and print the analysis table."),
+              optional_job=True)
+    a = sub.add_parser("analyze", help="observables with Gamma-method errors, acceptance and ESS",
+                       description="Analyse an ensemble: mean, error, tau_int of every observable (Gamma method).")
+    a.add_argument("ensemble", help="HDF5 ensemble")
+    a.add_argument("--json", action="store_true", help="print JSON {observable: {mean, err, tau_int, tau_int_err, n}}")
+    v = sub.add_parser("verify", help="check an ensemble's format and checksums",
+                       description="Check format, committed rows and sha256 of every fields/* dataset; exit 1 on damage.")
+    v.add_argument("ensemble", help="HDF5 ensemble")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> JobConfig:
+    if args.job is None:
+        text = resources.files("latflow.jobs").joinpath("examples", DEFAULT_EXAMPLE).read_text(encoding="utf-8")
+        return load_job(DEFAULT_EXAMPLE, args.overrides, out=args.out, device=args.device, text=text)
+    return load_job(args.job, args.overrides, out=args.out, device=args.device)
+
+
+def _comm():
+    from latflow.mpi import get_comm
+
+    comm = get_comm()
+    if comm.size > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.size))
+    return comm
+
+
+def _run_job(args: argparse.Namespace) -> int:
+    from . import runner
+    from .progress import setup_logging
+
+    job = _load(args)
+    comm = _comm()
+    setup_logging(comm.rank)
+    runner.preflight(job, args.command, resume=args.resume, force=args.force)
+    comm.barrier()
+    runner.log_job(job, comm)
+    if args.command in ("train", "run") and job.uses_flow:
+        runner.train(job, resume=args.resume, comm=comm)
+    if args.command in ("sample", "run"):
+        path = runner.sample(job, resume=args.resume, force=args.force, comm=comm)
+        if args.command == "run" and comm.is_root:
+            from latflow.analysis import format_table
+
+            print(format_table(runner.analyze(path)))
+            print(f"ensemble: {path}")
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from . import runner
+
+    result = runner.analyze(args.ensemble)
+    if args.json:
+        out = dict(result["observables"])
+        out.update(result.get("derived", {}))
+        if "acceptance" in result:
+            out["acceptance"] = result["acceptance"]
+        if "ess" in result:
+            out["ess"] = result["ess"]
+        print(json.dumps(out, indent=2))
+    else:
+        from latflow.analysis import format_table
+
+        print(format_table(result))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    path = Path(args.ensemble)
+    if not path.exists():
+        raise JobError(f"{path}: no such file")
+    problems = verify(path)
+    if problems:
+        for p in problems:
+            print(f"DAMAGED {p}")
+        return 1
+    from latflow.ensemble import EnsembleReader
+
+    with EnsembleReader(path) as r:
+        fields = ", ".join(f"fields/{n}" for n in r.names("fields")) or "no fields"
+        print(f"OK {path}: {r.n_committed} committed rows; sha256 verified for {fields}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        if args.command in ("train", "sample", "run"):
+            return _run_job(args)
+        if args.command == "analyze":
+            return _analyze(args)
+        return _verify(args)
+    except (JobError, EnsembleError) as exc:
+        print(f"latflow: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingDivergedError as exc:
+        print(f"latflow: error: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("latflow: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Job files: TOML validated into typed, frozen dataclasses before anything runs.
+
+Every user mistake becomes a :class:`JobError` whose one-line message names the
+file, the key and what is allowed. Command-line overrides (``--set key=value``)
+are applied to the parsed TOML and validated the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from latflow.theories import REGISTRY
+
+
+class JobError(Exception):
+    """A mistake in a job file, an override or a command-line argument (one-line message)."""
+
+
+@dataclass(frozen=True)
+class LatticeConfig:
+    """``shape``: extents ``[L0, ..., L{d-1}]``, axis 0 is time."""
+
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TheoryConfig:
+    """``name`` from the theory registry plus that theory's couplings."""
+
+    name: str
+    couplings: Any  # the theory's params dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Flow model: real-NVP affine couplings with checkerboard masks."""
+
+    kind: Literal["affine"] = "affine"
+    n_layers: int = 8
+    hidden: tuple[int, ...] = (8, 8)
+    kernel_size: int = 3
+    prior_sigma: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Reverse-KL self-training with Adam."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    checkpoint_every: int = 200
+    grad_clip: float = 0.0
+    log_every: int = 100
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Sampler settings. ``n_samples`` and ``thermalization`` count Markov steps per chain.
+
+    Flow-MCMC uses ``batch_size`` (proposals per flow call); HMC uses the
+    remaining keys (``n_chains`` chains per process, batched).
+    """
+
+    kind: Literal["flow-mcmc", "hmc"] = "flow-mcmc"
+    n_samples: int = 10000
+    thermalization: int = 0
+    commit_every: int = 1000
+    log_every: int = 1000
+    batch_size: int = 256
+    n_chains: int = 16
+    step_size: float = 0.1
+    n_steps: int = 10
+    integrator: Literal["leapfrog", "omelyan"] = "omelyan"
+    step_jitter: float = 0.2
+    tune: bool = True
+    n_tune: int = 200
+    target_acceptance: float = 0.8
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """``path``: the ensemble; ``model``: the flow checkpoint (default: ``<path stem>.model.pt``)."""
+
+    path: str
+    model: str = ""
+
+    @property
+    def model_path(self) -> Path:
+        if self.model:
+            return Path(self.model)
+        p = Path(self.path)
+        return p.with_name(p.stem + ".model.pt")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Seed, device and floating-point precision of the run."""
+
+    seed: int = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float64", "float32"] = "float64"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A validated job."""
+
+    theory: TheoryConfig
+    lattice: LatticeConfig
+    model: ModelConfig
+    train: TrainConfig
+    sampler: SamplerConfig
+    output: OutputConfig
+    run: RunConfig
+    source: str = "<job>"
+    text: str = ""
+
+    @property
+    def uses_flow(self) -> bool:
+        return self.sampler.kind == "flow-mcmc"
+
+
+SECTIONS: dict[str, type] = {
+    "lattice": LatticeConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "sampler": SamplerConfig,
+    "output": OutputConfig,
+    "run": RunConfig,
+}
+ALL_SECTIONS = ("theory", *SECTIONS)
+# checks on values beyond their type: (predicate, what is allowed)
+POSITIVE = (lambda v: v > 0, "a positive number")
+NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "model.n_layers": POSITIVE,
+    "model.kernel_size": (lambda v: v > 0 and v % 2 == 1, "a positive odd integer"),
+    "model.prior_sigma": POSITIVE,
+    "model.hidden": (lambda v: all(c > 0 for c in v), "a list of positive integers"),
+    "train.steps": NON_NEGATIVE,
+    "train.batch_size": POSITIVE,
+    "train.lr": POSITIVE,
+    "train.checkpoint_every": NON_NEGATIVE,
+    "train.grad_clip": NON_NEGATIVE,
+    "train.log_every": POSITIVE,
+    "sampler.n_samples": POSITIVE,
+    "sampler.thermalization": NON_NEGATIVE,
+    "sampler.commit_every": POSITIVE,
+    "sampler.log_every": POSITIVE,
+    "sampler.batch_size": POSITIVE,
+    "sampler.n_chains": POSITIVE,
+    "sampler.step_size": POSITIVE,
+    "sampler.n_steps": POSITIVE,
+    "sampler.step_jitter": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "sampler.n_tune": NON_NEGATIVE,
+    "sampler.target_acceptance": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "output.path": (lambda v: v.strip() != "", "a non-empty file name"),
+}
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0])}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ``TypeError``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise TypeError
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        (inner, _) = typing.get_args(tp)
+        return tuple(_coerce(v, inner) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                pass
+        raise TypeError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def build_dataclass(cls: type, table: Any, section: str, source: str) -> Any:
+    """Validate the TOML table ``table`` into ``cls``; ``JobError`` names file and key."""
+    if not isinstance(table, dict):
+        raise JobError(f"{source}: [{section}] must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise JobError(
+            f"{source}: unknown key '{section}.{unknown[0]}'; allowed keys in [{section}]: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{section}.{name}"
+        if name not in table:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+                raise JobError(f"{source}: missing key '{key}' ({_describe(hints[name])})")
+            continue
+        value = table[name]
+        try:
+            value = _coerce(value, hints[name])
+        except TypeError:
+            raise JobError(f"{source}: '{key}' = {value!r}: expected {_describe(hints[name])}") from None
+        rule = RULES.get(key)
+        if rule is not None and not rule[0](value):
+            raise JobError(f"{source}: '{key}' = {table[name]!r}: must be {rule[1]}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _theory(table: Any, source: str) -> TheoryConfig:
+    if not isinstance(table, dict) or "name" not in table:
+        raise JobError(f"{source}: missing key 'theory.name'; known theories: {', '.join(sorted(REGISTRY))}")
+    name = table["name"]
+    if name not in REGISTRY:
+        raise JobError(f"{source}: 'theory.name' = {name!r}: must be one of {', '.join(sorted(REGISTRY))}")
+    params = build_dataclass(REGISTRY[name].params, {k: v for k, v in table.items() if k != "name"}, "theory", source)
+    return TheoryConfig(name=name, couplings=params)
+
+
+def _lattice(table: Any, source: str) -> LatticeConfig:
+    cfg = build_dataclass(LatticeConfig, table, "lattice", source)
+    if not 1 <= len(cfg.shape) <= 4:
+        raise JobError(f"{source}: 'lattice.shape' = {list(cfg.shape)}: must have 1 to 4 extents")
+    for n in cfg.shape:
+        if n <= 0:
+            raise JobError(f"{source}: 'lattice.shape' = {list(cfg.shape)}: extents must be positive integers")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"lattice.shape=[6,6]"`` -> ``(["lattice", "shape"], [6, 6])``; a bare word is a string."""
+    if "=" not in text:
+        raise JobError(f"--set {text!r}: expected KEY=VALUE, e.g. --set theory.lam=0.5")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise JobError(f"--set {text!r}: KEY must be SECTION.NAME with SECTION one of {', '.join(ALL_SECTIONS)}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def load_job(
+    path: str | Path,
+    overrides: typing.Sequence[str] = (),
+    *,
+    out: str | None = None,
+    device: str | None = None,
+    text: str | None = None,
+) -> JobConfig:
+    """Read, override and validate a job file.
+
+    Parameters
+    ----------
+    path
+        The TOML job file (its name is used in messages).
+    overrides
+        ``SECTION.KEY=VALUE`` strings (``--set``); values are TOML values, bare words strings.
+    out
+        Replaces ``output.path`` (``--out``).
+    device
+        Replaces ``run.device`` (``--device``).
+    text
+        The file's text, if already read (e.g. a packaged example).
+    """
+    source = str(path)
+    if text is None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise JobError(f"{source}: no such job file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise JobError(f"{source}: cannot read job file ({exc.__class__.__name__})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise JobError(f"{source}: not valid TOML ({exc})") from None
+    unknown = sorted(set(raw) - set(ALL_SECTIONS))
+    if unknown:
+        raise JobError(f"{source}: unknown section or key '{unknown[0]}'; allowed sections: {', '.join(ALL_SECTIONS)}")
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        if section not in ALL_SECTIONS:
+            raise JobError(f"{source}: --set {item}: unknown section '{section}'; allowed: {', '.join(ALL_SECTIONS)}")
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise JobError(f"{source}: [{section}] must be a table")
+        table[key] = value
+    if out is not None:
+        raw.setdefault("output", {})["path"] = out
+    if device is not None:
+        raw.setdefault("run", {})["device"] = device
+    for section in ALL_SECTIONS:
+        if section not in raw and section in ("theory", "lattice", "output"):
+            raise JobError(f"{source}: missing section [{section}]")
+    theory = _theory(raw["theory"], source)
+    lattice = _lattice(raw["lattice"], source)
+    built = {name: build_dataclass(cls, raw.get(name, {}), name, source) for name, cls in SECTIONS.items() if name != "lattice"}
+    job = JobConfig(theory=theory, lattice=lattice, source=source, text=text, **built)
+    _check_consistency(job)
+    return job
+
+
+def _check_consistency(job: JobConfig) -> None:
+    src = job.source
+    odd = [n for n in job.lattice.shape if n % 2]
+    if job.uses_flow and job.model.kind == "affine" and odd:
+        raise JobError(
+            f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: extent {odd[0]} is odd; "
+            "the checkerboard masks of model.kind 'affine' need even extents"
+        )
+    if job.uses_flow and not 1 <= len(job.lattice.shape) <= 3:
+        raise JobError(f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: model.kind 'affine' supports 1 to 3 dimensions")
+    if job.output.model and Path(job.output.model).resolve() == Path(job.output.path).resolve():
+        raise JobError(f"{src}: 'output.model' must differ from 'output.path'")
+
+
+def to_dict(job: JobConfig) -> dict[str, Any]:
+    """The resolved job as plain data (for logs and the ensemble's metadata)."""
+    d = {name: dataclasses.asdict(getattr(job, name)) for name in SECTIONS}
+    d["theory"] = {"name": job.theory.name, **dataclasses.asdict(job.theory.couplings)}
+    return {k: d[k] for k in ALL_SECTIONS}
+
+
+def sampler_settings(job: JobConfig) -> dict[str, Any]:
+    """The ``sampler`` attribute of the ensemble: kind and the settings that kind uses."""
+    s = job.sampler
+    common = {"kind": s.kind, "n_samples": s.n_samples, "thermalization": s.thermalization, "commit_every": s.commit_every}
+    if s.kind == "flow-mcmc":
+        return {**common, "batch_size": s.batch_size, "model": dataclasses.asdict(job.model), "dtype": job.run.dtype}
+    return {
+        **common,
+        "n_chains": s.n_chains,
+        "step_size": s.step_size,
+        "n_steps": s.n_steps,
+        "integrator": s.integrator,
+        "step_jitter": s.step_jitter,
+        "tune": s.tune,
+        "n_tune": s.n_tune,
+        "target_acceptance": s.target_acceptance,
+        "dtype": job.run.dtype,
+    }

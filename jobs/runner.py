@@ -1,0 +1,292 @@
+"""Wires a validated job to the engine: theory + model + trainer/sampler + ensemble writer.
+
+Only this module (with :mod:`latflow.jobs.cli`) reads configuration; everything
+it calls takes tensors, numbers and objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from latflow import checkpoint
+from latflow.analysis import DerivedObservable, analyze_ensemble
+from latflow.ensemble import EnsembleMeta, EnsembleReader, EnsembleWriter
+from latflow.flows import FlowModel, make_affine_flow, model_sha256
+from latflow.lattice import Lattice
+from latflow.mpi import SerialComm
+from latflow.rng import make_generator, stream_seed
+from latflow.samplers import HMC, FlowMCMC, state_from_bytes, state_to_bytes
+from latflow.theories import get_spec
+from latflow.training import ReverseKLTrainer
+
+from .config import JobConfig, JobError, sampler_settings, to_dict
+from .progress import Progress
+
+log = logging.getLogger("latflow")
+
+# independent random streams of one seed: (seed, purpose, rank)
+STREAM_TRAIN, STREAM_SAMPLE, STREAM_INIT = 0, 1, 2
+
+
+def torch_dtype(job: JobConfig) -> torch.dtype:
+    return {"float64": torch.float64, "float32": torch.float32}[job.run.dtype]
+
+
+def rank_device(job: JobConfig, comm: SerialComm) -> torch.device:
+    """``cpu``, or this rank's GPU (``cuda:rank mod n_gpus``); ``JobError`` if CUDA is absent."""
+    if job.run.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise JobError(f"{job.source}: 'run.device' = 'cuda' but no CUDA device is available; use 'cpu'")
+    return torch.device("cuda", comm.rank % torch.cuda.device_count())
+
+
+def build_theory(job: JobConfig) -> Any:
+    spec = get_spec(job.theory.name)
+    return spec.build(job.theory.couplings, Lattice(job.lattice.shape))
+
+
+def build_model(job: JobConfig, device: torch.device) -> FlowModel:
+    """The job's flow, initialised reproducibly from ``run.seed`` (same on every rank)."""
+    m = job.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stream_seed(job.run.seed, STREAM_INIT))
+        model = make_affine_flow(
+            Lattice(job.lattice.shape), m.n_layers, m.hidden, m.kernel_size, m.prior_sigma, dtype=torch.float64
+        )
+    return model.to(device=device, dtype=torch_dtype(job))
+
+
+def _model_signature(job: JobConfig) -> str:
+    return json.dumps(
+        {"model": dataclasses.asdict(job.model), "lattice": list(job.lattice.shape), "dtype": job.run.dtype},
+        sort_keys=True,
+    )
+
+
+def preflight(job: JobConfig, command: str, *, resume: bool, force: bool) -> None:
+    """Refuse, before anything is touched, to overwrite files the user did not ask to replace."""
+    if resume and force:
+        raise JobError("--resume and --force exclude each other")
+    ens = Path(job.output.path)
+    model = job.output.model_path
+    if command in ("sample", "run") and ens.exists() and not (resume or force):
+        raise JobError(f"{ens}: ensemble exists; use --resume to append or --force to replace it")
+    if command in ("train", "run") and job.uses_flow and model.exists() and not (resume or force):
+        raise JobError(f"{model}: model checkpoint exists; use --resume to continue or --force to retrain")
+    if command == "sample" and job.uses_flow and not model.exists():
+        raise JobError(f"{model}: no trained model; run 'latflow train {job.source}' first (or 'latflow run')")
+    if command == "train" and not job.uses_flow:
+        raise JobError(f"{job.source}: 'sampler.kind' = 'hmc' has no flow to train; use 'latflow sample' or 'latflow run'")
+    for p in (ens, model):
+        if p.parent != Path("") and not p.parent.exists():
+            raise JobError(f"{p}: folder {p.parent} does not exist")
+
+
+# --- training -----------------------------------------------------------------
+
+
+def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
+    """Train the job's flow by reverse KL; returns the checkpoint path."""
+    device = rank_device(job, comm)
+    theory = build_theory(job)
+    model = build_model(job, device)
+    t = job.train
+    trainer = ReverseKLTrainer(
+        model,
+        lambda x: -theory.action(x),
+        batch_size=t.batch_size,
+        lr=t.lr,
+        generator=make_generator(job.run.seed, STREAM_TRAIN, comm.rank, device=device),
+        comm=comm,
+        grad_clip=t.grad_clip or None,
+    )
+    path = job.output.model_path
+    if resume and path.exists():
+        state = trainer.load(path)
+        if state.get("signature") != _model_signature(job):
+            raise JobError(f"{path}: checkpoint was trained for a different model, lattice or dtype than {job.source}")
+        log.info("resuming training from %s at step %d", path, trainer.step)
+    if trainer.step >= t.steps:
+        log.info("model %s already trained (%d steps)", path, trainer.step)
+        return path
+    bar = Progress(t.steps, "train", every=t.log_every, enabled=comm.is_root, initial=trainer.step)
+    extra = {"signature": _model_signature(job), "job": job.text, "theory": job.theory.name}
+
+    def report(m: Any) -> None:
+        bar.update(1, loss=m.loss, ess=m.ess)
+
+    try:
+        history = trainer.train(t.steps, checkpoint_path=path, checkpoint_every=t.checkpoint_every, callback=report, extra=extra)
+    finally:
+        bar.close()
+    n = min(len(history.ess), 50)
+    if n:
+        log.info(
+            "trained %d steps on %d rank(s): loss %.4f, batch ESS %.3f (mean of last %d steps)",
+            trainer.step, comm.size, float(np.mean(history.loss[-n:])), float(np.mean(history.ess[-n:])), n,
+        )
+    return path
+
+
+def load_model(job: JobConfig, device: torch.device) -> FlowModel:
+    """The trained flow of the job (checkpoint at ``output.model``)."""
+    path = job.output.model_path
+    state = checkpoint.load(path, map_location=device)
+    if state.get("signature") != _model_signature(job):
+        raise JobError(f"{path}: checkpoint was trained for a different model, lattice or dtype than {job.source}")
+    model = build_model(job, device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    if not state.get("complete", False):
+        log.warning("model %s is from an unfinished training run (step %s)", path, state.get("step"))
+    return model
+
+
+# --- sampling -----------------------------------------------------------------
+
+
+def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: SerialComm, device: torch.device) -> Any:
+    s = job.sampler
+    gen = make_generator(job.run.seed, STREAM_SAMPLE, comm.rank, device=device)
+    if s.kind == "flow-mcmc":
+        assert model is not None
+        return FlowMCMC(model, lambda x: -theory.action(x), batch_size=s.batch_size, generator=gen, chain_id=comm.rank)
+    x0 = 0.1 * torch.randn((s.n_chains, *theory.field_shape), generator=gen, dtype=torch_dtype(job), device=device)
+    return HMC(
+        theory.action,
+        x0,
+        step_size=s.step_size,
+        n_steps=s.n_steps,
+        generator=gen,
+        integrator=s.integrator,
+        project=getattr(theory, "project", None),
+        chain_offset=comm.rank * s.n_chains,
+        step_jitter=s.step_jitter,
+    )
+
+
+def _meta(job: JobConfig, theory: Any, model: FlowModel | None) -> EnsembleMeta:
+    return EnsembleMeta(
+        theory=job.theory.name,
+        couplings=theory.couplings(),
+        lattice_shape=tuple(job.lattice.shape),
+        sampler=sampler_settings(job),
+        seed=job.run.seed,
+        job=job.text,
+        model_sha256=model_sha256(model) if model is not None else "",
+    )
+
+
+def _check_resumable(path: Path, meta: EnsembleMeta) -> None:
+    with EnsembleReader(path) as r:
+        old = r.meta
+    mine = {k: v for k, v in meta.sampler.items() if k != "n_samples"}
+    theirs = {k: v for k, v in old.sampler.items() if k != "n_samples"}
+    checks = [
+        ("theory", old.theory, meta.theory),
+        ("couplings", old.couplings, meta.couplings),
+        ("lattice_shape", tuple(old.lattice_shape), tuple(meta.lattice_shape)),
+        ("seed", old.seed, meta.seed),
+        ("sampler", json.loads(json.dumps(theirs)), json.loads(json.dumps(mine))),
+        ("model_sha256", old.model_sha256, meta.model_sha256),
+    ]
+    for name, a, b in checks:
+        if a != b:
+            raise JobError(f"{path}: cannot resume: the file's {name} {a} differs from this job's {b}")
+
+
+def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Path:
+    """Sample the job's ensemble (rank 0 writes; every rank runs its own chain(s))."""
+    device = rank_device(job, comm)
+    theory = build_theory(job)
+    model = load_model(job, device) if job.uses_flow else None
+    sampler = _make_sampler(job, theory, model, comm, device)
+    s = job.sampler
+    path = Path(job.output.path)
+    meta = _meta(job, theory, model)
+
+    writer = None
+    blob: bytes | None = None
+    if comm.is_root:
+        if resume and path.exists():
+            _check_resumable(path, meta)
+            writer, blob = EnsembleWriter.resume(path)
+            log.info("resuming %s at %d committed rows", path, writer.n_committed)
+        else:
+            writer = EnsembleWriter.create(path, meta, force=force)
+    blob = comm.bcast(blob)
+    recorded = 0
+    if blob is not None:
+        state = state_from_bytes(blob)
+        if len(state["ranks"]) != comm.size:
+            raise JobError(f"{path}: written by {len(state['ranks'])} rank(s); resume it with the same number")
+        sampler.load_state_dict(state["ranks"][comm.rank])
+        recorded = int(state["recorded"])
+    else:
+        if isinstance(sampler, HMC) and s.tune and s.n_tune:
+            eps = sampler.tune(s.n_tune, s.target_acceptance)
+            log.info("HMC step size tuned to %.4g (%d steps per trajectory)", eps, sampler.n_steps)
+        if s.thermalization:
+            sampler.run(s.thermalization)
+
+    chains = comm.size * (s.n_chains if isinstance(sampler, HMC) else 1)
+    bar = Progress(s.n_samples, "sample", every=s.log_every, enabled=comm.is_root, initial=recorded)
+    n_acc = n_rows = 0
+    try:
+        while recorded < s.n_samples:
+            k = min(s.commit_every, s.n_samples - recorded)
+            block = sampler.run(k)
+            rows = block.rows(theory.field_name)
+            with torch.no_grad():
+                for name, value in theory.observables(block.x).items():
+                    rows[f"observables/{name}"] = value.detach().cpu().numpy()
+            recorded += k
+            gathered = comm.gather((rows, sampler.state_dict()))
+            if comm.is_root:
+                assert gathered is not None and writer is not None
+                merged = {key: np.concatenate([g[0][key] for g in gathered]) for key in rows}
+                writer.append(merged, state_to_bytes({"ranks": [g[1] for g in gathered], "recorded": recorded}))
+                n_acc += int(merged["markov/accepted"].sum())
+                n_rows += len(merged["markov/accepted"])
+                bar.update(k, acc=n_acc / max(n_rows, 1))
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    if comm.is_root:
+        log.info("wrote %s: %d steps x %d chain(s), acceptance %.3f this run", path, recorded, chains, n_acc / max(n_rows, 1))
+    return path
+
+
+# --- analysis -----------------------------------------------------------------
+
+
+def derived_for(theory_name: str, couplings: dict, lattice_shape: tuple[int, ...]) -> dict[str, DerivedObservable]:
+    """Derived observables the theory defines, for the analysis of an ensemble."""
+    try:
+        spec = get_spec(theory_name)
+        fields = {f.name for f in dataclasses.fields(spec.params)}
+        theory = spec.build(spec.params(**{k: v for k, v in couplings.items() if k in fields}), Lattice(lattice_shape))
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return {
+        name: DerivedObservable(tuple(d.inputs), d.func, d.description) for name, d in theory.derived_observables().items()
+    }
+
+
+def analyze(path: str | Path) -> dict[str, Any]:
+    with EnsembleReader(path) as r:
+        derived = derived_for(r.theory, r.couplings, tuple(r.lattice_shape))
+    return analyze_ensemble(path, derived=derived)
+
+
+def log_job(job: JobConfig, comm: SerialComm) -> None:
+    log.info("job %s (%d rank(s)): %s", job.source, comm.size, json.dumps(to_dict(job)))

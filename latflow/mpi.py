@@ -1,0 +1,122 @@
+"""Optional MPI: a communicator that is real under ``mpiexec`` and trivial otherwise.
+
+A single process never imports mpi4py. Under a launcher (environment variables
+of MPICH/Hydra, Open MPI, PMIx or Slurm's PMI) mpi4py is required, and its
+absence is a clear error instead of K processes silently doing the same work.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
+class SerialComm:
+    """The one-process communicator."""
+
+    rank = 0
+    size = 1
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def allreduce_mean_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Average ``tensors`` over ranks in place (no-op for one rank)."""
+
+    def allreduce_sum(self, value: float) -> float:
+        return float(value)
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return obj
+
+    def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def bcast_parameters_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Make every rank's ``tensors`` equal to rank 0's (no-op for one rank)."""
+
+
+class MPIComm(SerialComm):
+    """``MPI.COMM_WORLD`` through mpi4py."""
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+
+    def _flat(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
+        return torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors]).numpy()
+
+    def _unflat_(self, tensors: Sequence[torch.Tensor], flat: np.ndarray) -> None:
+        offset = 0
+        src = torch.from_numpy(flat)
+        for t in tensors:
+            n = t.numel()
+            t.copy_(src[offset : offset + n].view_as(t).to(t))
+            offset += n
+
+    def allreduce_mean_(self, tensors: Sequence[torch.Tensor]) -> None:
+        from mpi4py import MPI
+
+        if not tensors:
+            return
+        send = self._flat(tensors)
+        recv = np.empty_like(send)
+        self.comm.Allreduce(send, recv, op=MPI.SUM)
+        self._unflat_(tensors, recv / self.size)
+
+    def allreduce_sum(self, value: float) -> float:
+        return float(self.comm.allreduce(float(value)))
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return self.comm.bcast(obj, root=root)
+
+    def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
+        return self.comm.gather(obj, root=root)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def bcast_parameters_(self, tensors: Sequence[torch.Tensor]) -> None:
+        if not tensors:
+            return
+        buf = self._flat(tensors)
+        self.comm.Bcast(buf, root=0)
+        self._unflat_(tensors, buf)
+
+
+def launched_by_mpi() -> bool:
+    """True when the process was started by an MPI launcher with more than one rank."""
+    for var in _LAUNCHER_SIZE_VARS:
+        value = os.environ.get(var)
+        if value is not None:
+            try:
+                return int(value) > 1
+            except ValueError:
+                return False
+    return False
+
+
+def get_comm() -> SerialComm:
+    """The world communicator: :class:`MPIComm` under a multi-rank launcher, else :class:`SerialComm`."""
+    if not launched_by_mpi():
+        return SerialComm()
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise RuntimeError(
+            "started by an MPI launcher but mpi4py is not importable; install the extra: pip install 'latflow[mpi]'"
+        ) from exc
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() == 1:
+        return SerialComm()
+    return MPIComm(comm)
