@@ -109,7 +109,7 @@ def analyze_ensemble(
         JSON-serialisable: ``"observables"`` ``{name: GammaResult.as_dict()}``,
         ``"derived"`` ``{name: {... , "inputs", "description"}}``, ``"acceptance"``
         (Gamma-method result of ``markov/accepted``, only if present), ``"ess"``
-        (reweighting ESS per configuration from ``log_p - log_q``, only for flow
+        (reweighting ESS per configuration of the flow proposals, from ``weights/proposal_log_w``, only for flow
         proposals), ``"n_committed"``, ``"n_chains"``, ``"theory"``, ``"couplings"``,
         ``"lattice_shape"`` and ``"warnings"`` (list of str).
     """
@@ -172,15 +172,15 @@ def analyze_ensemble(
             except ValueError as exc:
                 warnings.append(f"acceptance skipped: {exc}")
 
-        if reader.has("weights/log_p") and reader.has("weights/log_q") and n > 0:
-            log_q = np.asarray(reader.read("weights/log_q"), dtype=np.float64).reshape(-1)
-            if not (np.all(log_q == 0) or np.all(np.isnan(log_q))):
-                log_p = np.asarray(reader.read("weights/log_p"), dtype=np.float64).reshape(-1)
-                lw = log_p - log_q
-                try:
-                    result["ess"] = _ess(lw[~np.isnan(lw)])
-                except ValueError as exc:
-                    warnings.append(f"ESS skipped: {exc}")
+        if reader.has("weights/proposal_log_w") and n > 0:
+            # flow-MCMC stores the log weight log p - log q of the proposal made at every step;
+            # proposals are independent draws from q, so this is the flow's reweighting ESS.
+            # (log_p - log_q of the chain's rows would not do: those rows are distributed as p.)
+            lw = np.asarray(reader.read("weights/proposal_log_w"), dtype=np.float64).reshape(-1)
+            try:
+                result["ess"] = _ess(lw[~np.isnan(lw)])
+            except ValueError as exc:
+                warnings.append(f"ESS skipped: {exc}")
 
         if reader.has("weights/log_w") and n > 0:
             log_w = np.asarray(reader.read("weights/log_w"), dtype=np.float64)

@@ -85,19 +85,51 @@ def _run_job(args: argparse.Namespace) -> int:
     job = _load(args)
     comm = _comm()
     setup_logging(comm.rank)
-    runner.preflight(job, args.command, resume=args.resume, force=args.force)
-    comm.barrier()
-    runner.log_job(job, comm)
-    if args.command in ("train", "run") and job.uses_flow:
-        runner.train(job, resume=args.resume, comm=comm)
-    if args.command in ("sample", "run"):
-        path = runner.sample(job, resume=args.resume, force=args.force, comm=comm)
-        if args.command == "run" and comm.is_root:
-            from latflow.analysis import format_table
+    problem: Exception | None = None
+    try:
+        runner.preflight(job, args.command, resume=args.resume, force=args.force)
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank knows
+        problem = exc
+    # collective (also the barrier): a rank whose preflight fails alone must not leave the others waiting
+    if comm.allreduce_sum(problem is not None) and problem is None:
+        problem = JobError("stopped: the preflight check failed on another MPI rank (see its message)")
+    if problem is not None:
+        raise problem
+    try:
+        runner.log_job(job, comm)
+        if args.command in ("train", "run") and job.uses_flow:
+            runner.train(job, resume=args.resume, comm=comm)
+        if args.command in ("sample", "run"):
+            path = runner.sample(job, resume=args.resume, force=args.force, comm=comm)
+            if args.command == "run" and comm.is_root:
+                from latflow.analysis import format_table
 
-            print(format_table(runner.analyze(path)))
-            print(f"ensemble: {path}")
+                print(format_table(runner.analyze(path)))
+                print(f"ensemble: {path}")
+    except BaseException as exc:
+        if comm.size > 1:
+            # the other ranks may wait forever in a collective for this one (and MPI_Finalize would wait
+            # for them): report here, then end every rank
+            _abort_all_ranks(comm, exc)
+        raise
     return 0
+
+
+def _abort_all_ranks(comm, exc: BaseException) -> None:
+    if isinstance(exc, (JobError, EnsembleError)):
+        code, message = 2, f"latflow: error: {_one_line(exc)}"
+    elif isinstance(exc, TrainingDivergedError):
+        code, message = 3, f"latflow: error: {_one_line(exc)}"
+    elif isinstance(exc, KeyboardInterrupt):
+        code, message = 130, "latflow: interrupted; rerun with --resume to continue"
+    else:
+        import traceback
+
+        code = 1
+        message = "".join(traceback.format_exception(exc)).rstrip()
+    print(f"[rank {comm.rank}] {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    comm.abort(code)
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -121,8 +153,19 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     path = Path(args.ensemble)
+    # a path that is not an HDF5 file at all is a usage mistake (exit 2), not a damaged ensemble (exit 1)
     if not path.exists():
         raise JobError(f"{path}: no such file")
+    if path.is_dir():
+        raise JobError(f"{path}: is a directory, not an ensemble file (HDF5)")
+    import h5py
+
+    try:
+        is_hdf5 = h5py.is_hdf5(str(path))
+    except OSError as exc:
+        raise JobError(f"{path}: cannot read ({exc.__class__.__name__})") from None
+    if not is_hdf5:
+        raise JobError(f"{path}: not an HDF5 file; verify expects a latflow ensemble (.h5)")
     problems = verify(path)
     if problems:
         for p in problems:
@@ -136,6 +179,10 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
@@ -145,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             return _analyze(args)
         return _verify(args)
     except (JobError, EnsembleError) as exc:
-        print(f"latflow: error: {exc}", file=sys.stderr)
+        print(f"latflow: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except TrainingDivergedError as exc:
-        print(f"latflow: error: {exc}", file=sys.stderr)
+        print(f"latflow: error: {_one_line(exc)}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print("latflow: interrupted; rerun with --resume to continue", file=sys.stderr)

@@ -8,6 +8,7 @@ are applied to the parsed TOML and validated the same way.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -121,6 +122,20 @@ class JobConfig:
     run: RunConfig
     source: str = "<job>"
     text: str = ""
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def record(self) -> str:
+        """The job as recorded in outputs: the file's text plus the command-line changes to it.
+
+        ``text`` alone would misdescribe an ensemble made with ``--set``/``--out``/``--device``;
+        the changes are appended as TOML comments so the record stays valid TOML.
+        """
+        if not self.overrides:
+            return self.text
+        lines = "".join("#   " + o.replace("\r", "\\r").replace("\n", "\\n") + "\n" for o in self.overrides)
+        sep = "" if not self.text or self.text.endswith("\n") else "\n"
+        return f"{self.text}{sep}# latflow command-line overrides applied to this job:\n{lines}"
 
     @property
     def uses_flow(self) -> bool:
@@ -162,6 +177,13 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "sampler.n_tune": NON_NEGATIVE,
     "sampler.target_acceptance": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "output.path": (lambda v: v.strip() != "", "a non-empty file name"),
+    "run.seed": (lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)"),
+}
+# what a required section must hold (for the message when it is missing)
+REQUIRED_SECTIONS = {
+    "theory": "name = one of {theories} and that theory's couplings",
+    "lattice": "shape = [L0, L1, ...]",
+    "output": 'path = "<ensemble>.h5"',
 }
 
 
@@ -170,7 +192,8 @@ def _describe(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is tuple:
-        return f"a list of {_describe(typing.get_args(tp)[0])}s"
+        inner = typing.get_args(tp)[0]
+        return "a list of " + {int: "integers", float: "numbers", bool: "booleans", str: "strings"}.get(inner, str(inner))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
@@ -212,6 +235,14 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise TypeError
 
 
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, tuple):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def build_dataclass(cls: type, table: Any, section: str, source: str) -> Any:
     """Validate the TOML table ``table`` into ``cls``; ``JobError`` names file and key."""
     if not isinstance(table, dict):
@@ -235,6 +266,8 @@ def build_dataclass(cls: type, table: Any, section: str, source: str) -> Any:
             value = _coerce(value, hints[name])
         except TypeError:
             raise JobError(f"{source}: '{key}' = {value!r}: expected {_describe(hints[name])}") from None
+        if not _finite(value):
+            raise JobError(f"{source}: '{key}' = {table[name]!r}: must be a finite number")
         rule = RULES.get(key)
         if rule is not None and not rule[0](value):
             raise JobError(f"{source}: '{key}' = {table[name]!r}: must be {rule[1]}")
@@ -246,7 +279,7 @@ def _theory(table: Any, source: str) -> TheoryConfig:
     if not isinstance(table, dict) or "name" not in table:
         raise JobError(f"{source}: missing key 'theory.name'; known theories: {', '.join(sorted(REGISTRY))}")
     name = table["name"]
-    if name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY:
         raise JobError(f"{source}: 'theory.name' = {name!r}: must be one of {', '.join(sorted(REGISTRY))}")
     params = build_dataclass(REGISTRY[name].params, {k: v for k, v in table.items() if k != "name"}, "theory", source)
     return TheoryConfig(name=name, couplings=params)
@@ -306,6 +339,10 @@ def load_job(
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise JobError(f"{source}: no such job file") from None
+        except IsADirectoryError:
+            raise JobError(f"{source}: is a directory, not a job file (TOML)") from None
+        except UnicodeDecodeError:
+            raise JobError(f"{source}: not a TOML job file (not UTF-8 text)") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise JobError(f"{source}: cannot read job file ({exc.__class__.__name__})") from None
     try:
@@ -316,7 +353,10 @@ def load_job(
     if unknown:
         raise JobError(f"{source}: unknown section or key '{unknown[0]}'; allowed sections: {', '.join(ALL_SECTIONS)}")
     for item in overrides:
-        (section, key), value = parse_override(item)
+        try:
+            (section, key), value = parse_override(item)
+        except JobError as exc:
+            raise JobError(f"{source}: {exc}") from None
         if section not in ALL_SECTIONS:
             raise JobError(f"{source}: --set {item}: unknown section '{section}'; allowed: {', '.join(ALL_SECTIONS)}")
         table = raw.setdefault(section, {})
@@ -327,13 +367,19 @@ def load_job(
         raw.setdefault("output", {})["path"] = out
     if device is not None:
         raw.setdefault("run", {})["device"] = device
-    for section in ALL_SECTIONS:
-        if section not in raw and section in ("theory", "lattice", "output"):
-            raise JobError(f"{source}: missing section [{section}]")
+    for section, needs in REQUIRED_SECTIONS.items():
+        if section not in raw:
+            needs = needs.format(theories=", ".join(sorted(REGISTRY)))
+            raise JobError(f"{source}: missing section [{section}]; it needs {needs}")
     theory = _theory(raw["theory"], source)
     lattice = _lattice(raw["lattice"], source)
     built = {name: build_dataclass(cls, raw.get(name, {}), name, source) for name, cls in SECTIONS.items() if name != "lattice"}
-    job = JobConfig(theory=theory, lattice=lattice, source=source, text=text, **built)
+    changes = [f"--set {o}" for o in overrides]
+    if out is not None:
+        changes.append(f"--out {out}")
+    if device is not None:
+        changes.append(f"--device {device}")
+    job = JobConfig(theory=theory, lattice=lattice, source=source, text=text, overrides=tuple(changes), **built)
     _check_consistency(job)
     return job
 

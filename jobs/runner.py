@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 
 from latflow import checkpoint
 from latflow.analysis import DerivedObservable, analyze_ensemble
-from latflow.ensemble import EnsembleMeta, EnsembleReader, EnsembleWriter
+from latflow.ensemble import EnsembleError, EnsembleMeta, EnsembleReader, EnsembleWriter
 from latflow.flows import FlowModel, make_affine_flow, model_sha256
 from latflow.lattice import Lattice
 from latflow.mpi import SerialComm
@@ -72,22 +73,39 @@ def _model_signature(job: JobConfig) -> str:
 
 
 def preflight(job: JobConfig, command: str, *, resume: bool, force: bool) -> None:
-    """Refuse, before anything is touched, to overwrite files the user did not ask to replace."""
+    """Refuse, before anything is touched or logged, what would fail or overwrite files unasked.
+
+    Every refusal is a one-line :class:`JobError` that names the job file (or the file at
+    fault) and the key; it runs before the job is logged so that the error is all the user sees.
+    """
     if resume and force:
         raise JobError("--resume and --force exclude each other")
+    src = job.source
     ens = Path(job.output.path)
     model = job.output.model_path
+    model_key = "output.model" if job.output.model else "output.path"
+    if command == "train" and not job.uses_flow:
+        raise JobError(f"{src}: 'sampler.kind' = 'hmc' has no flow to train; use 'latflow sample' or 'latflow run'")
+    # folders first: a missing folder explains a missing model better than "no trained model"
+    paths = [("output.path", ens)] + ([(model_key, model)] if job.uses_flow else [])
+    for key, p in paths:
+        if not p.parent.is_dir():
+            what = "does not exist" if not p.parent.exists() else "is not a folder"
+            raise JobError(f"{src}: '{key}' = '{p}': folder {p.parent} {what}")
+        if p.is_dir():
+            raise JobError(f"{src}: '{key}' = '{p}' is a folder; name a file")
     if command in ("sample", "run") and ens.exists() and not (resume or force):
         raise JobError(f"{ens}: ensemble exists; use --resume to append or --force to replace it")
     if command in ("train", "run") and job.uses_flow and model.exists() and not (resume or force):
         raise JobError(f"{model}: model checkpoint exists; use --resume to continue or --force to retrain")
     if command == "sample" and job.uses_flow and not model.exists():
-        raise JobError(f"{model}: no trained model; run 'latflow train {job.source}' first (or 'latflow run')")
-    if command == "train" and not job.uses_flow:
-        raise JobError(f"{job.source}: 'sampler.kind' = 'hmc' has no flow to train; use 'latflow sample' or 'latflow run'")
-    for p in (ens, model):
-        if p.parent != Path("") and not p.parent.exists():
-            raise JobError(f"{p}: folder {p.parent} does not exist")
+        raise JobError(f"{model}: no trained model; run 'latflow train {src}' first (or 'latflow run')")
+    if job.run.device == "cuda" and not torch.cuda.is_available():
+        raise JobError(f"{src}: 'run.device' = 'cuda' but no CUDA device is available; allowed here: 'cpu'")
+    if job.uses_flow and model.exists() and (command == "sample" or (resume and command in ("train", "run"))):
+        read_checkpoint(job, model)
+    if resume and command in ("sample", "run") and ens.exists():
+        _check_resumable(ens, _meta(job, build_theory(job), None), check_model=False)
 
 
 # --- training -----------------------------------------------------------------
@@ -110,15 +128,14 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
     )
     path = job.output.model_path
     if resume and path.exists():
-        state = trainer.load(path)
-        if state.get("signature") != _model_signature(job):
-            raise JobError(f"{path}: checkpoint was trained for a different model, lattice or dtype than {job.source}")
+        read_checkpoint(job, path)  # before loading: a different model would fail inside torch
+        trainer.load(path)
         log.info("resuming training from %s at step %d", path, trainer.step)
     if trainer.step >= t.steps:
         log.info("model %s already trained (%d steps)", path, trainer.step)
         return path
     bar = Progress(t.steps, "train", every=t.log_every, enabled=comm.is_root, initial=trainer.step)
-    extra = {"signature": _model_signature(job), "job": job.text, "theory": job.theory.name}
+    extra = {"signature": _model_signature(job), "job": job.record, "theory": job.theory.name}
 
     def report(m: Any) -> None:
         bar.update(1, loss=m.loss, ess=m.ess)
@@ -136,12 +153,23 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
     return path
 
 
+def read_checkpoint(job: JobConfig, path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The model checkpoint at ``path``; ``JobError`` if it is unreadable or made for another model."""
+    try:
+        state = checkpoint.load(path, map_location=device)
+    except Exception as exc:  # torch raises many kinds on a file that is not a checkpoint
+        raise JobError(f"{path}: not a readable latflow model checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise JobError(f"{path}: not a latflow model checkpoint (no 'model' weights)")
+    if state.get("signature") != _model_signature(job):
+        raise JobError(f"{path}: checkpoint was trained for a different model, lattice or dtype than {job.source}")
+    return state
+
+
 def load_model(job: JobConfig, device: torch.device) -> FlowModel:
     """The trained flow of the job (checkpoint at ``output.model``)."""
     path = job.output.model_path
-    state = checkpoint.load(path, map_location=device)
-    if state.get("signature") != _model_signature(job):
-        raise JobError(f"{path}: checkpoint was trained for a different model, lattice or dtype than {job.source}")
+    state = read_checkpoint(job, path, device)
     model = build_model(job, device)
     model.load_state_dict(state["model"])
     model.eval()
@@ -180,12 +208,12 @@ def _meta(job: JobConfig, theory: Any, model: FlowModel | None) -> EnsembleMeta:
         lattice_shape=tuple(job.lattice.shape),
         sampler=sampler_settings(job),
         seed=job.run.seed,
-        job=job.text,
+        job=job.record,
         model_sha256=model_sha256(model) if model is not None else "",
     )
 
 
-def _check_resumable(path: Path, meta: EnsembleMeta) -> None:
+def _check_resumable(path: Path, meta: EnsembleMeta, *, check_model: bool = True) -> None:
     with EnsembleReader(path) as r:
         old = r.meta
     mine = {k: v for k, v in meta.sampler.items() if k != "n_samples"}
@@ -196,8 +224,9 @@ def _check_resumable(path: Path, meta: EnsembleMeta) -> None:
         ("lattice_shape", tuple(old.lattice_shape), tuple(meta.lattice_shape)),
         ("seed", old.seed, meta.seed),
         ("sampler", json.loads(json.dumps(theirs)), json.loads(json.dumps(mine))),
-        ("model_sha256", old.model_sha256, meta.model_sha256),
     ]
+    if check_model:
+        checks.append(("model_sha256", old.model_sha256, meta.model_sha256))
     for name, a, b in checks:
         if a != b:
             raise JobError(f"{path}: cannot resume: the file's {name} {a} differs from this job's {b}")
@@ -215,14 +244,21 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
 
     writer = None
     blob: bytes | None = None
+    error = ""
     if comm.is_root:
-        if resume and path.exists():
-            _check_resumable(path, meta)
-            writer, blob = EnsembleWriter.resume(path)
-            log.info("resuming %s at %d committed rows", path, writer.n_committed)
-        else:
-            writer = EnsembleWriter.create(path, meta, force=force)
-    blob = comm.bcast(blob)
+        # rank 0 opens the file; the outcome is broadcast so that no rank waits on a failed one
+        try:
+            if resume and path.exists():
+                _check_resumable(path, meta)
+                writer, blob = EnsembleWriter.resume(path)
+                log.info("resuming %s at %d committed rows", path, writer.n_committed)
+            else:
+                writer = EnsembleWriter.create(path, meta, force=force)
+        except (JobError, EnsembleError) as exc:
+            error = str(exc)
+    blob, error = comm.bcast((blob, error))
+    if error:
+        raise JobError(error)
     recorded = 0
     if blob is not None:
         state = state_from_bytes(blob)
@@ -232,8 +268,12 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
         recorded = int(state["recorded"])
     else:
         if isinstance(sampler, HMC) and s.tune and s.n_tune:
-            eps = sampler.tune(s.n_tune, s.target_acceptance)
-            log.info("HMC step size tuned to %.4g (%d steps per trajectory)", eps, sampler.n_steps)
+            traj_len = s.step_size * s.n_steps
+            eps = comm.allreduce_sum(sampler.tune(s.n_tune, s.target_acceptance)) / comm.size
+            # every rank integrates with the same (rank-averaged) tuned step size
+            sampler.n_steps = max(1, math.ceil(traj_len / eps - 1e-9))
+            sampler.step_size = traj_len / sampler.n_steps
+            log.info("HMC step size tuned to %.4g (%d steps per trajectory)", sampler.step_size, sampler.n_steps)
         if s.thermalization:
             sampler.run(s.thermalization)
 

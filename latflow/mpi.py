@@ -44,6 +44,10 @@ class SerialComm:
     def bcast_parameters_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Make every rank's ``tensors`` equal to rank 0's (no-op for one rank)."""
 
+    def abort(self, code: int = 1) -> None:
+        """End the program with exit status ``code`` (under MPI: every rank, via ``MPI_Abort``)."""
+        raise SystemExit(code)
+
 
 class MPIComm(SerialComm):
     """``MPI.COMM_WORLD`` through mpi4py."""
@@ -56,7 +60,9 @@ class MPIComm(SerialComm):
     def _flat(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
         return torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors]).numpy()
 
+    @torch.no_grad()
     def _unflat_(self, tensors: Sequence[torch.Tensor], flat: np.ndarray) -> None:
+        # no_grad: the targets may be leaf parameters (bcast_parameters_), which refuse in-place copies under autograd
         offset = 0
         src = torch.from_numpy(flat)
         for t in tensors:
@@ -85,6 +91,11 @@ class MPIComm(SerialComm):
 
     def barrier(self) -> None:
         self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        # a rank that fails alone would leave the others blocked in a collective forever
+        self.comm.Abort(code)
+        os._exit(code)  # MPICH's MPI_Abort may return while the launcher tears the job down
 
     def bcast_parameters_(self, tensors: Sequence[torch.Tensor]) -> None:
         if not tensors:

@@ -102,12 +102,13 @@ class ReverseKLTrainer:
         dkl = log_q - log_p
         loss = dkl.mean()
         local = torch.tensor([loss.item(), (dkl.detach() ** 2).mean().item()], dtype=torch.float64)
+        # averaged before the check, so that under MPI every rank stops at the same step
+        self.comm.allreduce_mean_([local])
         if not torch.isfinite(local).all():
-            raise TrainingDivergedError(f"loss is {loss.item()} at step {self.step + 1}")
+            raise TrainingDivergedError(f"loss is {local[0].item()} at step {self.step + 1}")
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         self.comm.allreduce_mean_([p.grad for p in params])
-        self.comm.allreduce_mean_([local])
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         self.optimizer.step()

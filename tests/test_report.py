@@ -67,8 +67,9 @@ def _write_ensemble(
             _dataset(markov, "step", rows["step"])
             _dataset(markov, "accepted", rows["accepted"])
         weights = f.require_group("weights")
-        for name in ("log_p", "log_q", "log_w"):
-            _dataset(weights, name, rows[name])
+        for name in ("log_p", "log_q", "log_w", "proposal_log_w"):
+            if name in rows:
+                _dataset(weights, name, rows[name])
 
 
 def _chains(rng: np.random.Generator) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
@@ -89,6 +90,7 @@ def _chains(rng: np.random.Generator) -> tuple[list[dict[str, np.ndarray]], np.n
                 "log_p": log_p,
                 "log_q": log_p + 0.4 * rng.standard_normal(n) + 3.0,
                 "log_w": np.zeros(n),
+                "proposal_log_w": 0.4 * rng.standard_normal(n) - 3.0,
             }
         )
     order = np.argsort(rng.random(N_COMMITTED), kind="stable")
@@ -152,7 +154,7 @@ def test_analyze_matches_gamma_method(ensemble) -> None:
 
     acc = gamma_method([ch["accepted"].astype(float) for ch in chains]).as_dict()
     assert res["acceptance"] == pytest.approx(acc, rel=1e-12)
-    log_w = np.concatenate([ch["log_p"] - ch["log_q"] for ch in chains])
+    log_w = np.concatenate([ch["proposal_log_w"] for ch in chains])
     assert res["ess"] == pytest.approx(ess(log_w), rel=1e-12)
     assert res["warnings"] == []
 
@@ -181,6 +183,7 @@ def test_single_chain_without_markov_or_flow(tmp_path: Path) -> None:
     chains, labels = _chains(rng)
     rows = _interleave(chains, labels, 0)
     rows["log_q"] = np.zeros_like(rows["log_q"])  # HMC: no proposal density
+    del rows["proposal_log_w"]
     rows["log_w"] = rng.standard_normal(N_COMMITTED)  # non-trivial importance weights
     path = tmp_path / "plain.h5"
     _write_ensemble(path, rows, n_committed=N_COMMITTED, with_markov=False)

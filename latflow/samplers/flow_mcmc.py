@@ -121,6 +121,7 @@ class FlowMCMC:
             log_p=rows_lp,
             log_q=rows_lq,
             log_w=torch.zeros_like(rows_lp),
+            proposal_log_w=lp_prop - lq_prop,
         )
 
     def state_dict(self) -> dict[str, Any]:

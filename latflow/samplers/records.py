@@ -22,6 +22,8 @@ class SampleBlock:
     log_p : ``[n]`` ``-S`` (unnormalised log target)
     log_q : ``[n]`` log density of the proposal that produced the row (0 where not applicable)
     log_w : ``[n]`` log importance weight (0 for plain MCMC)
+    proposal_log_w : ``[n]`` or None; flow-MCMC: ``log p - log q`` of the proposal made at
+        each step, accepted or not (independent draws from ``q``: the flow's reweighting ESS)
     """
 
     x: torch.Tensor
@@ -31,6 +33,7 @@ class SampleBlock:
     log_p: torch.Tensor
     log_q: torch.Tensor
     log_w: torch.Tensor
+    proposal_log_w: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -45,12 +48,21 @@ class SampleBlock:
             "weights/log_p": self.log_p.detach().cpu().numpy(),
             "weights/log_q": self.log_q.detach().cpu().numpy(),
             "weights/log_w": self.log_w.detach().cpu().numpy(),
+            **(
+                {"weights/proposal_log_w": self.proposal_log_w.detach().cpu().numpy()}
+                if self.proposal_log_w is not None
+                else {}
+            ),
         }
 
     @staticmethod
     def concat(blocks: list["SampleBlock"]) -> "SampleBlock":
         """Concatenate blocks along the row axis."""
-        return SampleBlock(*(torch.cat([getattr(b, f) for b in blocks]) for f in SampleBlock.__dataclass_fields__))
+        parts = {}
+        for f in SampleBlock.__dataclass_fields__:
+            values = [getattr(b, f) for b in blocks]
+            parts[f] = None if any(v is None for v in values) else torch.cat(values)
+        return SampleBlock(**parts)
 
 
 def state_to_bytes(state: dict[str, Any]) -> bytes:

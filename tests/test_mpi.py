@@ -1,0 +1,297 @@
+"""MPI end-to-end tests: real ``mpiexec -n 2`` runs, no mocks.
+
+* training averages gradients over ranks every step (``tests/mpi_scripts/grad_average.py``);
+* ``latflow train`` under two ranks writes one checkpoint, ``latflow sample`` one ensemble with
+  one independent chain per rank (``markov/chain`` = rank), which verifies and analyses;
+* HMC under two ranks: chain ids ``rank * n_chains + b``;
+* ``--resume --set sampler.n_samples=B`` under MPI continues bit for bit;
+* a single process never imports mpi4py.
+
+Skipped when ``mpiexec`` or mpi4py is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+pytestmark = [
+    pytest.mark.mpi,
+    pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not on PATH"),
+    pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="mpi4py not installed"),
+]
+
+NP = 2
+TIMEOUT = 180  # seconds per launcher call; a hang (a rank waiting for a dead partner) fails instead of blocking
+SCRIPTS = Path(__file__).parent / "mpi_scripts"
+# environment variables through which a launcher tells a process it is one of several ranks
+LAUNCHER_VARS = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "HYDRA_", "SLURM_")
+
+FLOW_JOB = """\
+[theory]
+name = "phi4"
+m2 = -4.0
+lam = 6.975
+
+[lattice]
+shape = [4, 4]
+
+[model]
+n_layers = 2
+hidden = [4]
+
+[train]
+steps = 20
+batch_size = 16
+lr = 0.002
+checkpoint_every = 10
+log_every = 10
+
+[sampler]
+kind = "flow-mcmc"
+n_samples = 50
+batch_size = 16
+commit_every = 20
+log_every = 1000
+
+[output]
+path = "flow.h5"
+model = "flow.model.pt"
+
+[run]
+seed = 31
+"""
+
+HMC_JOB = """\
+[theory]
+name = "phi4"
+m2 = -4.0
+lam = 6.975
+
+[lattice]
+shape = [4, 4]
+
+[sampler]
+kind = "hmc"
+n_samples = 12
+thermalization = 2
+n_chains = 3
+step_size = 0.1
+n_steps = 4
+n_tune = 10
+commit_every = 5
+log_every = 1000
+
+[output]
+path = "hmc.h5"
+
+[run]
+seed = 11
+"""
+
+ROW_GROUPS = ("fields", "markov", "weights", "observables")
+
+
+def _env(*, serial: bool = False) -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    if serial:
+        for key in list(env):
+            if key.startswith(LAUNCHER_VARS):
+                del env[key]
+    return env
+
+
+def _check(proc: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"{what} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    return proc
+
+
+def mpirun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``mpiexec -n 2 args...`` in ``cwd``; fails the test on a non-zero exit status, with the output."""
+    cmd = [shutil.which("mpiexec"), "-n", str(NP), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    return _check(proc, " ".join(args))
+
+
+def mpirun_bg(*args: str, cwd: Path) -> subprocess.Popen:
+    cmd = [shutil.which("mpiexec"), "-n", str(NP), *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait(p: subprocess.Popen, what: str) -> None:
+    out, err = p.communicate(timeout=TIMEOUT)
+    _check(subprocess.CompletedProcess(p.args, p.returncode, out, err), what)
+
+
+def latflow_cli(*argv: str, capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """Run the ``latflow`` command in this (single) process; returns (status, stdout)."""
+    from latflow.jobs import cli
+
+    capsys.readouterr()
+    rc = cli.main(list(argv))
+    return rc, capsys.readouterr().out
+
+
+def rows(path: Path) -> dict[str, np.ndarray]:
+    """Every per-row dataset of an ensemble, rows ``[0, n_committed)``."""
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        n = int(f.attrs["n_committed"])
+        for group in ROW_GROUPS:
+            if group in f:
+                for name, ds in f[group].items():
+                    out[f"{group}/{name}"] = ds[:n]
+        out["n_committed"] = np.array(n)
+    return out
+
+
+def by_chain(r: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
+    """Row indices of each chain, in file order."""
+    chain = r["markov/chain"]
+    return {int(c): np.flatnonzero(chain == c) for c in np.unique(chain)}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding ``job.toml`` and the flow trained by ``mpiexec -n 2 latflow train``."""
+    d = tmp_path_factory.mktemp("mpi_flow")
+    (d / "job.toml").write_text(FLOW_JOB)
+    mpirun("latflow", "train", "job.toml", cwd=d)
+    return d
+
+
+def test_gradients_are_averaged_over_ranks(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [shutil.which("mpiexec"), "-n", str(NP), sys.executable, str(SCRIPTS / "grad_average.py")],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    _check(proc, "grad_average.py")
+    for rank in range(NP):
+        assert f"GRAD_AVERAGE_OK rank={rank} size={NP}" in proc.stdout, proc.stdout
+
+
+def test_train_then_sample_one_chain_per_rank(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    d = trained
+    # one checkpoint, written by rank 0 with every rank's training stream gathered into it
+    assert [p.name for p in d.glob("*.pt")] == ["flow.model.pt"]
+    assert not list(d.glob(".*.tmp")), "a temporary checkpoint was left behind"
+    ckpt = torch.load(d / "flow.model.pt", weights_only=True)
+    assert ckpt["complete"] is True and ckpt["step"] == 20
+    gens = ckpt["generators"]
+    assert len(gens) == NP and not torch.equal(gens[0], gens[1]), "ranks must train on independent streams"
+
+    mpirun("latflow", "sample", "job.toml", cwd=d)
+    assert [p.name for p in d.glob("*.pt")] == ["flow.model.pt"]
+    n_samples = 50
+    r = rows(d / "flow.h5")
+    assert int(r["n_committed"]) == NP * n_samples
+    chains = by_chain(r)
+    assert set(chains) == set(range(NP))
+    for c, idx in chains.items():
+        assert len(idx) == n_samples
+        np.testing.assert_array_equal(r["markov/step"][idx], np.arange(n_samples), err_msg=f"chain {c}")
+    phi = r["fields/phi"]
+    assert phi.shape == (NP * n_samples, 4, 4)
+    a, b = (phi[chains[c]] for c in range(NP))
+    assert not np.any(np.all(a == b, axis=(1, 2))), "chains share configurations: streams are not independent"
+    assert not np.array_equal(r["weights/log_p"][chains[0]], r["weights/log_p"][chains[1]])
+
+    rc, out = latflow_cli("verify", str(d / "flow.h5"), capsys=capsys)
+    assert rc == 0 and out.startswith("OK "), out
+    rc, out = latflow_cli("analyze", "--json", str(d / "flow.h5"), capsys=capsys)
+    assert rc == 0
+    table = json.loads(out)
+    assert table["magnetization"]["n"] == NP * n_samples
+    assert np.isfinite(table["magnetization"]["mean"]) and table["magnetization"]["err"] > 0
+    from latflow.jobs import runner
+
+    assert runner.analyze(d / "flow.h5")["n_chains"] == NP  # the two chains are analysed as replicas
+
+
+def test_hmc_chain_ids_per_rank(tmp_path: Path) -> None:
+    (tmp_path / "job.toml").write_text(HMC_JOB)
+    mpirun("latflow", "sample", "job.toml", cwd=tmp_path)
+    n_samples, n_chains, thermalization = 12, 3, 2
+    r = rows(tmp_path / "hmc.h5")
+    assert int(r["n_committed"]) == NP * n_chains * n_samples
+    chains = by_chain(r)
+    # rank r owns chains r * n_chains + b, b < n_chains: all distinct, n_chains per rank
+    assert sorted(chains) == [rank * n_chains + b for rank in range(NP) for b in range(n_chains)]
+    for c, idx in chains.items():
+        assert len(idx) == n_samples
+        steps = r["markov/step"][idx]
+        np.testing.assert_array_equal(steps, np.arange(thermalization, thermalization + n_samples), err_msg=f"chain {c}")
+    phi = r["fields/phi"]
+    last = np.stack([phi[idx[-1]] for idx in chains.values()])
+    assert len({x.tobytes() for x in last}) == NP * n_chains, "chains ended in the same configuration"
+    # the ranks' first chains start from different configurations (independent streams)
+    assert not np.array_equal(phi[chains[0]], phi[chains[n_chains]])
+
+
+def test_resume_under_mpi_is_bit_identical(trained: Path) -> None:
+    d = trained
+    # A is a multiple of commit_every (20), so both runs draw the same blocks
+    a, b = 40, 70
+    short = mpirun_bg("latflow", "sample", "job.toml", "--out", "resumed.h5", "--set", f"sampler.n_samples={a}", cwd=d)
+    straight = mpirun_bg("latflow", "sample", "job.toml", "--out", "straight.h5", "--set", f"sampler.n_samples={b}", cwd=d)
+    wait(short, "first part")
+    wait(straight, "straight run")
+    assert int(rows(d / "resumed.h5")["n_committed"]) == NP * a
+    mpirun("latflow", "sample", "job.toml", "--out", "resumed.h5", "--resume", "--set", f"sampler.n_samples={b}", cwd=d)
+
+    resumed, ref = rows(d / "resumed.h5"), rows(d / "straight.h5")
+    assert int(ref["n_committed"]) == NP * b
+    assert resumed.keys() == ref.keys()
+    for key in ref:
+        assert resumed[key].dtype == ref[key].dtype, key
+        np.testing.assert_array_equal(resumed[key], ref[key], err_msg=key)
+    with h5py.File(d / "resumed.h5", "r") as f1, h5py.File(d / "straight.h5", "r") as f2:
+        assert f1["fields/phi"].attrs["sha256"] == f2["fields/phi"].attrs["sha256"]
+
+
+def test_failure_on_one_rank_ends_the_job(tmp_path: Path) -> None:
+    """Rank 0 fails while rank 1 waits for it in a collective: the job must stop, not hang."""
+    (tmp_path / "job.toml").write_text(HMC_JOB)
+    cmd = [shutil.which("mpiexec"), "-n", str(NP), sys.executable, str(SCRIPTS / "fail_on_root.py"), "sample", "job.toml"]
+    try:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a failure on rank 0 left the other rank waiting forever")
+    assert proc.returncode != 0
+    assert "[rank 0]" in proc.stderr and "No space left on device (injected" in proc.stderr, proc.stderr
+
+
+def test_single_process_never_imports_mpi4py(tmp_path: Path) -> None:
+    job = FLOW_JOB.replace("steps = 20", "steps = 3").replace("n_samples = 50", "n_samples = 10")
+    (tmp_path / "job.toml").write_text(job)
+    code = textwrap.dedent(
+        """
+        import sys
+        import latflow.jobs.cli as c
+        rc = c.main(["run", "job.toml"])
+        assert rc == 0, rc
+        from latflow.mpi import get_comm
+        assert get_comm().size == 1
+        print("MPI4PY_IMPORTED", "mpi4py" in sys.modules)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=_env(serial=True), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    _check(proc, "single-process run")
+    assert "MPI4PY_IMPORTED False" in proc.stdout, proc.stdout
+    assert (tmp_path / "flow.h5").exists() and (tmp_path / "flow.model.pt").exists()

@@ -1,0 +1,327 @@
+"""Pure U(1) lattice gauge theory with the Wilson action, in d >= 2 dimensions.
+
+``S = -beta sum_p cos(theta_p)`` over all plaquettes ``p`` (every site, every plane
+``mu < nu``); links are angles ``theta`` ``[B, d, L0, ..., L{d-1}]`` (see
+:mod:`latflow.gauge`), ``U_mu(x) = exp(i theta_mu(x))``.
+
+Observables per configuration (``V`` sites, ``n_planes = d (d-1)/2``), each ``[B]``:
+
+- ``action``               ``S``
+- ``plaquette``            ``(1 / (n_planes V)) sum_p cos(theta_p)``
+- ``wilson_loop_RxT``      real part of the ``R x T`` Wilson loop, averaged over sites,
+                           planes and (for ``R != T``) both orientations ``R x T``, ``T x R``;
+                           sizes ``1x1``, ``1x2``, ``2x2`` by default
+- ``polyakov_loop``        ``Re`` of the spatial average of the Polyakov loop along axis 0
+- ``polyakov_loop_abs``    ``|.|`` of that spatial average
+- ``topological_charge``   (d = 2 only) geometric ``Q = (1/2pi) sum_x arg P_01(x)``,
+                           ``arg`` in ``(-pi, pi]``; an integer up to rounding on the torus
+- ``topological_charge_sq`` (d = 2 only) ``Q^2``
+
+Design choice: ``Q^2`` is stored as a primary observable because derived observables
+are functions of *means* of primaries, and ``<Q^2>`` is not a function of ``<Q>``.
+Derived (d = 2): ``topological_susceptibility = <Q^2> / V``.
+
+Exact results on the 2D torus (shared/REFERENCES.md, "2D U(1)"): the product of all
+``P = L0 L1`` plaquettes is 1, so ``Z = sum_n I_n(beta)^P``. See :func:`exact_plaquette`,
+:func:`exact_wilson_loop`, :func:`exact_q2` and their infinite-volume limits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.special import ive
+
+from latflow.gauge import (
+    planes,
+    u1_plaquette_angles,
+    u1_polyakov_loop,
+    u1_wilson_loops,
+    wrap_angle,
+)
+from latflow.lattice import Lattice, shift
+
+from .base import Derived, TheorySpec
+
+DEFAULT_WILSON_LOOPS: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (2, 2))
+
+
+@dataclass(frozen=True)
+class U1Params:
+    """Coupling of the U(1) Wilson action: inverse coupling ``beta``."""
+
+    beta: float
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.beta):
+            raise ValueError(f"beta must be finite, got {self.beta}")
+
+
+def topological_charge(theta: torch.Tensor) -> torch.Tensor:
+    """Geometric topological charge of 2D links ``[B, 2, L0, L1]``, ``[B]`` (real, integer-valued).
+
+    ``Q = (1/2pi) sum_x wrap(theta_01(x))`` with :func:`latflow.gauge.wrap_angle` into ``(-pi, pi]``.
+    """
+    if theta.dim() != 4 or theta.shape[1] != 2:
+        raise ValueError(f"the geometric charge is defined in 2D, links [B, 2, L0, L1]; got {list(theta.shape)}")
+    plaq = u1_plaquette_angles(theta)[:, 0]
+    return wrap_angle(plaq).flatten(1).sum(dim=1) / (2 * math.pi)
+
+
+class U1GaugeAction:
+    """U(1) Wilson gauge theory on a periodic lattice, links ``[B, d, L0, ..., L{d-1}]``.
+
+    Parameters
+    ----------
+    params
+        The coupling ``beta``.
+    lattice
+        Geometry with ``d >= 2``.
+    wilson_loops
+        ``(R, T)`` sizes of the ``wilson_loop_RxT`` observables.
+    """
+
+    name = "u1"
+    field_name = "links"
+
+    def __init__(
+        self,
+        params: U1Params,
+        lattice: Lattice,
+        wilson_loops: tuple[tuple[int, int], ...] = DEFAULT_WILSON_LOOPS,
+    ) -> None:
+        if lattice.dim < 2:
+            raise ValueError(f"U(1) gauge theory needs d >= 2, got lattice shape {list(lattice.shape)}")
+        self.params = params
+        self.beta = float(params.beta)
+        self.lattice = lattice
+        self.field_shape = (lattice.dim, *lattice.shape)
+        self.wilson_loop_sizes = tuple((int(r), int(t)) for r, t in wilson_loops)
+
+    def couplings(self) -> dict[str, float]:
+        return {"beta": self.beta}
+
+    def action(self, theta: torch.Tensor) -> torch.Tensor:
+        """``S[B] = -beta sum_p cos(theta_p)`` for links ``[B, d, L0, ..., L{d-1}]``."""
+        return -self.beta * torch.cos(u1_plaquette_angles(theta)).flatten(1).sum(dim=1)
+
+    def force(self, theta: torch.Tensor) -> torch.Tensor:
+        """Analytic ``dS/dtheta`` ``[B, d, L0, ..., L{d-1}]``.
+
+        With ``s_{mu nu}(x) = sin(theta_{mu nu}(x))`` (``mu < nu``), each plane contributes
+        ``beta (s_{mu nu}(x) - s_{mu nu}(x - nu))`` to direction ``mu`` and
+        ``beta (s_{mu nu}(x - mu) - s_{mu nu}(x))`` to direction ``nu``; this equals
+        ``beta Im(U_mu(x) A_mu(x))`` with the staples ``A`` of :func:`latflow.gauge.u1_staples`.
+        """
+        d = self.lattice.dim
+        s = torch.sin(u1_plaquette_angles(theta))
+        out = [torch.zeros_like(theta[:, 0]) for _ in range(d)]
+        for k, (mu, nu) in enumerate(planes(d)):
+            s_p = s[:, k]
+            out[mu] = out[mu] + s_p - shift(s_p, nu, -1)
+            out[nu] = out[nu] + shift(s_p, mu, -1) - s_p
+        return self.beta * torch.stack(out, dim=1)
+
+    def project(self, theta: torch.Tensor) -> torch.Tensor:
+        """Wrap link angles into ``(-pi, pi]`` (HMC's ``project`` hook; leaves ``S`` unchanged)."""
+        return wrap_angle(theta)
+
+    def wilson_loop(self, theta: torch.Tensor, R: int, T: int) -> torch.Tensor:
+        """``Re W`` of ``R x T`` loops averaged over sites, planes and both orientations, ``[B]``."""
+        d = self.lattice.dim
+        shapes = [(R, T)] if R == T else [(R, T), (T, R)]
+        terms = [
+            torch.cos(u1_wilson_loops(theta, mu, nu, r, t)).flatten(1).mean(dim=1)
+            for mu, nu in planes(d)
+            for r, t in shapes
+        ]
+        return torch.stack(terms, dim=1).mean(dim=1)
+
+    def observables(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-configuration observables, each ``[B]`` (see module docstring)."""
+        plaq = u1_plaquette_angles(theta)
+        cos_p = torch.cos(plaq)
+        obs = {
+            "action": -self.beta * cos_p.flatten(1).sum(dim=1),
+            "plaquette": cos_p.flatten(1).mean(dim=1),
+        }
+        for r, t in self.wilson_loop_sizes:
+            obs[f"wilson_loop_{r}x{t}"] = self.wilson_loop(theta, r, t)
+        poly = u1_polyakov_loop(theta).flatten(1).mean(dim=1)
+        obs["polyakov_loop"] = poly.real
+        obs["polyakov_loop_abs"] = poly.abs()
+        if self.lattice.dim == 2:
+            q = wrap_angle(plaq[:, 0]).flatten(1).sum(dim=1) / (2 * math.pi)
+            obs["topological_charge"] = q
+            obs["topological_charge_sq"] = q * q
+        return obs
+
+    def derived_observables(self) -> dict[str, Derived]:
+        if self.lattice.dim != 2:
+            return {}
+        v = self.lattice.volume
+        return {
+            "topological_susceptibility": Derived(
+                ("topological_charge_sq",), lambda q2: q2 / v, "<Q^2> / V (per site)"
+            )
+        }
+
+
+# --- exact results on the 2D torus -------------------------------------------
+#
+# With r_n = I_n(beta) / I_0(beta) (from the exponentially scaled scipy.special.ive, so
+# no overflow), Z / I_0^P = sum_n r_n^P and every expectation is a ratio of sums of
+# products of r's (no division by a small I_n). The sum runs over |n| <= n_max with
+# n_max the smallest n >= 1 such that r_n < 1e-20 (r_n decays like (beta/2)^n / n! for
+# n >> beta): every neglected term carries at least P - 1 >= 1 factors r_m <= r_{n_max}
+# and Z / I_0^P >= 1, so the truncation error is far below 1e-16 relative.
+
+_TAIL_TOL = 1e-20
+
+
+def _plaquette_count(shape: tuple[int, ...]) -> int:
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 2 or any(n < 1 for n in shape):
+        raise ValueError(f"exact U(1) results are for the 2D torus (L0, L1), got shape {list(shape)}")
+    return shape[0] * shape[1]
+
+
+def _n_cutoff(beta: float, tol: float = _TAIL_TOL) -> int:
+    """Smallest ``n >= 1`` with ``I_n(beta) / I_0(beta) < tol``."""
+    if beta < 0:
+        raise ValueError(f"exact results are implemented for beta >= 0, got {beta}")
+    upper = 64
+    while True:
+        n = np.arange(1, upper + 1)
+        r = ive(n, beta) / ive(0, beta)
+        hit = np.flatnonzero(r < tol)
+        if hit.size:
+            return int(n[hit[0]])
+        upper *= 2
+        if upper > 1 << 20:
+            raise ValueError(f"no Bessel cutoff found for beta = {beta}")
+
+
+def _bessel_ratios(beta: float, n: np.ndarray) -> np.ndarray:
+    """``I_n(beta) / I_0(beta)`` for integer array ``n`` (``I_{-n} = I_n``)."""
+    return ive(np.abs(n), beta) / ive(0, beta)
+
+
+def _sectors(beta: float, n_max: int | None) -> np.ndarray:
+    n_max = _n_cutoff(beta) if n_max is None else int(n_max)
+    return np.arange(-n_max, n_max + 1)
+
+
+def exact_plaquette_infinite(beta: float) -> float:
+    """Infinite-volume ``<cos theta_p> = I_1(beta) / I_0(beta)`` in 2D."""
+    return float(ive(1, beta) / ive(0, beta))
+
+
+def exact_wilson_loop(beta: float, shape: tuple[int, int], area: int, n_max: int | None = None) -> float:
+    """Exact ``<Re W>`` of a loop enclosing ``area`` plaquettes on the ``L0 x L1`` torus.
+
+    ``<Re W> = sum_n I_n^{P-A} (I_{n+1}^A + I_{n-1}^A) / 2 / sum_n I_n^P`` (``A = area``, ``P = L0 L1``),
+    valid for any loop equal to the product of ``A < P`` plaquettes (e.g. an ``R x T`` rectangle,
+    ``A = R T``). ``area = 1`` is the plaquette.
+
+    Parameters
+    ----------
+    beta
+        Coupling, ``>= 0``.
+    shape
+        ``(L0, L1)``.
+    area
+        ``0 <= A < P``.
+    n_max
+        Sectors ``|n| <= n_max``; automatic (see the module notes) when ``None``.
+    """
+    p = _plaquette_count(shape)
+    if not 0 <= area < p:
+        raise ValueError(f"loop area must be in [0, {p}), got {area}")
+    n = _sectors(beta, n_max)
+    r = _bessel_ratios(beta, n)
+    rp, rm = _bessel_ratios(beta, n + 1), _bessel_ratios(beta, n - 1)
+    num = np.sum(r ** (p - area) * 0.5 * (rp**area + rm**area))
+    return float(num / np.sum(r**p))
+
+
+def exact_plaquette(beta: float, shape: tuple[int, int], n_max: int | None = None) -> float:
+    """Exact ``<cos theta_p>`` on the ``L0 x L1`` torus.
+
+    ``sum_n w_n (I_{n-1} + I_{n+1}) / (2 I_n)`` with ``w_n = I_n^P / sum_m I_m^P``, ``P = L0 L1``,
+    evaluated as ``sum_n I_n^{P-1} (I_{n-1} + I_{n+1}) / 2 / sum_n I_n^P``.
+    """
+    return exact_wilson_loop(beta, shape, 1, n_max)
+
+
+def _gauss_nodes(n_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes and weights on ``[0, pi]``; enough for ``cos(n t)``, ``|n| <= n_max + 1``."""
+    m = max(256, 4 * (n_max + 1) + 64)
+    x, w = np.polynomial.legendre.leggauss(m)
+    return 0.5 * math.pi * (x + 1), 0.5 * math.pi * w
+
+
+def _j_integrals(beta: float, n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``J_k(n) e^{-beta}`` for ``k = 0, 1, 2`` (REFERENCES.md), each shaped like ``n``.
+
+    ``J_k(n) = (1/2pi) int_{-pi}^{pi} t^k e^{beta cos t} {cos(n t), k even; sin(n t), k odd} dt``;
+    each integrand is even in ``t``, so ``J_k = (1/pi) int_0^pi``, done by Gauss-Legendre
+    quadrature. The integrands are entire functions, so the rule converges exponentially;
+    with at least ``4 |n| + 64`` (and 256) nodes it is exact to rounding (tests compare with
+    ``scipy.integrate.quad`` and with ``J_0(n) = I_n(beta)``).
+    """
+    t, w = _gauss_nodes(int(np.max(np.abs(n))))
+    base = w * np.exp(beta * (np.cos(t) - 1.0)) / math.pi  # [m]
+    nt = np.outer(n, t)  # [len(n), m]
+    cos_nt, sin_nt = np.cos(nt), np.sin(nt)
+    j0 = cos_nt @ base
+    j1 = sin_nt @ (base * t)
+    j2 = cos_nt @ (base * t * t)
+    return j0, j1, j2
+
+
+def exact_q2(beta: float, shape: tuple[int, int], n_max: int | None = None) -> float:
+    """Exact ``<Q^2>`` of the geometric charge on the ``L0 x L1`` torus.
+
+    ``<Q^2> = (1/4pi^2) sum_n w_n [ P J_2(n)/J_0(n) - P (P-1) (J_1(n)/J_0(n))^2 ]`` with
+    ``J_0(n) = I_n(beta)``, evaluated as
+    ``(1/4pi^2) sum_n [ P I_n^{P-1} J_2(n) - P (P-1) I_n^{P-2} J_1(n)^2 ] / sum_n I_n^P``.
+    """
+    p = _plaquette_count(shape)
+    n = _sectors(beta, n_max)
+    r = _bessel_ratios(beta, n)
+    i0 = ive(0, beta)
+    _, j1, j2 = _j_integrals(beta, n)
+    j1, j2 = j1 / i0, j2 / i0
+    num = p * r ** (p - 1) * j2
+    if p > 1:
+        num = num - p * (p - 1) * r ** (p - 2) * j1 * j1
+    return float(np.sum(num) / np.sum(r**p) / (4 * math.pi**2))
+
+
+def exact_topological_susceptibility(beta: float, shape: tuple[int, int], n_max: int | None = None) -> float:
+    """Exact ``<Q^2> / V`` on the ``L0 x L1`` torus."""
+    return exact_q2(beta, shape, n_max) / _plaquette_count(shape)
+
+
+def exact_topological_susceptibility_infinite(beta: float) -> float:
+    """Infinite-volume ``chi_t = <Q^2>/V = <t^2>_{von Mises(beta)} / 4pi^2 = J_2(0) / (4pi^2 J_0(0))``."""
+    if beta < 0:
+        raise ValueError(f"exact results are implemented for beta >= 0, got {beta}")
+    j0, _, j2 = _j_integrals(beta, np.array([0]))
+    return float(j2[0] / j0[0] / (4 * math.pi**2))
+
+
+def build(params: U1Params, lattice: Lattice) -> U1GaugeAction:
+    return U1GaugeAction(params, lattice)
+
+
+SPEC = TheorySpec(
+    name="u1",
+    params=U1Params,
+    build=build,
+    description="pure U(1) gauge theory, Wilson action, d >= 2 (exact results on the 2D torus)",
+)
