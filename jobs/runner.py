@@ -25,7 +25,7 @@ from latflow.mpi import SerialComm
 from latflow.rng import make_generator, stream_seed
 from latflow.samplers import HMC, FlowMCMC, state_from_bytes, state_to_bytes
 from latflow.theories import get_spec
-from latflow.training import ReverseKLTrainer
+from latflow.training import ReverseKLTrainer, TrainingDivergedError
 
 from .config import JobConfig, JobError, sampler_settings, to_dict
 from .progress import Progress
@@ -140,8 +140,18 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
     def report(m: Any) -> None:
         bar.update(1, loss=m.loss, ess=m.ess)
 
+    before = _file_identity(path)
     try:
         history = trainer.train(t.steps, checkpoint_path=path, checkpoint_every=t.checkpoint_every, callback=report, extra=extra)
+    except TrainingDivergedError as exc:
+        # the trainer says "the last good checkpoint is kept"; say which one there really is
+        after = _file_identity(path)
+        what = str(exc).split("; the last good checkpoint")[0]
+        if after is None:
+            raise TrainingDivergedError(f"{what}; no checkpoint was written ({path})") from None
+        if after == before and not resume:
+            raise TrainingDivergedError(f"{what}; {path} was not replaced and is from an earlier training run") from None
+        raise
     finally:
         bar.close()
     n = min(len(history.ess), 50)
@@ -151,6 +161,15 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
             trainer.step, comm.size, float(np.mean(history.loss[-n:])), float(np.mean(history.ess[-n:])), n,
         )
     return path
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of ``path``, None if absent: tells whether a run replaced the file."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def read_checkpoint(job: JobConfig, path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -195,6 +214,7 @@ def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: Se
         n_steps=s.n_steps,
         generator=gen,
         integrator=s.integrator,
+        force=getattr(theory, "force", None),
         project=getattr(theory, "project", None),
         chain_offset=comm.rank * s.n_chains,
         step_jitter=s.step_jitter,

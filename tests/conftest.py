@@ -113,6 +113,25 @@ class CliProcess:
         self._out, self._err, self._handle = out, err, handle
         self.result = None
 
+    def running(self) -> bool:
+        """Whether the command is still running (a finished, not yet collected one is not)."""
+        if self.result is not None:
+            return False
+        if self._handle is not None:
+            return self._handle.poll() is None
+        if not _os.path.isdir("/proc"):  # pragma: no cover - no procfs: zombies count as running
+            try:
+                _os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return False
+            return True
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X")
+
     def kill(self, sig=_signal.SIGKILL) -> None:
         if self.result is None:
             try:

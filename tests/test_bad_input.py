@@ -176,6 +176,8 @@ CASES = [
     Case("missing-job-file", ("train", "nope.toml"), ("nope.toml", "no such job file")),
     Case("unreadable-job-file", ("train", "job.toml"), ("job.toml", "cannot read job file"), _unreadable,
          skip=_running_as_root),
+    Case("job-file-symlink-loop", ("train", "job.toml"), ("job.toml", "cannot read job file"),
+         lambda d, f: os.symlink("job.toml", d / "job.toml")),
     Case("directory-as-job-file", ("sample", "jobs.d"), ("jobs.d", "is a directory", "job file"), _mkdir("jobs.d")),
     # --- --set / --out / --device ------------------------------------------------------------
     Case("set-without-equals", ("train", "job.toml", "--set", "theory.lam"), ("job.toml", "--set", "'theory.lam'", "KEY=VALUE"),

@@ -267,3 +267,13 @@ def test_diverging_training_exits_3_and_keeps_the_last_good_checkpoint(latflow_c
     for name, t in state["model"].items():
         assert bool(np.isfinite(t.numpy()).all()), name
     assert not (tmp_path / "ens.h5").exists()
+
+
+def test_training_diverging_at_once_says_no_checkpoint_was_written(latflow_cli, make_job, tmp_path):
+    make_job(tmp_path, "flow", {"theory.lam": 1e200, "train.lr": 1e6, "train.checkpoint_every": 1})
+    r = latflow_cli.run(["train", "job.toml"], tmp_path)
+    assert r.returncode == 3, str(r)
+    assert "Traceback" not in r.stderr
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("latflow: error: training diverged") and "no checkpoint was written" in last, last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml"]
