@@ -1,3 +1,117 @@
+"""Shared test helpers: the flow-layer contract, chain bookkeeping and z-scores.
+
+Helpers are exposed as fixtures (``layer_contract``, ``zscore``) so that any test
+module can use them without importing ``conftest``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+
+def assert_layer_contract(
+    layer: torch.nn.Module,
+    x: torch.Tensor,
+    *,
+    atol: float = 1e-10,
+    n_jacobian: int = 2,
+    nontrivial: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the flow-layer contract of shared/DESIGN.md on real fields ``x`` ``[B, ...]`` (float64).
+
+    1. ``forward(x) -> (y, logJ_f)`` and ``reverse(y) -> (x', logJ_r)`` with ``logJ`` of shape ``[B]``;
+    2. round trips ``reverse(forward(x)) == x`` and ``forward(reverse(x)) == x``;
+    3. ``logJ_f + logJ_r == 0``;
+    4. ``logJ_f`` (``logJ_r``) equals ``log|det dy/dx|`` (``log|det dx/dy|``) of the autograd Jacobian,
+       per configuration, on the first ``n_jacobian`` configurations;
+    5. the batch does not mix: each configuration mapped alone gives the same result;
+    6. with ``nontrivial``, the layer is not the identity (so that 1-4 have teeth).
+
+    Gauge layers add their own equivariance check on top. Returns ``(y, logJ_f)``.
+    """
+    assert x.dtype == torch.float64, "run the contract in float64"
+    b = x.shape[0]
+    with torch.no_grad():
+        y, ld_f = layer.forward(x)
+        x_back, ld_r = layer.reverse(y)
+        x_rev, ld_rev = layer.reverse(x)
+        x_fwd, ld_fwd = layer.forward(x_rev)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert ld_f.shape == (b,) and ld_r.shape == (b,)
+    zero = torch.zeros(b, dtype=x.dtype)
+    torch.testing.assert_close(x_back, x, rtol=0, atol=atol)
+    torch.testing.assert_close(x_fwd, x, rtol=0, atol=atol)
+    torch.testing.assert_close(ld_f + ld_r, zero, rtol=0, atol=atol)
+    torch.testing.assert_close(ld_rev + ld_fwd, zero, rtol=0, atol=atol)
+    if nontrivial:
+        assert (y - x).abs().max() > 1e-3, "layer acts as the identity: the contract test would be vacuous"
+        assert ld_f.abs().max() > 1e-3, "logJ vanishes: the Jacobian check would be vacuous"
+
+    shape = x.shape[1:]
+    for i in range(min(b, n_jacobian)):
+        for fn, point, expected in ((layer.forward, x[i], ld_f[i]), (layer.reverse, y[i], ld_r[i])):
+            jac = torch.autograd.functional.jacobian(
+                lambda v, fn=fn: fn(v.reshape(1, *shape))[0].reshape(-1), point.reshape(-1)
+            )
+            sign, logabsdet = torch.linalg.slogdet(jac)
+            assert sign != 0
+            torch.testing.assert_close(logabsdet, expected, rtol=0, atol=atol)
+        with torch.no_grad():
+            y_i, ld_i = layer.forward(x[i : i + 1])
+        torch.testing.assert_close(y_i[0], y[i], rtol=0, atol=atol)
+        torch.testing.assert_close(ld_i[0], ld_f[i], rtol=0, atol=atol)
+    return y, ld_f
+
+
+def series_by_chain(chain: torch.Tensor, step: torch.Tensor, values: torch.Tensor) -> list[np.ndarray]:
+    """Split sampler rows into one Markov-ordered float64 series per chain id (Gamma-method replicas)."""
+    chain_np, step_np = chain.cpu().numpy(), step.cpu().numpy()
+    vals = values.detach().cpu().double().numpy()
+    out = []
+    for c in np.unique(chain_np):
+        sel = np.flatnonzero(chain_np == c)
+        out.append(vals[sel[np.argsort(step_np[sel], kind="stable")]])
+    return out
+
+
+def zscore(a, b) -> float:
+    """``(a - b) / sqrt(err_a^2 + err_b^2)`` for Gamma-method results or exact numbers (error 0)."""
+    mean_a, err_a = (a, 0.0) if isinstance(a, float | int) else (a.mean, a.err)
+    mean_b, err_b = (b, 0.0) if isinstance(b, float | int) else (b.mean, b.err)
+    return float((mean_a - mean_b) / np.hypot(err_a, err_b))
+
+
+@pytest.fixture
+def layer_contract() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`assert_layer_contract`."""
+    return assert_layer_contract
+
+
+@pytest.fixture
+def chains() -> Callable[..., list[np.ndarray]]:
+    """:func:`series_by_chain`."""
+    return series_by_chain
+
+
+@pytest.fixture(name="zscore")
+def zscore_fixture() -> Callable[..., float]:
+    """:func:`zscore`."""
+    return zscore
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: tiny lattices gain nothing from more, and lose much on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------------------------
 # End-to-end CLI helpers (tests/test_cli.py, tests/test_bad_input.py, tests/test_resume.py).
 #
@@ -112,6 +226,13 @@ class CliProcess:
         self._backend, self.args, self.pid = backend, args, pid
         self._out, self._err, self._handle = out, err, handle
         self.result = None
+
+    def stderr_so_far(self) -> str:
+        """What the command has written to stderr up to now (it may still be running)."""
+        try:
+            return self._err.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def running(self) -> bool:
         """Whether the command is still running (a finished, not yet collected one is not)."""

@@ -54,23 +54,34 @@ class FlowMCMC:
         self.cur_log_q: torch.Tensor | None = None
 
     @torch.no_grad()
-    def _proposals(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        xs, lps, lqs = [], [], []
+    def _proposals(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Each proposal batch draws its ``b`` configurations and then its ``b`` accept/reject
+        # uniforms from the stream, so the stream is consumed batch by batch and
+        # ``run(n1); run(n2)`` reproduces ``run(n1 + n2)`` whenever ``n1 % batch_size == 0``.
+        xs, lps, lqs, lus = [], [], [], []
         while n > 0:
             b = min(n, self.batch_size)
             x, log_q = self.model.sample(b, self.generator)
+            log_p = self.log_p(x)
+            u = torch.rand(b, generator=self.generator, dtype=log_p.dtype, device=log_p.device)
             xs.append(x)
             lqs.append(log_q)
-            lps.append(self.log_p(x))
+            lps.append(log_p)
+            lus.append(torch.log(u))
             n -= b
-        return torch.cat(xs), torch.cat(lps), torch.cat(lqs)
+        return torch.cat(xs), torch.cat(lps), torch.cat(lqs), torch.cat(lus)
 
     @torch.no_grad()
     def run(self, n: int) -> SampleBlock:
-        """Advance the chain by ``n`` Metropolis steps and return their ``n`` rows."""
-        x_prop, lp_prop, lq_prop = self._proposals(n)
-        u = torch.rand(n, generator=self.generator, dtype=lp_prop.dtype, device=lp_prop.device)
-        log_u = torch.log(u)
+        """Advance the chain by ``n`` Metropolis steps and return their ``n`` rows.
+
+        Proposals are drawn in batches of ``batch_size`` (a last partial batch if
+        ``batch_size`` does not divide ``n``). Splitting a run, ``run(n1)`` then
+        ``run(n2)`` (with or without a ``state_dict`` round trip in between), gives
+        bit for bit the rows of one ``run(n1 + n2)`` when ``n1`` is a multiple of
+        ``batch_size``; otherwise the chain is equally valid but a different one.
+        """
+        x_prop, lp_prop, lq_prop, log_u = self._proposals(n)
         lp_host = lp_prop.cpu()
         lq_host = lq_prop.cpu()
         log_u_host = log_u.cpu()
