@@ -276,14 +276,17 @@ def _open_h5(path: Path, mode: str) -> h5py.File:
     if not is_h5:
         raise EnsembleError(f"{path}: not an HDF5 file")
     try:
-        return h5py.File(str(path), mode)
-    except OSError as exc:
-        if mode == "r" and "lock" in str(exc).lower():
-            # A writer holds the file. Committed rows are safe to read (n_committed is raised last).
+        # Readers take no HDF5 file lock: they rely on n_committed (raised last by a writer), and a
+        # reader's lock would stop a writer from opening the file (a resumed job, a live monitor).
+        if mode == "r":
             try:
                 return h5py.File(str(path), mode, locking=False)
-            except OSError as exc2:
-                raise EnsembleError(f"{path}: cannot open: {exc2}") from None
+            except OSError as exc:
+                if "flag" not in str(exc).lower():
+                    raise
+                # this process already holds the file with locking on (e.g. its own writer)
+        return h5py.File(str(path), mode)
+    except OSError as exc:
         if "lock" in str(exc).lower():
             raise EnsembleError(f"{path}: cannot open for writing (is another process writing it?): {exc}") from None
         raise EnsembleError(f"{path}: cannot open: {exc}") from None

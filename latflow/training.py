@@ -104,11 +104,13 @@ class ReverseKLTrainer:
         local = torch.tensor([loss.item(), (dkl.detach() ** 2).mean().item()], dtype=torch.float64)
         # averaged before the check, so that under MPI every rank stops at the same step
         self.comm.allreduce_mean_([local])
-        if not torch.isfinite(local).all():
+        if not torch.isfinite(local[0]):
             raise TrainingDivergedError(f"loss is {local[0].item()} at step {self.step + 1}")
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         self.comm.allreduce_mean_([p.grad for p in params])
+        if not all(torch.isfinite(p.grad).all() for p in params):
+            raise TrainingDivergedError(f"gradient became non-finite at step {self.step + 1}")
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         self.optimizer.step()
@@ -119,7 +121,7 @@ class ReverseKLTrainer:
         metrics = TrainMetrics(
             step=self.step,
             loss=mean,
-            loss_std=math.sqrt(max(mean_sq - mean * mean, 0.0)),
+            loss_std=math.sqrt(max(mean_sq - mean * mean, 0.0)) if math.isfinite(mean_sq) else math.inf,
             ess=ess_per_config(-dkl),
         )
         self.history.append(metrics)

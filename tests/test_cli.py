@@ -249,20 +249,24 @@ def test_run_hmc_then_force(latflow_cli, make_job, tmp_path):
 
 
 def test_diverging_training_exits_3_and_keeps_the_last_good_checkpoint(latflow_cli, make_job, tmp_path):
-    # lam = 1e100 with a huge step: the action overflows within a couple of steps
-    make_job(tmp_path, "flow", {"theory.lam": 1e100, "train.lr": 1e6, "train.grad_clip": 0.0,
-                                "train.checkpoint_every": 1, "train.steps": 200, "train.log_every": 1000})
-    r = latflow_cli.run(["train", "job.toml"], tmp_path)
+    # three good steps, then training is continued with lam = 1e307, where lam phi^4 overflows
+    # to inf for any |phi| > 2.1 (which every batch holds): the first new step diverges
+    make_job(tmp_path, "flow", {"train.steps": 3, "train.checkpoint_every": 1, "train.log_every": 1000})
+    _ok(latflow_cli.run(["train", "job.toml"], tmp_path))
+    good = (tmp_path / "ens.model.pt").read_bytes()
+    r = latflow_cli.run(
+        ["train", "job.toml", "--resume", "--set", "theory.lam=1e307", "--set", "train.steps=200"], tmp_path
+    )
     assert r.returncode == 3, str(r)
     assert "Traceback" not in r.stderr + r.stdout
     errors = [line for line in r.stderr.splitlines() if line.startswith("latflow: error:")]
     assert len(errors) == 1 and r.stderr.splitlines()[-1] == errors[0], r.stderr
-    assert "diverged" in errors[0]
+    assert "diverged" in errors[0] and "step 4" in errors[0], errors[0]
     from latflow import checkpoint
 
+    assert (tmp_path / "ens.model.pt").read_bytes() == good, "the last good checkpoint was touched"
     state = checkpoint.load(tmp_path / "ens.model.pt")
-    assert state["complete"] is False
-    assert 1 <= state["step"] < 200
+    assert state["step"] == 3
     assert state["model"], "no weights in the checkpoint"
     for name, t in state["model"].items():
         assert bool(np.isfinite(t.numpy()).all()), name
@@ -270,7 +274,8 @@ def test_diverging_training_exits_3_and_keeps_the_last_good_checkpoint(latflow_c
 
 
 def test_training_diverging_at_once_says_no_checkpoint_was_written(latflow_cli, make_job, tmp_path):
-    make_job(tmp_path, "flow", {"theory.lam": 1e200, "train.lr": 1e6, "train.checkpoint_every": 1})
+    # lam = 1e307: lam phi^4 overflows to inf for any |phi| > 2.1, which the first batch holds
+    make_job(tmp_path, "flow", {"theory.lam": 1e307, "train.lr": 1e6, "train.checkpoint_every": 1})
     r = latflow_cli.run(["train", "job.toml"], tmp_path)
     assert r.returncode == 3, str(r)
     assert "Traceback" not in r.stderr

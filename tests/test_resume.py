@@ -15,6 +15,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 from latflow.ensemble import ROW_GROUPS, EnsembleReader
 
@@ -66,7 +67,7 @@ def _assert_rows_equal(path: Path, ref: Path, n: int) -> None:
 WRITER_OPEN = re.compile(r"latflow (sample \d+/\d+|resuming \S+ at \d+ committed rows)")
 
 
-def _kill_when(cli, proc, ens: Path, rows: int, total: int, delay: float = 0.0) -> int:
+def _kill_when(proc, ens: Path, rows: int, total: int, delay: float = 0.0) -> int:
     """SIGKILL `proc` `delay` s after `ens` has `rows` committed rows; returns the committed count.
 
     The file is only polled once the writer has it open (it logs a progress line after each commit,
@@ -91,12 +92,12 @@ def _crash_resume_and_compare(cli, d: Path, job: str, ref: Path, total: int, ste
     args = ["sample", job, "--out", out.name]
     assert not out.exists()
     # first crash: a fresh run
-    n1 = _kill_when(cli, cli.spawn(args, d), out, max(step, total // 10), total)
+    n1 = _kill_when(cli.spawn(args, d), out, max(step, total // 10), total)
     r = cli.run(["verify", out.name], d)
     assert r.returncode == 0 and r.stdout.startswith("OK"), str(r)
     _assert_rows_equal(out, ref, n1)
     # second crash: a resumed run
-    n2 = _kill_when(cli, cli.spawn(args + ["--resume"], d), out, max(n1 + step, total // 2), total, delay=0.013)
+    n2 = _kill_when(cli.spawn(args + ["--resume"], d), out, max(n1 + step, total // 2), total, delay=0.013)
     assert cli.run(["verify", out.name], d).returncode == 0
     _assert_rows_equal(out, ref, n2)
     # resume to the end
@@ -117,14 +118,24 @@ def _reference(cli, d: Path, job: str) -> Path:
     return d / "ref.h5"
 
 
-def test_flow_sample_killed_and_resumed(latflow_cli, make_job, tmp_path):
-    total = 2000
-    make_job(tmp_path, "flow", {"output.model": "model.pt", "sampler.n_samples": total, "sampler.commit_every": 20,
-                                "sampler.batch_size": 100, "sampler.log_every": 20})
-    r = latflow_cli.run(["train", "job.toml"], tmp_path)
+FLOW_ROWS = 2000
+
+
+@pytest.fixture(scope="module")
+def trained_flow(tmp_path_factory, latflow_cli, make_job) -> Path:
+    """A folder with a flow job (2000 flow-MCMC steps, a commit every 20) and its trained model."""
+    d = tmp_path_factory.mktemp("resume-flow")
+    # output.model is fixed, so that --out other.h5 samples with the same model
+    make_job(d, "flow", {"output.model": "model.pt", "sampler.n_samples": FLOW_ROWS, "sampler.commit_every": 20,
+                         "sampler.batch_size": 100, "sampler.log_every": 20})
+    r = latflow_cli.run(["train", "job.toml"], d)
     assert r.returncode == 0, str(r)
-    ref = _reference(latflow_cli, tmp_path, "job.toml")
-    _crash_resume_and_compare(latflow_cli, tmp_path, "job.toml", ref, total, step=20)
+    return d
+
+
+def test_flow_sample_killed_and_resumed(latflow_cli, trained_flow):
+    ref = _reference(latflow_cli, trained_flow, "job.toml")
+    _crash_resume_and_compare(latflow_cli, trained_flow, "job.toml", ref, FLOW_ROWS, step=20)
 
 
 def test_hmc_sample_killed_and_resumed(latflow_cli, make_job, tmp_path):
