@@ -67,13 +67,16 @@ def _load(args: argparse.Namespace) -> JobConfig:
     return load_job(args.job, args.overrides, out=args.out, device=args.device)
 
 
-def _comm():
+def _comm(threads: int):
+    """The communicator; sets torch's threads (``run.threads``, 0: torch default or cores per rank)."""
+    import torch
+
     from latflow.mpi import get_comm
 
     comm = get_comm()
-    if comm.size > 1:
-        import torch
-
+    if threads:
+        torch.set_num_threads(threads)
+    elif comm.size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.size))
     return comm
 
@@ -83,7 +86,7 @@ def _run_job(args: argparse.Namespace) -> int:
     from .progress import setup_logging
 
     job = _load(args)
-    comm = _comm()
+    comm = _comm(job.run.threads)
     setup_logging(comm.rank)
     problem: Exception | None = None
     try:

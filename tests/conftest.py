@@ -490,3 +490,13 @@ def _snapshot(root) -> dict:
 def dir_snapshot():
     """`dir_snapshot(path)` -> {relative path: (kind, size, mtime_ns, mode, sha256)}."""
     return _snapshot
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests use small tensors, which run fastest on one thread (and without oversubscribing
+    the cores that subprocess tests share)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
