@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from latflow import __version__
-from latflow.ensemble import EnsembleError, verify
+from latflow.ensemble import EnsembleError, require_hdf5_file, verify
 from latflow.training import TrainingDivergedError
 
 from .config import JobConfig, JobError, load_job
@@ -156,19 +156,9 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     path = Path(args.ensemble)
-    # a path that is not an HDF5 file at all is a usage mistake (exit 2), not a damaged ensemble (exit 1)
-    if not path.exists():
-        raise JobError(f"{path}: no such file")
-    if path.is_dir():
-        raise JobError(f"{path}: is a directory, not an ensemble file (HDF5)")
-    import h5py
-
-    try:
-        is_hdf5 = h5py.is_hdf5(str(path))
-    except OSError as exc:
-        raise JobError(f"{path}: cannot read ({exc.__class__.__name__})") from None
-    if not is_hdf5:
-        raise JobError(f"{path}: not an HDF5 file; verify expects a latflow ensemble (.h5)")
+    # a path that is not an HDF5 file at all is a usage mistake (EnsembleError here: exit 2), not a
+    # damaged ensemble (exit 1)
+    require_hdf5_file(path)
     problems = verify(path)
     if problems:
         for p in problems:

@@ -37,7 +37,8 @@ SCRIPTS = Path(__file__).parent / "mpi_scripts"
 # environment variables through which a launcher tells a process it is one of several ranks
 LAUNCHER_VARS = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "HYDRA_", "SLURM_")
 
-FLOW_JOB = """\
+# the theory and lattice every job here runs on
+PHI4_4X4 = """\
 [theory]
 name = "phi4"
 m2 = -4.0
@@ -45,7 +46,9 @@ lam = 6.975
 
 [lattice]
 shape = [4, 4]
+"""
 
+FLOW_JOB = PHI4_4X4 + """
 [model]
 n_layers = 2
 hidden = [4]
@@ -72,15 +75,7 @@ model = "flow.model.pt"
 seed = 31
 """
 
-HMC_JOB = """\
-[theory]
-name = "phi4"
-m2 = -4.0
-lam = 6.975
-
-[lattice]
-shape = [4, 4]
-
+HMC_JOB = PHI4_4X4 + """
 [sampler]
 kind = "hmc"
 n_samples = 12

@@ -1,0 +1,182 @@
+"""Layout of a new ensemble file: validated metadata, root attributes, row datasets and their chunks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+import latflow
+
+from ._checkpoint import _ensure_checkpoint
+from ._format import FORMAT_NAME, FORMAT_VERSION, ROW_GROUPS, _parse_shape
+from ._h5 import _SHA_DTYPE, _UTC_DTYPE, _fixed, _le, _utc_now
+from .meta import EnsembleMeta
+
+_CHUNK_TARGET_BYTES = 64 * 1024  # rows per chunk chosen so a chunk is about this large
+_CHUNK_MAX_BYTES = 256 * 1024 * 1024  # rows larger than this are chunked along inner axes too
+
+_DESCRIPTIONS = {
+    "fields/phi": "scalar field phi[i, x0, ..., x{d-1}]",
+    "fields/links": (
+        "gauge links links[i, mu, x0, ...] = U_mu(x) on the link x -> x + mu; "
+        "U(1): angles in (-pi, pi]; SU(N): complex [..., N, N] matrices"
+    ),
+    "markov/chain": "stream id (one per independent chain or MPI rank)",
+    "markov/step": "Markov time within its chain",
+    "markov/accepted": "proposal accepted (MCMC samplers)",
+    "weights/log_p": "-S, unnormalised log target density",
+    "weights/log_q": "log density of the proposal that produced the row",
+    "weights/log_w": "log importance weight of the row (0 for plain MCMC)",
+}
+_ROOT_DESCRIPTION = (
+    "latflow ensemble (format latflow-ensemble v1). Axis 0 of every dataset under fields/, markov/, "
+    "weights/ and observables/ is the configuration index; only rows < n_committed belong to the "
+    "ensemble. Rows of one chain (markov/chain) are in Markov order. Each fields/* dataset carries "
+    "sha256: hex SHA-256 of the little-endian C-order bytes of its first sha256_rows rows "
+    "(= n_committed after a completed commit). Lattice axis 0 is time."
+)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (tuple, set, frozenset)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _to_json(obj: Any, what: str) -> str:
+    try:
+        return json.dumps(obj, sort_keys=True, allow_nan=False, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be JSON-serialisable with finite numbers: {exc}") from None
+
+
+def _validate_meta(meta: EnsembleMeta) -> tuple[str, str, np.ndarray, Any]:
+    """Check ``meta`` before anything is written; returns (couplings JSON, sampler JSON, shape, seed)."""
+    if not isinstance(meta, EnsembleMeta):
+        raise TypeError(f"meta must be an EnsembleMeta, got {type(meta).__name__}")
+    if not isinstance(meta.theory, str) or not meta.theory:
+        raise ValueError("meta.theory must be a non-empty string")
+    if not isinstance(meta.couplings, Mapping):
+        raise TypeError("meta.couplings must be a dict")
+    if not isinstance(meta.sampler, Mapping):
+        raise TypeError("meta.sampler must be a dict")
+    if "kind" not in meta.sampler:
+        raise ValueError("meta.sampler must contain 'kind'")
+    couplings = _to_json(dict(meta.couplings), "meta.couplings")
+    sampler = _to_json(dict(meta.sampler), "meta.sampler")
+    try:
+        shape = np.asarray(_parse_shape(meta.lattice_shape), dtype=np.int64)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"meta.lattice_shape {exc}") from None
+    if isinstance(meta.seed, bool) or not isinstance(meta.seed, (int, np.integer)):
+        raise TypeError("meta.seed must be an integer")
+    seed_int = int(meta.seed)
+    if -(2**63) <= seed_int < 2**63:
+        seed: Any = np.int64(seed_int)
+    elif 0 <= seed_int < 2**64:
+        seed = np.uint64(seed_int)
+    else:
+        raise ValueError("meta.seed must fit in 64 bits")
+    if not isinstance(meta.job, str) or not isinstance(meta.model_sha256, str):
+        raise TypeError("meta.job and meta.model_sha256 must be strings")
+    return couplings, sampler, shape, seed
+
+
+def _chunk_shape(row_shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Chunks of about ``_CHUNK_TARGET_BYTES`` along axis 0; huge rows are also split inside."""
+    row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * itemsize)
+    rows = max(1, _CHUNK_TARGET_BYTES // row_bytes)
+    inner = [max(1, s) for s in row_shape]
+    while int(np.prod(inner, dtype=np.int64)) * itemsize > _CHUNK_MAX_BYTES:
+        k = int(np.argmax(inner))
+        if inner[k] == 1:
+            break
+        inner[k] = (inner[k] + 1) // 2
+    return (rows, *inner)
+
+
+def _storage_array(key: str, arr: np.ndarray) -> np.ndarray:
+    """``arr`` in the dtype it is stored in: bool, int64, or its own float/complex dtype (little-endian)."""
+    kind = arr.dtype.kind
+    if key == "markov/accepted" and kind != "b":
+        raise ValueError(f"{key}: must be bool, got {arr.dtype}")
+    if key in ("markov/chain", "markov/step") and kind not in "iu":
+        raise ValueError(f"{key}: must be integer, got {arr.dtype}")
+    if key.startswith(("markov/", "weights/")) and arr.ndim != 1:
+        raise ValueError(f"{key}: must have shape (n,), got {arr.shape}")
+    if key.startswith("observables/") and arr.ndim not in (1, 2):
+        raise ValueError(f"{key}: must have shape (n,) or (n, k), got {arr.shape}")
+    if key.startswith("fields/") and arr.ndim < 2:
+        raise ValueError(f"{key}: must have shape (n, ...) with lattice axes, got {arr.shape}")
+    if kind == "b":
+        return np.ascontiguousarray(arr, dtype=np.bool_)
+    if kind in "iu":
+        if kind == "u" and arr.size and int(arr.max()) >= 2**63:
+            raise ValueError(f"{key}: integer values do not fit in int64")
+        return np.ascontiguousarray(arr, dtype=np.int64)
+    if kind in "fc":
+        return np.ascontiguousarray(arr, dtype=_le(arr.dtype))
+    raise ValueError(f"{key}: unsupported dtype {arr.dtype}")
+
+
+def _init_file(f: h5py.File, meta: EnsembleMeta, couplings: str, sampler: str, shape: np.ndarray, seed: Any) -> None:
+    a = f.attrs
+    a["format"] = FORMAT_NAME
+    a["format_version"] = np.int64(FORMAT_VERSION)
+    a["latflow_version"] = str(latflow.__version__)
+    now = _utc_now()
+    a["created_utc"] = now
+    a["theory"] = meta.theory
+    a["couplings"] = couplings
+    a["lattice_shape"] = shape
+    a["sampler"] = sampler
+    a["seed"] = seed
+    a["job"] = meta.job
+    a["model_sha256"] = meta.model_sha256
+    a.create("n_committed", np.int64(0))
+    # provenance that helps a reader years later (no machine names, no paths)
+    a.create("last_commit_utc", _fixed(now, _UTC_DTYPE))
+    a["description"] = _ROOT_DESCRIPTION
+    a["sampler_kind"] = str(meta.sampler["kind"])
+    a["software"] = (
+        f"python {platform.python_version()}; numpy {np.__version__}; h5py {h5py.__version__}; "
+        f"hdf5 {h5py.version.hdf5_version}; {platform.system()} {platform.machine()}; "
+        f"byteorder {sys.byteorder}"
+    )
+    for g in ROW_GROUPS:
+        f.create_group(g)
+    _ensure_checkpoint(f)
+    f.flush()
+
+
+def _create_row_dataset(f: h5py.File, key: str, arr: np.ndarray) -> h5py.Dataset:
+    group, name = key.split("/")
+    grp = f.require_group(group)
+    row_shape = tuple(arr.shape[1:])
+    ds = grp.create_dataset(
+        name,
+        shape=(0, *row_shape),
+        maxshape=(None, *row_shape),
+        dtype=arr.dtype,
+        chunks=_chunk_shape(row_shape, arr.dtype.itemsize),
+    )
+    if key in _DESCRIPTIONS:
+        ds.attrs["description"] = _DESCRIPTIONS[key]
+    if group == "fields":
+        ds.attrs.create("sha256", _fixed(hashlib.sha256().hexdigest(), _SHA_DTYPE))
+        ds.attrs.create("sha256_rows", np.int64(0))
+    return ds

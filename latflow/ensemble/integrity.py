@@ -1,0 +1,95 @@
+"""Checking an ensemble file against the format and its checksums (:func:`verify`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+
+from ._format import _common_length, _parse_shape, _root_problems, _row_datasets
+from ._h5 import _decode, _open_h5, sha256_of_rows
+from .meta import EnsembleError, _one_line
+
+
+def verify(path: str | os.PathLike[str]) -> list[str]:
+    """Check an ensemble file against the format; returns one-line problems (``[]``: intact).
+
+    Checks: the file opens as HDF5; every required root attribute is present and well-formed
+    (``format``, ``format_version`` = 1, JSON ``couplings``/``sampler`` with a ``kind``, integer
+    ``lattice_shape``, ``seed``, ``n_committed``); every per-row dataset has at least
+    ``n_committed`` rows; ``fields/phi`` / ``fields/links`` match ``lattice_shape``; every
+    ``fields/*`` dataset has a ``sha256`` attribute that matches its rows.
+
+    The checksum covers rows ``[0, sha256_rows)`` where the dataset has a ``sha256_rows``
+    attribute and ``[0, n_committed)`` otherwise; ``sha256_rows > n_committed`` (a writer killed
+    just before raising ``n_committed``) is accepted, because the committed rows are a prefix.
+
+    Parameters
+    ----------
+    path : path-like
+
+    Returns
+    -------
+    list of str
+        Each names the file and, where one is at fault, the dataset or attribute.
+    """
+    path = Path(path)
+    try:
+        f = _open_h5(path, "r")
+    except EnsembleError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    try:
+        try:
+            attrs = {k: _decode(v) for k, v in f.attrs.items()}
+        except Exception as exc:
+            return [_one_line(f"{path}: cannot read root attributes: {exc}")]
+        problems += [f"{path}: {p}" for p in _root_problems(attrs)]
+        datasets = _row_datasets(f)
+        n = attrs.get("n_committed")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            n = _common_length(datasets)
+        shape: tuple[int, ...] | None
+        try:
+            shape = _parse_shape(attrs["lattice_shape"]) if "lattice_shape" in attrs else None
+        except ValueError:
+            shape = None
+        for name, ds in datasets.items():
+            problems += [f"{path}: {p}" for p in _dataset_problems(name, ds, n, shape)]
+    except Exception as exc:  # a damaged file can fail anywhere
+        problems.append(_one_line(f"{path}: cannot read: {type(exc).__name__}: {exc}"))
+    finally:
+        f.close()
+    return [_one_line(p) for p in problems]
+
+
+def _dataset_problems(name: str, ds: h5py.Dataset, n: int, shape: tuple[int, ...] | None) -> list[str]:
+    if ds.ndim == 0:
+        return [f"{name} is a scalar, expected a row axis"]
+    problems: list[str] = []
+    if ds.shape[0] < n:
+        problems.append(f"{name} has {ds.shape[0]} rows < n_committed={n}")
+    if shape is not None:
+        d = len(shape)
+        if name == "fields/phi" and tuple(ds.shape[1 : 1 + d]) != shape:
+            problems.append(f"{name} shape {ds.shape} does not match lattice_shape {list(shape)}")
+        if name == "fields/links" and (ds.ndim < 2 + d or ds.shape[1] != d or tuple(ds.shape[2 : 2 + d]) != shape):
+            problems.append(f"{name} shape {ds.shape} does not match (n, {d}, {', '.join(map(str, shape))}, ...)")
+    if not name.startswith("fields/"):
+        return problems
+    if "sha256" not in ds.attrs:
+        return problems + [f"{name} has no sha256 attribute"]
+    stored = _decode(ds.attrs["sha256"])
+    covered_raw = _decode(ds.attrs.get("sha256_rows", n))
+    if isinstance(covered_raw, bool) or not isinstance(covered_raw, int):
+        return problems + [f"{name} attribute sha256_rows is not an integer"]
+    covered = covered_raw
+    if covered < n:
+        return problems + [f"{name} sha256 covers {covered} rows < n_committed={n}"]
+    if covered > ds.shape[0]:
+        return problems + [f"{name} sha256 covers {covered} rows but the dataset has {ds.shape[0]}"]
+    computed = sha256_of_rows(ds, covered)
+    if computed != stored:
+        problems.append(f"{name} sha256 mismatch (stored {stored}, computed {computed})")
+    return problems
