@@ -1,14 +1,14 @@
-"""Shared test helpers: the flow-layer contract, chain bookkeeping and z-scores.
+"""Shared test helpers.
 
-Helpers are exposed as fixtures (``layer_contract``, ``zscore``) so that any test
-module can use them without importing ``conftest``.
+- ``layer_contract``: the flow-layer contract of shared/DESIGN.md (fixture returning
+  :func:`assert_layer_contract`), for every flow layer;
+- end-to-end CLI helpers (below).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 import torch
 
@@ -67,49 +67,10 @@ def assert_layer_contract(
     return y, ld_f
 
 
-def series_by_chain(chain: torch.Tensor, step: torch.Tensor, values: torch.Tensor) -> list[np.ndarray]:
-    """Split sampler rows into one Markov-ordered float64 series per chain id (Gamma-method replicas)."""
-    chain_np, step_np = chain.cpu().numpy(), step.cpu().numpy()
-    vals = values.detach().cpu().double().numpy()
-    out = []
-    for c in np.unique(chain_np):
-        sel = np.flatnonzero(chain_np == c)
-        out.append(vals[sel[np.argsort(step_np[sel], kind="stable")]])
-    return out
-
-
-def zscore(a, b) -> float:
-    """``(a - b) / sqrt(err_a^2 + err_b^2)`` for Gamma-method results or exact numbers (error 0)."""
-    mean_a, err_a = (a, 0.0) if isinstance(a, float | int) else (a.mean, a.err)
-    mean_b, err_b = (b, 0.0) if isinstance(b, float | int) else (b.mean, b.err)
-    return float((mean_a - mean_b) / np.hypot(err_a, err_b))
-
-
 @pytest.fixture
 def layer_contract() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """:func:`assert_layer_contract`."""
     return assert_layer_contract
-
-
-@pytest.fixture
-def chains() -> Callable[..., list[np.ndarray]]:
-    """:func:`series_by_chain`."""
-    return series_by_chain
-
-
-@pytest.fixture(name="zscore")
-def zscore_fixture() -> Callable[..., float]:
-    """:func:`zscore`."""
-    return zscore
-
-
-@pytest.fixture
-def single_thread():
-    """One intra-op thread: tiny lattices gain nothing from more, and lose much on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------------

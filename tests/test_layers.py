@@ -27,7 +27,6 @@ from latflow.priors import NormalPrior
 from latflow.rng import make_generator
 
 F64 = torch.float64
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def randomize_(module: nn.Module, gain: float, seed: int) -> nn.Module:
@@ -196,7 +195,8 @@ def test_normal_prior_density(sigma):
     prior = NormalPrior((3, 2), sigma)
     z, log_r = prior.sample(4, make_generator(14))
     assert z.shape == (4, 3, 2) and z.dtype == F64
-    ref = torch.distributions.Normal(torch.tensor(0.0, dtype=F64), torch.tensor(sigma, dtype=F64)).log_prob(z).flatten(1).sum(1)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=F64), torch.tensor(sigma, dtype=F64))
+    ref = normal.log_prob(z).flatten(1).sum(1)
     torch.testing.assert_close(log_r, ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(prior.log_prob(z), ref, rtol=0, atol=1e-12)
     one = NormalPrior((1,), sigma)

@@ -82,26 +82,27 @@ class FlowMCMC:
         ``batch_size``; otherwise the chain is equally valid but a different one.
         """
         x_prop, lp_prop, lq_prop, log_u = self._proposals(n)
-        lp_host = lp_prop.cpu()
-        lq_host = lq_prop.cpu()
-        log_u_host = log_u.cpu()
-        # sequential accept/reject on the host (cheap), then gather on the device
-        idx = torch.empty(n, dtype=torch.long)
-        accepted = torch.empty(n, dtype=torch.bool)
+        # sequential accept/reject on the host in plain Python floats (cheap), then gather on the device
+        lp_host = lp_prop.double().cpu().tolist()
+        lq_host = lq_prop.double().cpu().tolist()
+        log_u_host = log_u.double().cpu().tolist()
+        idx_list = [0] * n
+        acc_list = [False] * n
         cur = -1
         cur_lp = None if self.cur_log_p is None else float(self.cur_log_p)
         cur_lq = None if self.cur_log_q is None else float(self.cur_log_q)
         for i in range(n):
-            lp_i, lq_i = float(lp_host[i]), float(lq_host[i])
-            if cur_lp is None:
+            lp_i, lq_i = lp_host[i], lq_host[i]
+            if cur_lp is None or cur_lq is None:
                 acc = True  # the first proposal starts the chain
             else:
-                log_ratio = (lp_i - lq_i) - (cur_lp - cur_lq)
-                acc = bool(log_u_host[i] < log_ratio)
+                acc = log_u_host[i] < (lp_i - lq_i) - (cur_lp - cur_lq)
             if acc:
                 cur, cur_lp, cur_lq = i, lp_i, lq_i
-            idx[i] = cur
-            accepted[i] = acc
+            idx_list[i] = cur
+            acc_list[i] = acc
+        idx = torch.tensor(idx_list, dtype=torch.long)
+        accepted = torch.tensor(acc_list, dtype=torch.bool)
         prev = self.x
         # rows before the first acceptance within this block repeat the previous state
         rows_x = torch.empty_like(x_prop)
