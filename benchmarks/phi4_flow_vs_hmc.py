@@ -75,7 +75,8 @@ def run_flow(theory: Phi4Theory, args: argparse.Namespace, seed: int) -> tuple[R
     dt = (time.perf_counter() - t0) / args.flow_samples
     s = series(theory, block.x, 1)
     tau = {k: gamma_method(v).tau_int for k, v in s.items()}
-    w_ess = ess((block.log_p - block.log_q).cpu().numpy())
+    # ESS of the proposals (independent draws from q), not of the chain's rows (distributed as p)
+    w_ess = ess(block.proposal_log_w.cpu().numpy())
     res = Result("flow-MCMC", dt, float(block.accepted.float().mean()), tau, f"ESS {w_ess:.3f}")
     return res, t_train, trainer.step
 
