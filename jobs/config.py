@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from latflow.lattice import Lattice
 from latflow.theories import REGISTRY
 
 
@@ -393,6 +394,16 @@ def load_job(
 
 def _check_consistency(job: JobConfig) -> None:
     src = job.source
+    spec = REGISTRY[job.theory.name]
+    try:
+        spec.build(job.theory.couplings, Lattice(job.lattice.shape))
+    except ValueError as exc:
+        raise JobError(f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: {exc}") from None
+    if job.uses_flow and spec.field_name != "phi":
+        raise JobError(
+            f"{src}: 'sampler.kind' = 'flow-mcmc': model.kind 'affine' is a flow for scalar fields; "
+            f"theory '{job.theory.name}' has {spec.field_name} (use sampler.kind 'hmc')"
+        )
     odd = [n for n in job.lattice.shape if n % 2]
     if job.uses_flow and job.model.kind == "affine" and odd:
         raise JobError(

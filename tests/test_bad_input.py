@@ -55,6 +55,22 @@ class Files:
 DROP = "DROP"  # replaced by make_job.DROP in the ``files`` fixture
 
 
+U1_JOB = """[theory]
+name = "u1"
+beta = 2.0
+
+[lattice]
+shape = [4, 4]
+
+[sampler]
+kind = "hmc"
+n_samples = 10
+
+[output]
+path = "u1.h5"
+"""
+
+
 def _job(kind: str = "flow", name: str = "job.toml", **changes) -> Callable[[Path, Files], None]:
     def setup(d: Path, f: Files) -> None:
         ch = {k: (f.make_job.DROP if v == DROP else v) for k, v in changes.items()}
@@ -151,6 +167,10 @@ CASES = [
          _job("hmc", "hmc.toml", lattice__shape=[2, 2, 2, 2, 2])),
     Case("odd-extent-affine", ("train", "job.toml"), ("job.toml", "'lattice.shape'", "5", "even", "affine"),
          _job(lattice__shape=[5, 4])),
+    Case("u1-in-one-dimension", ("sample", "u1.toml"), ("u1.toml", "'lattice.shape'", "d >= 2"),
+         _text("u1.toml", U1_JOB.replace("shape = [4, 4]", "shape = [8]"))),
+    Case("scalar-flow-for-gauge-links", ("train", "u1.toml"), ("u1.toml", "'sampler.kind'", "'flow-mcmc'", "'hmc'"),
+         _text("u1.toml", U1_JOB.replace('kind = "hmc"', 'kind = "flow-mcmc"'))),
     Case("unknown-sampler-kind", ("sample", "job.toml"), ("job.toml", "'sampler.kind'", "'gibbs'", "'flow-mcmc'", "'hmc'"),
          _job(sampler__kind="gibbs")),
     Case("unknown-integrator", ("sample", "hmc.toml"), ("hmc.toml", "'sampler.integrator'", "'leapfrog'", "'omelyan'"),

@@ -64,4 +64,5 @@ class TheorySpec:
     build: Callable[..., Any]
     description: str = ""
     needs_even_extents: bool = False
+    field_name: str = "phi"  # dataset under fields/: "phi" (scalar) or "links" (gauge)
     defaults: dict[str, Any] = field(default_factory=dict)

@@ -324,4 +324,5 @@ SPEC = TheorySpec(
     params=U1Params,
     build=build,
     description="pure U(1) gauge theory, Wilson action, d >= 2 (exact results on the 2D torus)",
+    field_name="links",
 )

@@ -1,0 +1,44 @@
+"""Every example job validates, and the U(1) HMC example runs end to end against the exact torus values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from latflow.jobs import cli
+from latflow.jobs.config import load_job
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "jobs" / "examples").glob("*.toml"))
+
+
+def test_examples_exist_and_are_named_after_their_theory():
+    assert EXAMPLES, "no example jobs"
+    for path in EXAMPLES:
+        job = load_job(path)
+        assert path.name.startswith(job.theory.name + "_"), path.name
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_validates(path: Path):
+    job = load_job(path)
+    assert job.sampler.n_samples > 0 and job.output.path
+
+
+def test_u1_example_runs_and_matches_the_exact_plaquette(tmp_path, monkeypatch, capsys):
+    from latflow.theories.u1 import exact_plaquette, exact_q2
+
+    example = next(p for p in EXAMPLES if p.name == "u1_hmc.toml")
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["run", str(example), "--set", "sampler.n_samples=200", "--set", "sampler.n_chains=32"])
+    assert rc == 0
+    capsys.readouterr()
+    assert cli.main(["analyze", "u1_hmc.h5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    job = load_job(example)
+    beta, shape = job.theory.couplings.beta, job.lattice.shape
+    for name, exact in (("plaquette", exact_plaquette(beta, shape)), ("topological_charge_sq", exact_q2(beta, shape))):
+        r = result[name]
+        z = (r["mean"] - exact) / r["err"]
+        assert abs(z) < 3, (name, r, exact, z)
