@@ -41,13 +41,22 @@ class TheoryConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Flow model: real-NVP affine couplings with checkerboard masks."""
+    """Flow model.
 
-    kind: Literal["affine"] = "affine"
+    ``affine``: real-NVP affine couplings with checkerboard masks, for scalar fields
+    (``prior_sigma`` sets the Gaussian prior). ``u1-equivariant``: gauge-equivariant
+    plaquette couplings for 2D U(1) links (Kanwar et al. 2020) on a Haar prior, with inner
+    circle maps ``inner`` = ``ncp`` (``n_mix`` mixture components) or ``spline`` (``n_bins``).
+    """
+
+    kind: Literal["affine", "u1-equivariant"] = "affine"
     n_layers: int = 8
     hidden: tuple[int, ...] = (8, 8)
     kernel_size: int = 3
     prior_sigma: float = 1.0
+    inner: Literal["ncp", "spline"] = "ncp"
+    n_mix: int = 6
+    n_bins: int = 8
 
 
 @dataclass(frozen=True)
@@ -166,6 +175,8 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.n_layers": POSITIVE,
     "model.kernel_size": (lambda v: v > 0 and v % 2 == 1, "a positive odd integer"),
     "model.prior_sigma": POSITIVE,
+    "model.n_mix": POSITIVE,
+    "model.n_bins": POSITIVE,
     "model.hidden": (lambda v: all(c > 0 for c in v), "a list of positive integers"),
     "train.steps": NON_NEGATIVE,
     "train.batch_size": POSITIVE,
@@ -392,6 +403,9 @@ def load_job(
     return job
 
 
+MODEL_FIELD = {"affine": "phi", "u1-equivariant": "links"}  # the field each flow kind acts on
+
+
 def _check_consistency(job: JobConfig) -> None:
     src = job.source
     spec = REGISTRY[job.theory.name]
@@ -399,19 +413,36 @@ def _check_consistency(job: JobConfig) -> None:
         spec.build(job.theory.couplings, Lattice(job.lattice.shape))
     except ValueError as exc:
         raise JobError(f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: {exc}") from None
-    if job.uses_flow and spec.field_name != "phi":
+    if not job.uses_flow:
+        pass
+    elif MODEL_FIELD[job.model.kind] != spec.field_name:
+        fits = [f"model.kind {k!r}" for k, f in MODEL_FIELD.items() if f == spec.field_name]
+        use = " or ".join([*fits, "sampler.kind 'hmc'"])
         raise JobError(
-            f"{src}: 'sampler.kind' = 'flow-mcmc': model.kind 'affine' is a flow for scalar fields; "
-            f"theory '{job.theory.name}' has {spec.field_name} (use sampler.kind 'hmc')"
+            f"{src}: 'model.kind' = {job.model.kind!r} is a flow for {MODEL_FIELD[job.model.kind]}; theory "
+            f"'{job.theory.name}' has {spec.field_name}: use {use}"
         )
-    odd = [n for n in job.lattice.shape if n % 2]
-    if job.uses_flow and job.model.kind == "affine" and odd:
-        raise JobError(
-            f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: extent {odd[0]} is odd; "
-            "the checkerboard masks of model.kind 'affine' need even extents"
-        )
-    if job.uses_flow and not 1 <= len(job.lattice.shape) <= 3:
-        raise JobError(f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: model.kind 'affine' supports 1 to 3 dimensions")
+    elif job.model.kind == "affine":
+        odd = [n for n in job.lattice.shape if n % 2]
+        if odd:
+            raise JobError(
+                f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: extent {odd[0]} is odd; "
+                "the checkerboard masks of model.kind 'affine' need even extents"
+            )
+        if not 1 <= len(job.lattice.shape) <= 3:
+            raise JobError(
+                f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: model.kind 'affine' supports 1 to 3 dimensions"
+            )
+    else:
+        from latflow.flows.gauge_layers import u1_masks
+
+        try:
+            lat = Lattice(job.lattice.shape)
+            for mu in range(2):
+                for offset in range(4):
+                    u1_masks(lat, mu, offset)
+        except (ValueError, NotImplementedError) as exc:
+            raise JobError(f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: model.kind 'u1-equivariant': {exc}") from None
     if job.output.model and Path(job.output.model).resolve() == Path(job.output.path).resolve():
         raise JobError(f"{src}: 'output.model' must differ from 'output.path'")
 

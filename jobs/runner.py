@@ -20,6 +20,7 @@ from latflow import checkpoint
 from latflow.analysis import DerivedObservable, analyze_ensemble
 from latflow.ensemble import EnsembleError, EnsembleMeta, EnsembleReader, EnsembleWriter
 from latflow.flows import FlowModel, make_affine_flow, model_sha256
+from latflow.flows.gauge_layers import make_u1_equivariant_flow
 from latflow.lattice import Lattice
 from latflow.mpi import SerialComm
 from latflow.rng import make_generator, stream_seed
@@ -57,11 +58,15 @@ def build_theory(job: JobConfig) -> Any:
 def build_model(job: JobConfig, device: torch.device) -> FlowModel:
     """The job's flow, initialised reproducibly from ``run.seed`` (same on every rank)."""
     m = job.model
+    lattice = Lattice(job.lattice.shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_seed(job.run.seed, STREAM_INIT))
-        model = make_affine_flow(
-            Lattice(job.lattice.shape), m.n_layers, m.hidden, m.kernel_size, m.prior_sigma, dtype=torch.float64
-        )
+        if m.kind == "affine":
+            model = make_affine_flow(lattice, m.n_layers, m.hidden, m.kernel_size, m.prior_sigma, dtype=torch.float64)
+        else:
+            model = make_u1_equivariant_flow(
+                lattice, m.n_layers, m.inner, m.hidden, m.kernel_size, n_mix=m.n_mix, n_bins=m.n_bins, dtype=torch.float64
+            )
     return model.to(device=device, dtype=torch_dtype(job))
 
 

@@ -169,8 +169,11 @@ CASES = [
          _job(lattice__shape=[5, 4])),
     Case("u1-in-one-dimension", ("sample", "u1.toml"), ("u1.toml", "'lattice.shape'", "d >= 2"),
          _text("u1.toml", U1_JOB.replace("shape = [4, 4]", "shape = [8]"))),
-    Case("scalar-flow-for-gauge-links", ("train", "u1.toml"), ("u1.toml", "'sampler.kind'", "'flow-mcmc'", "'hmc'"),
+    Case("scalar-flow-for-gauge-links", ("train", "u1.toml"), ("u1.toml", "'model.kind'", "'affine'", "'u1-equivariant'", "'hmc'"),
          _text("u1.toml", U1_JOB.replace('kind = "hmc"', 'kind = "flow-mcmc"'))),
+    Case("u1-flow-on-extent-5", ("train", "u1.toml"), ("u1.toml", "'lattice.shape'", "u1-equivariant"),
+         _text("u1.toml", U1_JOB.replace('kind = "hmc"', 'kind = "flow-mcmc"').replace("shape = [4, 4]", "shape = [5, 5]")
+               + '\n[model]\nkind = "u1-equivariant"\n')),
     Case("unknown-sampler-kind", ("sample", "job.toml"), ("job.toml", "'sampler.kind'", "'gibbs'", "'flow-mcmc'", "'hmc'"),
          _job(sampler__kind="gibbs")),
     Case("unknown-integrator", ("sample", "hmc.toml"), ("hmc.toml", "'sampler.integrator'", "'leapfrog'", "'omelyan'"),

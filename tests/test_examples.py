@@ -42,3 +42,49 @@ def test_u1_example_runs_and_matches_the_exact_plaquette(tmp_path, monkeypatch, 
         r = result[name]
         z = (r["mean"] - exact) / r["err"]
         assert abs(z) < 3, (name, r, exact, z)
+
+
+U1_FLOW_JOB = """
+[theory]
+name = "u1"
+beta = 1.0
+[lattice]
+shape = [4, 4]
+[model]
+kind = "u1-equivariant"
+n_layers = 8
+hidden = [8]
+[train]
+steps = 100
+batch_size = 64
+lr = 0.003
+[sampler]
+kind = "flow-mcmc"
+n_samples = 4000
+batch_size = 500
+commit_every = 1000
+[output]
+path = "u1flow.h5"
+[run]
+seed = 3
+"""
+
+
+def test_u1_equivariant_flow_job_reproduces_the_exact_torus_values(tmp_path, monkeypatch, capsys):
+    """A gauge-equivariant flow selected from a job file: flow-MCMC against the exact 4x4 torus."""
+    from latflow.theories.u1 import exact_plaquette, exact_q2
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "job.toml").write_text(U1_FLOW_JOB, encoding="utf-8")
+    assert cli.main(["run", "job.toml"]) == 0
+    capsys.readouterr()
+    assert cli.main(["analyze", "u1flow.h5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0.2 < result["acceptance"]["mean"] < 1.0
+    for name, exact in (("plaquette", exact_plaquette(1.0, (4, 4))), ("topological_charge_sq", exact_q2(1.0, (4, 4)))):
+        r = result[name]
+        z = (r["mean"] - exact) / r["err"]
+        assert abs(z) < 3, (name, r, exact, z)
+    # power: the plaquette of a 10% larger beta is excluded
+    r = result["plaquette"]
+    assert abs((r["mean"] - exact_plaquette(1.1, (4, 4))) / r["err"]) > 3, r
