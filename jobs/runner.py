@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -293,11 +292,9 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
         recorded = int(state["recorded"])
     else:
         if isinstance(sampler, HMC) and s.tune and s.n_tune:
-            traj_len = s.step_size * s.n_steps
             eps = comm.allreduce_sum(sampler.tune(s.n_tune, s.target_acceptance)) / comm.size
             # every rank integrates with the same (rank-averaged) tuned step size
-            sampler.n_steps = max(1, math.ceil(traj_len / eps - 1e-9))
-            sampler.step_size = traj_len / sampler.n_steps
+            sampler.set_step_size(eps)
             log.info("HMC step size tuned to %.4g (%d steps per trajectory)", sampler.step_size, sampler.n_steps)
         if s.thermalization:
             sampler.run(s.thermalization)

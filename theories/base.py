@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
@@ -63,6 +63,4 @@ class TheorySpec:
     params: type
     build: Callable[..., Any]
     description: str = ""
-    needs_even_extents: bool = False
     field_name: str = "phi"  # dataset under fields/: "phi" (scalar) or "links" (gauge)
-    defaults: dict[str, Any] = field(default_factory=dict)

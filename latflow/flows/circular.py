@@ -267,6 +267,16 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(t, -1, idx.unsqueeze(-1)).squeeze(-1)
 
 
+def _bin_geometry(
+    xk: torch.Tensor, yk: torch.Tensor, d: torch.Tensor, idx: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """For the bins ``idx`` ``[...]``: left knot ``(x0, y0)``, knot derivatives ``d0, d1``, width, height."""
+    x0, y0 = _gather(xk, idx), _gather(yk, idx)
+    w = _gather(xk, idx + 1) - x0
+    h = _gather(yk, idx + 1) - y0
+    return x0, y0, _gather(d, idx), _gather(d, idx + 1), w, h
+
+
 def _bin(v: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
     """Index ``k`` in ``[0, K-1]`` of the bin ``[knots_k, knots_{k+1})`` holding ``v``."""
     return (v.unsqueeze(-1) >= knots[..., 1:-1]).sum(dim=-1)
@@ -311,10 +321,7 @@ def circular_spline_forward(
     _check_trailing(x, widths, "widths")
     xk, yk, d = _spline_knots(widths, heights, derivatives)
     idx = _bin(x, xk)
-    x0, x1 = _gather(xk, idx), _gather(xk, idx + 1)
-    y0, y1 = _gather(yk, idx), _gather(yk, idx + 1)
-    d0, d1 = _gather(d, idx), _gather(d, idx + 1)
-    w, h = x1 - x0, y1 - y0
+    x0, y0, d0, d1, w, h = _bin_geometry(xk, yk, d, idx)
     sig = h / w
     xi = ((x - x0) / w).clamp(0.0, 1.0)
     xi1 = xi * (1.0 - xi)
@@ -345,10 +352,7 @@ def circular_spline_inverse(
     target = y if shift is None else to_circle(y - shift)
     xk, yk, d = _spline_knots(widths, heights, derivatives)
     idx = _bin(target, yk)
-    x0, x1 = _gather(xk, idx), _gather(xk, idx + 1)
-    y0, y1 = _gather(yk, idx), _gather(yk, idx + 1)
-    d0, d1 = _gather(d, idx), _gather(d, idx + 1)
-    w, h = x1 - x0, y1 - y0
+    x0, y0, d0, d1, w, h = _bin_geometry(xk, yk, d, idx)
     sig = h / w
     dy = target - y0
     c2 = d1 + d0 - 2.0 * sig

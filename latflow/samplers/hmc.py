@@ -137,17 +137,29 @@ class HMC:
         Robbins-Monro on ``log step_size`` driven by the mean acceptance
         probability ``min(1, exp(-dH))``. Not part of the recorded chain.
         """
-        traj_len = self.step_size * self.n_steps
+        traj_len = self.trajectory_length
         log_eps = math.log(self.step_size)
         for k in range(n_trajectories):
-            eps = math.exp(log_eps)
-            n = max(1, math.ceil(traj_len / eps - 1e-9))
-            _, dh = self.trajectory(traj_len / n, n)
+            eps, n = self._fit_step(math.exp(log_eps), traj_len)
+            _, dh = self.trajectory(eps, n)
             p_acc = torch.clamp(torch.exp(-torch.nan_to_num(dh, nan=1e3)), max=1.0).mean().item()
             log_eps += (p_acc - target_acceptance) / (1 + k) ** 0.6
-        eps = math.exp(log_eps)
-        self.n_steps = max(1, math.ceil(traj_len / eps - 1e-9))
-        self.step_size = traj_len / self.n_steps
+        return self.set_step_size(math.exp(log_eps))
+
+    @property
+    def trajectory_length(self) -> float:
+        """``n_steps * step_size``."""
+        return self.step_size * self.n_steps
+
+    @staticmethod
+    def _fit_step(step_size: float, traj_len: float) -> tuple[float, int]:
+        n = max(1, math.ceil(traj_len / step_size - 1e-9))
+        return traj_len / n, n
+
+    def set_step_size(self, step_size: float) -> float:
+        """Use the step closest to ``step_size`` (from above) that divides the trajectory
+        length into a whole number of steps; the trajectory length is unchanged. Returns it."""
+        self.step_size, self.n_steps = self._fit_step(step_size, self.trajectory_length)
         return self.step_size
 
     @torch.no_grad()
