@@ -508,3 +508,36 @@ def test_hmc_reproduces_exact_torus_values() -> None:
         res = gamma_method(chains(name), known_mean=0.0)
         z[name] = res.mean / res.err
     assert all(abs(v) < 3 for v in z.values()), z
+
+
+# --- exactness at several couplings and volumes -------------------------------------------
+
+
+def _hmc_z_scores(shape: tuple[int, int], beta: float, seed: int, n_traj: int) -> dict[str, float]:
+    theory = U1GaugeAction(U1Params(beta), Lattice(shape))
+    g = gen(seed)
+    n_chains = 64
+    x0, _ = UniformU1Prior(theory.lattice, dtype=F64).sample(n_chains, g)
+    hmc = HMC(
+        theory.action, x0, step_size=0.25, n_steps=4, generator=g, integrator="omelyan",
+        force=theory.force, project=wrap_angle, step_jitter=0.2,
+    )
+    hmc.tune(100, target_acceptance=0.9)  # step tuned during the first part of the thermalisation
+    hmc.run(200)  # a hot start carries |Q| of several units, slow to relax at large beta
+    block = hmc.run(n_traj)
+    obs = theory.observables(block.x)
+    z = {}
+    for name, exact in (("plaquette", exact_plaquette(beta, shape)), ("topological_charge_sq", exact_q2(beta, shape))):
+        v = obs[name].numpy().reshape(n_traj, n_chains)
+        res = gamma_method([v[:, c] for c in range(n_chains)])
+        z[name] = (res.mean - exact) / res.err
+        z[f"tau_{name}"] = res.tau_int
+    return z
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (8, 8)])
+@pytest.mark.parametrize("beta", [1.0, 3.0, 6.0])
+def test_hmc_reproduces_exact_plaquette_and_q2(shape: tuple[int, int], beta: float) -> None:
+    """Batched Omelyan HMC at three couplings and two volumes: |z| < 3 for the plaquette and <Q^2>."""
+    z = _hmc_z_scores(shape, beta, seed=int(100 * beta) + shape[0], n_traj=300)
+    assert abs(z["plaquette"]) < 3 and abs(z["topological_charge_sq"]) < 3, z

@@ -89,21 +89,24 @@ class HMC:
         return int(self.x.shape[0])
 
     def _integrate(self, x: torch.Tensor, p: torch.Tensor, eps: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # in-place updates of private copies: the hot loop allocates only the forces
+        x = x.clone()
+        p = p.clone()
         if self.integrator == "leapfrog":
-            p = p - 0.5 * eps * self.force(x)
+            p.add_(self.force(x), alpha=-0.5 * eps)
             for i in range(n):
-                x = x + eps * p
+                x.add_(p, alpha=eps)
                 if i < n - 1:
-                    p = p - eps * self.force(x)
-            p = p - 0.5 * eps * self.force(x)
+                    p.add_(self.force(x), alpha=-eps)
+            p.add_(self.force(x), alpha=-0.5 * eps)
             return x, p
         lam = OMELYAN_LAMBDA
-        p = p - lam * eps * self.force(x)
+        p.add_(self.force(x), alpha=-lam * eps)
         for i in range(n):
-            x = x + 0.5 * eps * p
-            p = p - (1 - 2 * lam) * eps * self.force(x)
-            x = x + 0.5 * eps * p
-            p = p - (2 * lam if i < n - 1 else lam) * eps * self.force(x)
+            x.add_(p, alpha=0.5 * eps)
+            p.add_(self.force(x), alpha=-(1 - 2 * lam) * eps)
+            x.add_(p, alpha=0.5 * eps)
+            p.add_(self.force(x), alpha=-(2 * lam if i < n - 1 else lam) * eps)
         return x, p
 
     @torch.no_grad()
@@ -115,10 +118,11 @@ class HMC:
             u = torch.rand((), generator=self.generator, dtype=torch.float64, device=self.x.device).item()
             eps = eps * (1 + self.step_jitter * (2 * u - 1))
         p0 = torch.randn(self.x.shape, generator=self.generator, dtype=self.x.dtype, device=self.x.device)
-        h0 = 0.5 * p0.flatten(1).pow(2).sum(1) + self.s
+        # the Hamiltonian is accumulated in float64 whatever the field's precision
+        h0 = 0.5 * p0.flatten(1).pow(2).sum(1, dtype=torch.float64) + self.s.double()
         x1, p1 = self._integrate(self.x, p0, eps, n)
         s1 = self.action(x1)
-        h1 = 0.5 * p1.flatten(1).pow(2).sum(1) + s1
+        h1 = 0.5 * p1.flatten(1).pow(2).sum(1, dtype=torch.float64) + s1.double()
         dh = h1 - h0
         u = torch.rand(self.n_chains, generator=self.generator, dtype=self.x.dtype, device=self.x.device)
         acc = torch.log(u) < -dh

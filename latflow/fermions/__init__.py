@@ -1,0 +1,32 @@
+"""Fermion linear algebra: Dirac operators, even/odd preconditioning, Krylov solvers, exact logdet.
+
+- :mod:`.gamma`: Euclidean gamma matrices in any dimension;
+- :mod:`.wilson`: the matrix-free, batched Wilson operator for U(1) and SU(N) links;
+- :mod:`.evenodd`: its even-site Schur complement ``M_hat`` (``det M_hat = det D``) and full solves;
+- :mod:`.dense`: dense matrices and exact ``log det`` for small lattices;
+- :mod:`.solvers`: batched CG, CGNR and BiCGStab.
+"""
+
+from .dense import dense_matrix, logdet, logdet_normal
+from .evenodd import EvenOddWilson
+from .gamma import gamma5, gamma_matrices, spin_dim
+from .solvers import ConvergenceError, SolverResult, bicgstab, cg, cgnr
+from .wilson import DiracOperator, WilsonDirac, u1_links
+
+__all__ = [
+    "spin_dim",
+    "gamma_matrices",
+    "gamma5",
+    "u1_links",
+    "DiracOperator",
+    "WilsonDirac",
+    "EvenOddWilson",
+    "dense_matrix",
+    "logdet",
+    "logdet_normal",
+    "SolverResult",
+    "ConvergenceError",
+    "cg",
+    "cgnr",
+    "bicgstab",
+]
