@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from .base import Derived, Theory, TheorySpec
-from . import phi4, u1
+from . import phi4, schwinger, u1
 
-REGISTRY: dict[str, TheorySpec] = {spec.name: spec for spec in (phi4.SPEC, u1.SPEC)}
+REGISTRY: dict[str, TheorySpec] = {spec.name: spec for spec in (phi4.SPEC, u1.SPEC, schwinger.SPEC)}
 
 
 def get_spec(name: str) -> TheorySpec:

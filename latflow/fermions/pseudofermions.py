@@ -1,0 +1,534 @@
+"""Pseudofermions for Nf = 2 Wilson fermions on U(1) gauge fields, with even/odd and Hasenbusch.
+
+The Nf = 2 weight ``det(D^dagger D)`` is written as a Gaussian integral over a complex field
+``phi`` (the pseudofermion):
+
+    det(A^dagger A) = pi^{-n} int dphi exp(-phi^dagger (A^dagger A)^{-1} phi),
+
+with ``A`` either the Wilson operator ``D`` on the full lattice (``n = V Ns`` complex components)
+or its even-site Schur complement ``M_hat = 1 - kappa^2 H_eo H_oe`` (``det D = det M_hat``,
+``n = V Ns / 2``). Hasenbusch mass preconditioning splits the determinant with heavier
+operators ``A_1, ..., A_k`` (hopping parameters ``kappa_1 < ... < kappa_k < kappa``):
+
+    det(A^dag A) = det(A_1^dag A_1) prod_i det(A_{i+1}^dag A_{i+1} / A_i^dag A_i)   (A_{k+1} = A),
+
+one pseudofermion per factor. The factors (``A'`` the heavier operator of a ratio):
+
+- plain ``A``: action ``phi^dag (A^dag A)^{-1} phi``, heatbath ``phi = A^dag chi``;
+- ratio ``A / A'``: action ``phi^dag A' (A^dag A)^{-1} A'^dag phi``, heatbath
+  ``phi = (A'^dag)^{-1} A^dag chi``,
+
+where ``chi`` is complex Gaussian with density proportional to ``exp(-|chi|^2)``, so that the
+action at the heatbath point is exactly ``|chi|^2`` (expectation ``n``).
+
+Forces with respect to the link angles ``theta`` (``U_mu(x) = exp(i theta_mu(x))``). With
+``X = (A^dag A)^{-1} v`` and ``Y = A X``, ``d(v^dag (A^dag A)^{-1} v) = -2 Re(Y^dag dA X)`` for
+fixed ``v``; for the ratio factor ``v = A'^dag phi`` also moves, adding ``2 Re(phi^dag dA' X)``.
+``dA`` follows from the hopping term ``H`` (``D = 1 - kappa H``):
+
+- ``d Re(a^dag D b) = -kappa d Re(a^dag H b)``,
+- ``d Re(a^dag M_hat b) = -kappa^2 [ d Re(a^dag H c) + d Re(w^dag H b) ]`` with ``c = H b`` and
+  ``w = H^dag a = gamma_5 H gamma_5 a`` (``a``, ``b`` even: ``c``, ``w`` live on odd sites),
+
+and :func:`hop_derivative` gives ``d Re(a^dag H b) / d theta`` in closed form, so no solver is
+ever differentiated. Only U(1) links (``n_colors = 1``) are supported here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+
+from latflow.lattice import shift
+
+from .evenodd import EvenOddWilson
+from .gamma import gamma_matrices
+from .solvers import cg
+from .wilson import WilsonDirac, u1_links
+
+__all__ = [
+    "HasenbuschRatioFactor",
+    "Nf2Pseudofermions",
+    "PseudofermionFactor",
+    "SolveStats",
+    "complex_gaussian",
+    "heatbath",
+    "hop_derivative",
+]
+
+def complex_gaussian(
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    *,
+    dtype: torch.dtype = torch.complex128,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Complex Gaussian noise with density proportional to ``exp(-|chi|^2)``.
+
+    Real and imaginary parts are independent ``N(0, 1/2)`` (real part drawn first), so
+    ``E |chi_i|^2 = 1`` per component.
+
+    Parameters
+    ----------
+    shape
+        Output shape.
+    generator
+        Random stream (held by the caller).
+    dtype, device
+        Complex dtype and device of the result.
+    """
+    real = torch.empty(0, dtype=dtype).real.dtype
+    parts = torch.randn((2, *shape), generator=generator, dtype=real, device=device) * math.sqrt(0.5)
+    return torch.complex(parts[0], parts[1])
+
+
+def _vdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^dagger b`` per configuration, ``[B]`` complex."""
+    return (a.conj() * b).flatten(1).sum(dim=1)
+
+
+def _norm2(a: torch.Tensor) -> torch.Tensor:
+    """``|a|^2`` per configuration, ``[B]`` real."""
+    return torch.view_as_real(a).pow(2).flatten(1).sum(dim=1)
+
+
+def hop_derivative(dirac: WilsonDirac, U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``d Re(a^dagger H b) / d theta_mu(x)`` for the Wilson hopping term on U(1) links.
+
+    With ``(H b)(x) = sum_mu [ (1 - gamma_mu) s_mu(x) U_mu(x) b(x+mu)
+    + (1 + gamma_mu) s_mu(x-mu) U_mu(x-mu)^* b(x-mu) ]`` (``s_0(x) = -1`` on the last time
+    slice for antiperiodic time, 1 otherwise), the link ``U_mu(x) = exp(i theta_mu(x))`` enters
+    through ``F_mu(x) = s_mu(x) a(x)^dag (1 - gamma_mu) b(x+mu)`` and
+    ``G_mu(x) = s_mu(x) a(x+mu)^dag (1 + gamma_mu) b(x)``:
+
+    ``d Re(a^dag H b) / d theta_mu(x) = Re(i U F - i U^* G) = -Im(U_mu(x) F_mu(x) - U_mu(x)^* G_mu(x))``.
+
+    Parameters
+    ----------
+    dirac
+        The Wilson operator (U(1): ``n_colors = 1``), for its lattice, spin dimension and boundary.
+    U
+        Complex links ``[B, d, *L]``.
+    a, b
+        Spinors ``[B, *L, Ns]``.
+
+    Returns
+    -------
+    torch.Tensor
+        Real ``[B, d, *L]``.
+    """
+    d = dirac.lattice.dim
+    gam = gamma_matrices(d, dtype=a.dtype, device=a.device)
+    eye = torch.eye(gam.shape[-1], dtype=a.dtype, device=a.device)
+    ac = a.conj()
+    out = []
+    for mu in range(d):
+        # a^dag P b' = sum_ij conj(a_i) P_ij b'_j = sum_j (conj(a) @ P)_j b'_j
+        f = ((ac @ (eye - gam[mu])) * shift(b, mu)).sum(dim=-1)
+        g = ((shift(ac, mu) @ (eye + gam[mu])) * b).sum(dim=-1)
+        u = U[:, mu]
+        z = u * f - u.conj() * g
+        if mu == 0 and getattr(dirac, "antiperiodic_time", True):
+            z = torch.cat([z[:, :-1], -z[:, -1:]], dim=1)
+        out.append(-z.imag)
+    return torch.stack(out, dim=1)
+
+
+class _Operator(Protocol):
+    """What a pseudofermion factor needs from ``A`` (``D`` or ``M_hat``)."""
+
+    dirac: WilsonDirac
+    mask: torch.Tensor | None
+    n_components: int
+
+    def apply(self, U: torch.Tensor, psi: torch.Tensor) -> torch.Tensor: ...
+
+    def apply_dagger(self, U: torch.Tensor, psi: torch.Tensor) -> torch.Tensor: ...
+
+    def apply_normal(self, U: torch.Tensor, psi: torch.Tensor) -> torch.Tensor: ...
+
+    def derivative(self, U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor: ...
+
+
+class _FullOperator:
+    """``A = D`` on the full lattice."""
+
+    def __init__(self, dirac: WilsonDirac) -> None:
+        self.dirac = dirac
+        self.kappa = float(dirac.kappa)
+        self.mask = None
+        self.n_components = dirac.lattice.volume * dirac.n_spin
+
+    def apply(self, U: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+        return self.dirac.apply(U, psi)
+
+    def apply_dagger(self, U: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+        return self.dirac.apply_dagger(U, psi)
+
+    def apply_normal(self, U: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+        return self.dirac.apply_normal(U, psi)
+
+    def derivative(self, U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``d Re(a^dag D b) / d theta`` ``[B, d, *L]``."""
+        return -self.kappa * hop_derivative(self.dirac, U, a, b)
+
+
+class _EvenOddOperator:
+    """``A = M_hat = 1 - kappa^2 H_eo H_oe`` on even sites (full-lattice tensors, odd sites zero)."""
+
+    def __init__(self, dirac: WilsonDirac) -> None:
+        self.dirac = dirac
+        self.eo = EvenOddWilson(dirac, check_parity=False)
+        self.kappa = float(dirac.kappa)
+        if any(n % 2 for n in dirac.lattice.shape):
+            raise ValueError(f"even/odd preconditioning needs even extents, got {list(dirac.lattice.shape)}")
+        self.mask = dirac.lattice.checkerboard(0)
+        self.n_components = dirac.lattice.volume // 2 * dirac.n_spin
+
+    def apply(self, U: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+        return self.eo.apply(U, psi)
+
+    def apply_dagger(self, U: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+        return self.eo.apply_dagger(U, psi)
+
+    def apply_normal(self, U: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+        return self.eo.apply_normal(U, psi)
+
+    def derivative(self, U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``d Re(a^dag M_hat b) / d theta`` ``[B, d, *L]`` for even ``a``, ``b``."""
+        dirac = self.dirac
+        c = dirac.hop(U, b)
+        w = dirac.gamma5(dirac.hop(U, dirac.gamma5(a)))
+        return -(self.kappa**2) * (hop_derivative(dirac, U, a, c) + hop_derivative(dirac, U, w, b))
+
+
+def _make_operator(dirac: WilsonDirac, even_odd: bool) -> _FullOperator | _EvenOddOperator:
+    if int(getattr(dirac, "n_colors", 1)) != 1:
+        raise ValueError("pseudofermion forces are implemented for U(1) links (n_colors = 1)")
+    return _EvenOddOperator(dirac) if even_odd else _FullOperator(dirac)
+
+
+class SolveStats:
+    """Iteration counts of the CG solves of one factor.
+
+    Attributes
+    ----------
+    last
+        ``[B]`` int64 iterations of the most recent solve (``None`` before any).
+    total
+        ``[B]`` int64 iterations summed since the last :meth:`reset` (``None`` before any).
+    n_solves
+        Number of solves since the last :meth:`reset`.
+    """
+
+    def __init__(self) -> None:
+        self.last: torch.Tensor | None = None  # [B] iterations of the most recent solve
+        self.total: torch.Tensor | None = None  # [B] summed since the last reset
+        self.n_solves = 0
+
+    def add(self, iterations: torch.Tensor) -> None:
+        it = iterations.detach().to(torch.long)
+        self.last = it
+        self.total = it.clone() if self.total is None or self.total.shape != it.shape else self.total + it
+        self.n_solves += 1
+
+    def reset(self) -> None:
+        self.last, self.total, self.n_solves = None, None, 0
+
+
+class _FactorBase:
+    """Shared solver plumbing of the factors."""
+
+    op: _Operator
+    tol: float
+    max_iter: int
+    n_components: int
+
+    def _init_solver(self, tol: float, max_iter: int) -> None:
+        if not (math.isfinite(tol) and tol > 0):
+            raise ValueError(f"CG tolerance must be a positive finite number, got {tol}")
+        if int(max_iter) < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        self.tol = float(tol)
+        self.max_iter = int(max_iter)
+        self.stats = SolveStats()
+
+    def _solve_normal(self, op: _Operator, U: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        """``(A^dag A)^{-1} rhs`` by CG; records the iterations."""
+        res = cg(lambda v: op.apply_normal(U, v), rhs, tol=self.tol, max_iter=self.max_iter)
+        self.stats.add(res.iterations)
+        return res.x
+
+    def _noise(self, U: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``chi`` ``[B, *L, Ns]`` (zero on odd sites for even/odd operators)."""
+        dirac = self.op.dirac
+        shape = (U.shape[0], *dirac.field_shape)
+        chi = complex_gaussian(shape, generator, dtype=U.dtype, device=U.device)
+        if self.op.mask is not None:
+            chi = chi * self.op.mask.to(device=U.device).unsqueeze(-1).to(chi.real.dtype)
+        return chi
+
+
+class PseudofermionFactor(_FactorBase):
+    """One pseudofermion for ``det(A^dag A)``, ``A = D`` or ``A = M_hat`` (even/odd).
+
+    Parameters
+    ----------
+    dirac
+        Wilson operator (U(1) links).
+    even_odd
+        Use the even-site Schur complement ``M_hat`` (same determinant, better conditioned).
+    tol, max_iter
+        CG tolerance (relative residual) and iteration limit for every solve.
+
+    Attributes
+    ----------
+    dirac, even_odd, tol, max_iter
+        As given.
+    n_components
+        Complex components of ``phi`` (``V Ns``, or ``V Ns / 2`` even/odd).
+    stats
+        :class:`SolveStats` of this factor's CG solves.
+    """
+
+    def __init__(
+        self, dirac: WilsonDirac, *, even_odd: bool = False, tol: float = 1e-10, max_iter: int = 10_000
+    ) -> None:
+        self.dirac = dirac
+        self.even_odd = bool(even_odd)
+        self.op = _make_operator(dirac, self.even_odd)
+        self.n_components = self.op.n_components
+        self._init_solver(tol, max_iter)
+
+    def heatbath(self, U: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(phi, chi)`` with ``phi = A^dag chi`` ``[B, *L, Ns]``; ``S(phi) = |chi|^2`` exactly."""
+        chi = self._noise(U, generator)
+        return self.op.apply_dagger(U, chi), chi
+
+    def action(self, U: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """``S = phi^dag (A^dag A)^{-1} phi`` ``[B]`` (real) for links ``U`` ``[B, d, *L]``."""
+        x = self._solve_normal(self.op, U, phi)
+        return _vdot(phi, x).real
+
+    def force(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """``dS / dtheta = -2 Re(Y^dag dA X)`` ``[B, d, *L]`` with ``X = (A^dag A)^{-1} phi``, ``Y = A X``."""
+        U = u1_links(theta)
+        x = self._solve_normal(self.op, U, phi)
+        y = self.op.apply(U, x)
+        return -2.0 * self.op.derivative(U, y, x)
+
+
+class HasenbuschRatioFactor(_FactorBase):
+    """One pseudofermion for ``det(A^dag A) / det(A'^dag A')`` with a heavier ``A'``.
+
+    Action ``S = phi^dag A' (A^dag A)^{-1} A'^dag phi``, heatbath ``phi = (A'^dag)^{-1} A^dag chi``
+    (computed as ``phi = A' (A'^dag A')^{-1} A^dag chi``, one CG solve).
+
+    Parameters
+    ----------
+    dirac
+        Wilson operator ``D`` (hopping parameter ``kappa``).
+    dirac_heavy
+        ``D'`` with ``kappa' < kappa`` (e.g. ``dirac.with_kappa(kappa')``).
+    even_odd, tol, max_iter
+        As in :class:`PseudofermionFactor`.
+
+    Attributes
+    ----------
+    dirac, dirac_heavy, even_odd, tol, max_iter, n_components, stats
+        As for :class:`PseudofermionFactor`.
+    """
+
+    def __init__(
+        self,
+        dirac: WilsonDirac,
+        dirac_heavy: WilsonDirac,
+        *,
+        even_odd: bool = False,
+        tol: float = 1e-10,
+        max_iter: int = 10_000,
+    ) -> None:
+        self.dirac = dirac
+        self.dirac_heavy = dirac_heavy
+        self.even_odd = bool(even_odd)
+        self.op = _make_operator(dirac, self.even_odd)
+        self.op_heavy = _make_operator(dirac_heavy, self.even_odd)
+        self.n_components = self.op.n_components
+        self._init_solver(tol, max_iter)
+
+    def heatbath(self, U: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(phi, chi)`` with ``A'^dag phi = A^dag chi``; ``S(phi) = |chi|^2`` up to the CG tolerance."""
+        chi = self._noise(U, generator)
+        z = self._solve_normal(self.op_heavy, U, self.op.apply_dagger(U, chi))
+        return self.op_heavy.apply(U, z), chi
+
+    def action(self, U: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """``S = v^dag (A^dag A)^{-1} v`` ``[B]`` with ``v = A'^dag phi``."""
+        v = self.op_heavy.apply_dagger(U, phi)
+        x = self._solve_normal(self.op, U, v)
+        return _vdot(v, x).real
+
+    def force(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """``dS / dtheta = 2 Re(phi^dag dA' X) - 2 Re(Y^dag dA X)`` ``[B, d, *L]``.
+
+        ``X = (A^dag A)^{-1} A'^dag phi``, ``Y = A X``.
+        """
+        U = u1_links(theta)
+        v = self.op_heavy.apply_dagger(U, phi)
+        x = self._solve_normal(self.op, U, v)
+        y = self.op.apply(U, x)
+        return 2.0 * (self.op_heavy.derivative(U, phi, x) - self.op.derivative(U, y, x))
+
+
+def heatbath(
+    op: WilsonDirac | EvenOddWilson, U: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudofermion heatbath for ``det(A^dag A)``: ``(phi, chi)`` with ``phi = A^dag chi``.
+
+    Parameters
+    ----------
+    op
+        ``WilsonDirac`` (``A = D``) or ``EvenOddWilson`` (``A = M_hat``; ``chi`` zero on odd sites).
+    U
+        Complex links ``[B, d, *L]``.
+    generator
+        Random stream for ``chi`` (density proportional to ``exp(-|chi|^2)``).
+
+    Returns
+    -------
+    phi, chi
+        ``[B, *L, Ns]`` each.
+    """
+    chi = complex_gaussian((U.shape[0], *op.field_shape), generator, dtype=U.dtype, device=U.device)
+    if isinstance(op, EvenOddWilson):
+        chi = chi * op.even_mask.to(device=U.device).unsqueeze(-1).to(chi.real.dtype)
+    return op.apply_dagger(U, chi), chi
+
+
+class Nf2Pseudofermions:
+    """All pseudofermion factors of ``det(D^dag D)`` (Nf = 2 Wilson, U(1) links).
+
+    With Hasenbusch hopping parameters ``kappa_1 < ... < kappa_k < kappa`` the factors are
+    ``det(A_1^dag A_1)`` (plain) followed by the ratios ``det(A_{i+1}^dag A_{i+1} / A_i^dag A_i)``
+    (``A_{k+1} = A``); without them a single plain factor. ``A`` is ``D`` or, with ``even_odd``,
+    ``M_hat`` (``det D = det M_hat``).
+
+    Parameters
+    ----------
+    dirac
+        Wilson operator at the target ``kappa`` (must provide ``with_kappa``).
+    even_odd
+        Even/odd preconditioning (needs even lattice extents).
+    hasenbusch_kappas
+        Strictly increasing, each in ``(0, kappa)``.
+    tol, max_iter
+        CG tolerance and iteration limit of every solve (heatbath, action and force).
+
+    Attributes
+    ----------
+    factors
+        ``[PseudofermionFactor, HasenbuschRatioFactor, ...]``, heaviest first.
+    n_components
+        Complex components per pseudofermion (``V Ns``, or ``V Ns / 2`` even/odd).
+    """
+
+    def __init__(
+        self,
+        dirac: WilsonDirac,
+        *,
+        even_odd: bool = False,
+        hasenbusch_kappas: tuple[float, ...] = (),
+        tol: float = 1e-10,
+        max_iter: int = 10_000,
+    ) -> None:
+        kappa = float(dirac.kappa)
+        ks = tuple(float(k) for k in hasenbusch_kappas)
+        if any(not math.isfinite(k) for k in ks):
+            raise ValueError(f"Hasenbusch kappas must be finite, got {list(ks)}")
+        if any(not 0 < k < kappa for k in ks):
+            raise ValueError(f"Hasenbusch kappas must lie in (0, kappa = {kappa}), got {list(ks)}")
+        if any(b <= a for a, b in zip(ks, ks[1:])):
+            raise ValueError(f"Hasenbusch kappas must be strictly increasing, got {list(ks)}")
+        self.dirac = dirac
+        self.kappa = kappa
+        self.even_odd = bool(even_odd)
+        self.hasenbusch_kappas = ks
+        self.tol = float(tol)
+        self.max_iter = int(max_iter)
+        chain = [dirac.with_kappa(k) for k in ks] + [dirac]
+        opts = dict(even_odd=self.even_odd, tol=tol, max_iter=max_iter)
+        self.factors: list[PseudofermionFactor | HasenbuschRatioFactor] = [PseudofermionFactor(chain[0], **opts)]
+        for heavy, light in zip(chain[:-1], chain[1:]):
+            self.factors.append(HasenbuschRatioFactor(light, heavy, **opts))
+        self.n_components = self.factors[0].n_components
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def heatbath(self, U: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """One pseudofermion per factor, drawn in factor order: ``[phi_1, ...]``, each ``[B, *L, Ns]``."""
+        return self.refresh(U, generator)[0]
+
+    def refresh(self, U: torch.Tensor, generator: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Heatbath plus its action: ``(phis, S [B])`` with ``S = sum_f |chi_f|^2``.
+
+        ``|chi|^2`` is the exact value of each factor's action at its heatbath point (for the
+        ratio factors up to the heatbath solve's tolerance), so no extra solve is needed.
+        """
+        phis, s = [], None
+        for f in self.factors:
+            phi, chi = f.heatbath(U, generator)
+            phis.append(phi)
+            s = _norm2(chi) if s is None else s + _norm2(chi)
+        assert s is not None
+        return phis, s
+
+    def _check(self, phis: list[torch.Tensor]) -> None:
+        if len(phis) != len(self.factors):
+            raise ValueError(f"expected {len(self.factors)} pseudofermions, got {len(phis)}")
+
+    def action(self, U: torch.Tensor, phis: list[torch.Tensor]) -> torch.Tensor:
+        """``sum_f S_f(U, phi_f)`` ``[B]`` for complex links ``U`` ``[B, d, *L]``."""
+        self._check(phis)
+        return torch.stack([f.action(U, phi) for f, phi in zip(self.factors, phis)]).sum(dim=0)
+
+    def factor_actions(self, U: torch.Tensor, phis: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-factor actions, each ``[B]``."""
+        self._check(phis)
+        return [f.action(U, phi) for f, phi in zip(self.factors, phis)]
+
+    def force(self, theta: torch.Tensor, phis: list[torch.Tensor]) -> torch.Tensor:
+        """``dS/dtheta`` ``[B, d, *L]`` summed over the factors, for angles ``theta`` ``[B, d, *L]``."""
+        self._check(phis)
+        out = None
+        for f, phi in zip(self.factors, phis):
+            g = f.force(theta, phi)
+            out = g if out is None else out + g
+        assert out is not None
+        return out
+
+    # --- CG statistics --------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        """Zero the iteration counters of every factor."""
+        for f in self.factors:
+            f.stats.reset()
+
+    @property
+    def last_iterations(self) -> list[torch.Tensor | None]:
+        """Per factor, the iterations ``[B]`` of its most recent CG solve (``None`` before any)."""
+        return [f.stats.last for f in self.factors]
+
+    @property
+    def total_iterations(self) -> torch.Tensor | None:
+        """CG iterations ``[B]`` summed over factors and solves since :meth:`reset_stats`."""
+        tot = [f.stats.total for f in self.factors if f.stats.total is not None]
+        if not tot:
+            return None
+        return torch.stack(tot).sum(dim=0)
+
+    @property
+    def n_solves(self) -> list[int]:
+        """Per factor, the number of CG solves since :meth:`reset_stats`."""
+        return [f.stats.n_solves for f in self.factors]

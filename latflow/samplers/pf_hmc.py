@@ -1,0 +1,233 @@
+"""HMC with pseudofermions: Nf = 2 Wilson fermions on U(1) gauge links, batched over chains.
+
+Target ``exp(-S_g(theta)) det(D^dag D)``, sampled jointly with pseudofermions ``phi`` from
+``exp(-S_g(theta) - S_pf(theta, phi))`` (:class:`latflow.fermions.pseudofermions.Nf2Pseudofermions`).
+Each trajectory, for every chain at once:
+
+1. (optional) jitter of the step size, one draw shared by all chains;
+2. momenta ``p ~ N(0, 1)`` per link;
+3. pseudofermion heatbath, one field per factor and chain (``S_pf = sum |chi|^2`` exactly);
+4. molecular dynamics (Omelyan or leapfrog, as :class:`latflow.samplers.hmc.HMC`) with the force
+   ``dS_g/dtheta + dS_pf/dtheta`` at fixed ``phi``;
+5. Metropolis on ``H = p^2/2 + S_g + S_pf`` (``S_pf`` at the end point by CG);
+6. accepted angles are wrapped into ``(-pi, pi]``.
+
+Draws go in that order through one caller-held generator, so a state saved between
+trajectories continues bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from latflow.fermions.pseudofermions import Nf2Pseudofermions
+from latflow.fermions.wilson import WilsonDirac, u1_links
+from latflow.gauge import wrap_angle
+
+from .hmc import HMC, action_force
+from .records import SampleBlock
+
+__all__ = ["PseudofermionHMC"]
+
+
+class PseudofermionHMC(HMC):
+    """Nf = 2 HMC for U(1) gauge links with Wilson pseudofermions; ``B`` chains in lock step.
+
+    Parameters
+    ----------
+    gauge_action
+        ``theta [B, d, *L] -> S_g [B]``.
+    dirac
+        Wilson operator at the target ``kappa`` (U(1), ``n_colors = 1``).
+    theta0
+        Initial link angles ``[B, d, *L]`` (one configuration per chain).
+    step_size, n_steps, generator, integrator, step_jitter, chain_offset
+        As in :class:`latflow.samplers.hmc.HMC` (default integrator: Omelyan).
+    gauge_force
+        Analytic ``dS_g/dtheta``; autograd of ``gauge_action`` when ``None``.
+    even_odd
+        Pseudofermions for the even/odd Schur complement ``M_hat`` (``det D = det M_hat``).
+    hasenbusch_kappas
+        Hasenbusch hopping parameters, strictly increasing in ``(0, kappa)``; one extra
+        pseudofermion per entry. All factors are integrated on one time scale.
+    tol, max_iter
+        CG tolerance (relative residual) and limit of every solve. A solve that does not converge
+        raises :class:`latflow.fermions.solvers.ConvergenceError`.
+
+    Attributes
+    ----------
+    pseudofermions
+        The :class:`Nf2Pseudofermions` container.
+    last_cg_iterations
+        ``[B]`` CG iterations of the last trajectory, summed over all solves of all factors
+        (heatbath, forces, final action).
+    last_run_cg_iterations, last_run_delta_h
+        ``[n_trajectories, B]`` of the last :meth:`run`.
+
+    Notes
+    -----
+    Records (:meth:`run`): ``log_p = -(S_g + S_pf)`` of each chain's state after the trajectory,
+    with that trajectory's pseudofermions (accepted: ``S_pf`` at the new links by CG; rejected:
+    ``sum |chi|^2``, its exact value at the old links). It depends on the pseudofermions drawn and
+    is not the marginal log density ``-S_g + log det(D^dag D)`` (small lattices: use the theory's
+    exact effective action where that is needed). ``log_q = log_w = 0``.
+
+    Every solve starts from a zero guess, so the force is a deterministic function of the links
+    and the integrator is exactly reversible and area preserving whatever the CG tolerance; the
+    tolerance only enters the accept/reject through ``S_pf`` at the end point.
+    """
+
+    kind = "pf-hmc"
+
+    def __init__(
+        self,
+        gauge_action: Callable[[torch.Tensor], torch.Tensor],
+        dirac: WilsonDirac,
+        theta0: torch.Tensor,
+        *,
+        step_size: float,
+        n_steps: int,
+        generator: torch.Generator,
+        gauge_force: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        even_odd: bool = False,
+        hasenbusch_kappas: tuple[float, ...] = (),
+        tol: float = 1e-10,
+        max_iter: int = 10_000,
+        integrator: str = "omelyan",
+        step_jitter: float = 0.0,
+        chain_offset: int = 0,
+    ) -> None:
+        if theta0.is_complex() or theta0.dim() != 2 + dirac.lattice.dim or tuple(theta0.shape[1:]) != (
+            dirac.lattice.dim,
+            *dirac.lattice.shape,
+        ):
+            raise ValueError(
+                f"theta0 must be real link angles [B, {dirac.lattice.dim}, {', '.join(map(str, dirac.lattice.shape))}],"
+                f" got {list(theta0.shape)} ({theta0.dtype})"
+            )
+        self.pseudofermions = Nf2Pseudofermions(
+            dirac, even_odd=even_odd, hasenbusch_kappas=tuple(hasenbusch_kappas), tol=tol, max_iter=max_iter
+        )
+        self.gauge_action = gauge_action
+        self.gauge_force = gauge_force if gauge_force is not None else (lambda x: action_force(gauge_action, x))
+        self.dirac = dirac
+        self._phis: list[torch.Tensor] | None = None
+        super().__init__(
+            gauge_action,
+            theta0,
+            step_size=step_size,
+            n_steps=n_steps,
+            generator=generator,
+            integrator=integrator,
+            force=self.total_force,
+            project=wrap_angle,
+            chain_offset=chain_offset,
+            step_jitter=step_jitter,
+        )
+        self.last_cg_iterations = torch.zeros(self.n_chains, dtype=torch.long, device=self.x.device)
+        self.last_run_cg_iterations: torch.Tensor | None = None
+        self.last_run_delta_h: torch.Tensor | None = None
+
+    @classmethod
+    def for_theory(cls, theory: Any, theta0: torch.Tensor, **kwargs: Any) -> "PseudofermionHMC":
+        """Build from a theory with ``gauge_action``, ``gauge_force`` and ``dirac`` (e.g. Schwinger)."""
+        return cls(theory.gauge_action, theory.dirac, theta0, gauge_force=theory.gauge_force, **kwargs)
+
+    def config(self) -> dict[str, Any]:
+        """The parameters that fix the target and the algorithm's numerics (stored in the state)."""
+        pf = self.pseudofermions
+        return {
+            "kappa": pf.kappa,
+            "even_odd": pf.even_odd,
+            "hasenbusch_kappas": list(pf.hasenbusch_kappas),
+            "tol": pf.tol,
+            "integrator": self.integrator,
+            "step_jitter": self.step_jitter,
+        }
+
+    def total_force(self, theta: torch.Tensor) -> torch.Tensor:
+        """``dS_g/dtheta + dS_pf/dtheta`` ``[B, d, *L]`` at the current trajectory's pseudofermions."""
+        if self._phis is None:
+            raise RuntimeError("the pseudofermion force needs pseudofermions: call it within a trajectory")
+        return self.gauge_force(theta) + self.pseudofermions.force(theta, self._phis)
+
+    @torch.no_grad()
+    def trajectory(
+        self, step_size: float | None = None, n_steps: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One trajectory for all chains; returns ``(accepted [B], delta_H [B])``."""
+        eps = self.step_size if step_size is None else step_size
+        n = self.n_steps if n_steps is None else n_steps
+        gen, x0 = self.generator, self.x
+        if self.step_jitter > 0:
+            u = torch.rand((), generator=gen, dtype=torch.float64, device=x0.device).item()
+            eps = eps * (1 + self.step_jitter * (2 * u - 1))
+        p0 = torch.randn(x0.shape, generator=gen, dtype=x0.dtype, device=x0.device)
+        pf = self.pseudofermions
+        pf.reset_stats()
+        phis, s_pf0 = pf.refresh(u1_links(x0), gen)
+        s_g0 = self.gauge_action(x0)
+        h0 = 0.5 * p0.flatten(1).pow(2).sum(1) + s_g0 + s_pf0
+        self._phis = phis
+        try:
+            x1, p1 = self._integrate(x0, p0, eps, n)
+            s1 = self.gauge_action(x1) + pf.action(u1_links(x1), phis)
+        finally:
+            self._phis = None
+        h1 = 0.5 * p1.flatten(1).pow(2).sum(1) + s1
+        dh = h1 - h0
+        u = torch.rand(self.n_chains, generator=gen, dtype=x0.dtype, device=x0.device)
+        acc = (torch.log(u) < -dh) & torch.isfinite(dh)
+        sel = acc.view(-1, *([1] * (x0.dim() - 1)))
+        self.x = wrap_angle(torch.where(sel, x1, x0))
+        self.s = torch.where(acc, s1, s_g0 + s_pf0)
+        total = pf.total_iterations
+        self.last_cg_iterations = total if total is not None else torch.zeros_like(self.last_cg_iterations)
+        return acc, dh
+
+    @torch.no_grad()
+    def run(self, n_trajectories: int) -> SampleBlock:
+        """``n_trajectories`` trajectories; rows trajectory-major (``n_trajectories * B``).
+
+        Also sets ``last_run_cg_iterations`` and ``last_run_delta_h`` (``[n_trajectories, B]``).
+        """
+        xs, accs, lps, steps, its, dhs = [], [], [], [], [], []
+        for _ in range(n_trajectories):
+            acc, dh = self.trajectory()
+            xs.append(self.x.clone())
+            accs.append(acc)
+            lps.append(-self.s)
+            steps.append(torch.full((self.n_chains,), self.step, dtype=torch.long, device=self.x.device))
+            its.append(self.last_cg_iterations)
+            dhs.append(dh)
+            self.step += 1
+        self.last_run_cg_iterations = torch.stack(its) if its else None
+        self.last_run_delta_h = torch.stack(dhs) if dhs else None
+        log_p = torch.cat(lps) if lps else torch.zeros(0, dtype=self.x.dtype, device=self.x.device)
+        chain = (torch.arange(self.n_chains, device=self.x.device) + self.chain_offset).repeat(n_trajectories)
+        return SampleBlock(
+            x=torch.cat(xs) if xs else self.x[:0].clone(),
+            chain=chain,
+            step=torch.cat(steps) if steps else torch.zeros(0, dtype=torch.long, device=self.x.device),
+            accepted=torch.cat(accs) if accs else torch.zeros(0, dtype=torch.bool, device=self.x.device),
+            log_p=log_p,
+            log_q=torch.zeros_like(log_p),
+            log_w=torch.zeros_like(log_p),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """HMC state (step, chain offset, generator, links, step size and count) plus :meth:`config`."""
+        state = super().state_dict()
+        state["config"] = self.config()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`; ``ValueError`` for another sampler kind or configuration."""
+        if state.get("kind") != self.kind:
+            raise ValueError(f"sampler state is for {state.get('kind')!r}, not {self.kind!r}")
+        theirs, mine = state.get("config"), self.config()
+        if theirs != mine:
+            raise ValueError(f"sampler state was made with {theirs}, this sampler has {mine}")
+        super().load_state_dict(state)
