@@ -12,6 +12,7 @@ from pathlib import Path
 
 from latflow import __version__
 from latflow.ensemble import EnsembleError, require_hdf5_file, verify
+from latflow.fermions.solvers import ConvergenceError
 from latflow.training import TrainingDivergedError
 
 from .config import JobConfig, JobError, load_job
@@ -189,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingDivergedError as exc:
         print(f"latflow: error: {_one_line(exc)}", file=sys.stderr)
+        return 3
+    except ConvergenceError as exc:
+        print(
+            f"latflow: error: {_one_line(exc)}; committed rows are kept: raise sampler.cg_max_iter "
+            "or sampler.cg_tol and continue with --resume",
+            file=sys.stderr,
+        )
         return 3
     except KeyboardInterrupt:
         print("latflow: interrupted; rerun with --resume to continue", file=sys.stderr)

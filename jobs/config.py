@@ -76,10 +76,14 @@ class SamplerConfig:
     """Sampler settings. ``n_samples`` and ``thermalization`` count Markov steps per chain.
 
     Flow-MCMC uses ``batch_size`` (proposals per flow call); HMC uses the
-    remaining keys (``n_chains`` chains per process, batched).
+    remaining keys (``n_chains`` chains per process, batched). ``pf-hmc`` (theories
+    with fermions) is HMC with Nf = 2 pseudofermions and adds ``even_odd``,
+    ``hasenbusch_kappas`` (increasing, below the theory's kappa; one extra pseudofermion
+    each), ``cg_tol`` and ``cg_max_iter``. On a theory with fermions, ``hmc`` and
+    ``flow-mcmc`` use the exact effective action (dense determinants: small lattices).
     """
 
-    kind: Literal["flow-mcmc", "hmc"] = "flow-mcmc"
+    kind: Literal["flow-mcmc", "hmc", "pf-hmc"] = "flow-mcmc"
     n_samples: int = 10000
     thermalization: int = 0
     commit_every: int = 1000
@@ -93,6 +97,10 @@ class SamplerConfig:
     tune: bool = True
     n_tune: int = 200
     target_acceptance: float = 0.8
+    even_odd: bool = False
+    hasenbusch_kappas: tuple[float, ...] = ()
+    cg_tol: float = 1e-10
+    cg_max_iter: int = 10000
 
 
 @dataclass(frozen=True)
@@ -195,6 +203,12 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "sampler.step_jitter": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "sampler.n_tune": NON_NEGATIVE,
     "sampler.target_acceptance": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "sampler.hasenbusch_kappas": (
+        lambda v: all(0 < k < 0.5 for k in v) and all(a < b for a, b in zip(v, v[1:])),
+        "a strictly increasing list of numbers in (0, 0.5)",
+    ),
+    "sampler.cg_tol": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "sampler.cg_max_iter": POSITIVE,
     "output.path": (lambda v: v.strip() != "", "a non-empty file name"),
     "run.seed": (lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)"),
 }
@@ -291,7 +305,10 @@ def build_dataclass(cls: type, table: Any, section: str, source: str) -> Any:
         if rule is not None and not rule[0](value):
             raise JobError(f"{source}: '{key}' = {table[name]!r}: must be {rule[1]}")
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a dataclass's own checks (e.g. a theory's couplings)
+        raise JobError(f"{source}: [{section}]: {exc}") from None
 
 
 def _theory(table: Any, source: str) -> TheoryConfig:
@@ -410,9 +427,22 @@ def _check_consistency(job: JobConfig) -> None:
     src = job.source
     spec = REGISTRY[job.theory.name]
     try:
-        spec.build(job.theory.couplings, Lattice(job.lattice.shape))
+        theory = spec.build(job.theory.couplings, Lattice(job.lattice.shape))
     except ValueError as exc:
         raise JobError(f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: {exc}") from None
+    fermions = hasattr(theory, "dirac")
+    if job.sampler.kind == "pf-hmc" and not fermions:
+        raise JobError(
+            f"{src}: 'sampler.kind' = 'pf-hmc' needs a theory with fermions (schwinger); "
+            f"theory '{job.theory.name}' has none: use 'hmc' or 'flow-mcmc'"
+        )
+    if job.sampler.kind == "pf-hmc" and job.sampler.hasenbusch_kappas:
+        kappa = float(job.theory.couplings.kappa)
+        if max(job.sampler.hasenbusch_kappas) >= kappa:
+            raise JobError(
+                f"{src}: 'sampler.hasenbusch_kappas' = {list(job.sampler.hasenbusch_kappas)}: "
+                f"must lie below theory.kappa = {kappa} (heavier Hasenbusch fermions)"
+            )
     if not job.uses_flow:
         pass
     elif MODEL_FIELD[job.model.kind] != spec.field_name:
@@ -471,4 +501,14 @@ def sampler_settings(job: JobConfig) -> dict[str, Any]:
         "n_tune": s.n_tune,
         "target_acceptance": s.target_acceptance,
         "dtype": job.run.dtype,
+        **(
+            {
+                "even_odd": s.even_odd,
+                "hasenbusch_kappas": list(s.hasenbusch_kappas),
+                "cg_tol": s.cg_tol,
+                "cg_max_iter": s.cg_max_iter,
+            }
+            if s.kind == "pf-hmc"
+            else {}
+        ),
     }

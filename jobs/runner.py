@@ -24,6 +24,7 @@ from latflow.lattice import Lattice
 from latflow.mpi import SerialComm
 from latflow.rng import make_generator, stream_seed
 from latflow.samplers import HMC, FlowMCMC, state_from_bytes, state_to_bytes
+from latflow.samplers.pf_hmc import PseudofermionHMC
 from latflow.theories import get_spec
 from latflow.training import ReverseKLTrainer, TrainingDivergedError
 
@@ -211,6 +212,21 @@ def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: Se
         assert model is not None
         return FlowMCMC(model, lambda x: -theory.action(x), batch_size=s.batch_size, generator=gen, chain_id=comm.rank)
     x0 = 0.1 * torch.randn((s.n_chains, *theory.field_shape), generator=gen, dtype=torch_dtype(job), device=device)
+    if s.kind == "pf-hmc":
+        return PseudofermionHMC.for_theory(
+            theory,
+            x0,
+            step_size=s.step_size,
+            n_steps=s.n_steps,
+            generator=gen,
+            even_odd=s.even_odd,
+            hasenbusch_kappas=tuple(s.hasenbusch_kappas),
+            tol=s.cg_tol,
+            max_iter=s.cg_max_iter,
+            integrator=s.integrator,
+            step_jitter=s.step_jitter,
+            chain_offset=comm.rank * s.n_chains,
+        )
     return HMC(
         theory.action,
         x0,

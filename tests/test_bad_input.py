@@ -174,6 +174,16 @@ CASES = [
     Case("u1-flow-on-extent-5", ("train", "u1.toml"), ("u1.toml", "'lattice.shape'", "u1-equivariant"),
          _text("u1.toml", U1_JOB.replace('kind = "hmc"', 'kind = "flow-mcmc"').replace("shape = [4, 4]", "shape = [5, 5]")
                + '\n[model]\nkind = "u1-equivariant"\n')),
+    Case("pf-hmc-without-fermions", ("sample", "u1.toml"), ("u1.toml", "'sampler.kind'", "'pf-hmc'", "schwinger", "'hmc'"),
+         _text("u1.toml", U1_JOB.replace('kind = "hmc"', 'kind = "pf-hmc"'))),
+    Case("schwinger-kappa-out-of-range", ("sample", "s.toml"), ("s.toml", "[theory]", "kappa", "0.7", "[0, 0.5)"),
+         _text("s.toml", U1_JOB.replace('name = "u1"\nbeta = 2.0', 'name = "schwinger"\nbeta = 2.0\nkappa = 0.7'))),
+    Case("hasenbusch-kappa-above-kappa", ("sample", "s.toml"), ("s.toml", "'sampler.hasenbusch_kappas'", "theory.kappa"),
+         _text("s.toml", U1_JOB.replace('name = "u1"\nbeta = 2.0', 'name = "schwinger"\nbeta = 2.0\nkappa = 0.2')
+               .replace('kind = "hmc"', 'kind = "pf-hmc"\nhasenbusch_kappas = [0.1, 0.25]'))),
+    Case("hasenbusch-kappas-not-increasing", ("sample", "s.toml"), ("s.toml", "'sampler.hasenbusch_kappas'", "increasing"),
+         _text("s.toml", U1_JOB.replace('name = "u1"\nbeta = 2.0', 'name = "schwinger"\nbeta = 2.0\nkappa = 0.2')
+               .replace('kind = "hmc"', 'kind = "pf-hmc"\nhasenbusch_kappas = [0.15, 0.1]'))),
     Case("unknown-sampler-kind", ("sample", "job.toml"), ("job.toml", "'sampler.kind'", "'gibbs'", "'flow-mcmc'", "'hmc'"),
          _job(sampler__kind="gibbs")),
     Case("unknown-integrator", ("sample", "hmc.toml"), ("hmc.toml", "'sampler.integrator'", "'leapfrog'", "'omelyan'"),

@@ -88,3 +88,28 @@ def test_u1_equivariant_flow_job_reproduces_the_exact_torus_values(tmp_path, mon
     # power: the plaquette of a 10% larger beta is excluded
     r = result["plaquette"]
     assert abs((r["mean"] - exact_plaquette(1.1, (4, 4))) / r["err"]) > 3, r
+
+
+def test_schwinger_pf_hmc_example_runs_and_resumes(tmp_path, monkeypatch, capsys):
+    """The pseudofermion HMC example, shrunk to 4x4: runs from the command line, resumes bit for bit."""
+    import h5py
+    import numpy as np
+
+    example = next(p for p in EXAMPLES if p.name == "schwinger_pf_hmc.toml")
+    monkeypatch.chdir(tmp_path)
+    small = ["--set", "lattice.shape=[4, 4]", "--set", "sampler.n_chains=4", "--set", "sampler.n_tune=10",
+             "--set", "sampler.thermalization=5", "--set", "sampler.commit_every=10"]
+    assert cli.main(["run", str(example), *small, "--set", "sampler.n_samples=20", "--out", "a.h5"]) == 0
+    assert cli.main(["run", str(example), *small, "--set", "sampler.n_samples=10", "--out", "b.h5"]) == 0
+    assert cli.main(["sample", str(example), *small, "--set", "sampler.n_samples=20", "--out", "b.h5", "--resume"]) == 0
+    capsys.readouterr()
+    with h5py.File("a.h5", "r") as a, h5py.File("b.h5", "r") as b:
+        assert a.attrs["theory"] == "schwinger"
+        assert np.array_equal(a["fields/links"][:], b["fields/links"][:])
+        assert np.array_equal(a["observables/chiral_condensate"][:], b["observables/chiral_condensate"][:])
+        sampler = json.loads(a.attrs["sampler"])
+        assert sampler["kind"] == "pf-hmc" and sampler["even_odd"] is True and sampler["hasenbusch_kappas"] == [0.15]
+    assert cli.main(["analyze", "a.h5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["acceptance"]["mean"] > 0.7
+    assert {"plaquette", "chiral_condensate", "topological_charge_sq", "fermion_logdet"} <= set(result)
