@@ -24,6 +24,7 @@ Usage::
     python benchmarks/u1_topology.py                    # the BENCHMARKS.md run (about an hour on 2 cores)
     python benchmarks/u1_topology.py --quick            # a minute; checks the script runs
     python benchmarks/u1_topology.py --betas 6 --train-seconds 1200
+    python benchmarks/u1_topology.py --timing-only         # costs per step only, a few minutes
 """
 
 from __future__ import annotations
@@ -99,33 +100,57 @@ class FlowResult:
         return self.ms_per_proposal * 2 * self.tau_q
 
 
+def choose_integrator(theory: U1GaugeAction, args: argparse.Namespace, seed: int) -> tuple[torch.Tensor, int, float]:
+    """Thermalise a hot start, then take the fewest Omelyan steps per unit trajectory (3, 4 or 5) reaching 85%.
+
+    Returns the thermalised links ``[hmc_chains, 2, L, L]``, the steps per trajectory and the acceptance.
+    """
+    gen = make_generator(seed, 12)
+    x, _ = UniformU1Prior(theory.lattice, dtype=torch.float64).sample(args.hmc_chains, gen)
+    hmc = HMC(theory.action, x, step_size=0.2, n_steps=5, generator=gen, integrator="omelyan",
+              force=theory.force, project=wrap_angle, step_jitter=0.1)
+    hmc.run(args.hmc_therm)
+    for n in (3, 4, 5):
+        hmc.step_size, hmc.n_steps = 1.0 / n, n
+        acc = hmc.run(args.hmc_tune).accepted.float().mean().item()
+        if acc >= 0.85:
+            break
+    return hmc.x, hmc.n_steps, acc
+
+
+def time_hmc(
+    theory: U1GaugeAction, x_therm: torch.Tensor, n_steps: int, dtype: torch.dtype, args: argparse.Namespace
+) -> tuple[float, float]:
+    """Seconds per trajectory per chain with ``--hmc-time-chains`` chains (copies of thermalised ones), and acceptance."""
+    gen = make_generator(args.seed, 10, int(theory.beta * 10))
+    reps = -(-args.hmc_time_chains // x_therm.shape[0])
+    x0 = x_therm.repeat(reps, 1, 1, 1)[: args.hmc_time_chains].to(dtype)
+    hmc = HMC(
+        theory.action, x0, step_size=1.0 / n_steps, n_steps=n_steps, generator=gen, integrator="omelyan",
+        force=theory.force, project=wrap_angle, step_jitter=0.1,
+    )
+    hmc.run(5)
+    t0 = time.perf_counter()
+    block = hmc.run(args.hmc_time_traj)
+    dt = (time.perf_counter() - t0) / (args.hmc_time_traj * args.hmc_time_chains)
+    return dt, block.accepted.float().mean().item()
+
+
 def hmc_run(beta: float, args: argparse.Namespace) -> HMCResult:
     lat = Lattice((args.L, args.L))
     theory = U1GaugeAction(U1Params(beta), lat)
-    results = {}
-    for dtype, chains in ((torch.float32, args.hmc_time_chains), (torch.float64, args.hmc_time_chains)):
-        gen = make_generator(args.seed, 10, int(beta * 10))
-        x0, _ = UniformU1Prior(lat, dtype=dtype).sample(chains, gen)
-        hmc = HMC(
-            theory.action, x0, step_size=0.3, n_steps=3, generator=gen, integrator="omelyan",
-            force=theory.force, project=wrap_angle, step_jitter=0.1,
-        )
-        hmc.tune(args.hmc_tune, target_acceptance=0.9)
-        t0 = time.perf_counter()
-        hmc.run(args.hmc_time_traj)
-        results[dtype] = ((time.perf_counter() - t0) / (args.hmc_time_traj * chains), hmc.step_size, hmc.n_steps)
-    ms64, eps, n_steps = results[torch.float64]
-    ms32 = results[torch.float32][0]
+    x_therm, n_steps, _ = choose_integrator(theory, args, args.seed + int(10 * beta))
+    eps = 1.0 / n_steps
+    ms64, ms32 = (time_hmc(theory, x_therm, n_steps, dtype, args)[0] for dtype in (torch.float64, torch.float32))
 
     # long float64 chains for tau_int(Q), with the step size tuned above
     gen = make_generator(args.seed, 11, int(beta * 10))
-    x0, _ = UniformU1Prior(lat, dtype=torch.float64).sample(args.hmc_chains, gen)
     hmc = HMC(
-        theory.action, x0, step_size=eps, n_steps=n_steps, generator=gen, integrator="omelyan",
+        theory.action, x_therm, step_size=eps, n_steps=n_steps, generator=gen, integrator="omelyan",
         force=theory.force, project=wrap_angle, step_jitter=0.1,
     )
     n_traj = args.hmc_traj if args.hmc_traj else int(min(max(20 * TAU_GUESS[beta], 2000), args.hmc_traj_max))
-    hmc.run(max(args.hmc_therm, n_traj // 20))
+    hmc.run(n_traj // 20)  # further thermalisation in the tuned setting
     q, plaq, acc = [], [], []
     remaining = n_traj
     while remaining > 0:  # in blocks, to keep memory flat
@@ -214,7 +239,7 @@ def flow_run(state: dict, beta: float, train_s: float, steps: int, loss: float, 
     )
 
 
-def report(hmc: HMCResult, flow: FlowResult, args: argparse.Namespace) -> None:
+def report(hmc: HMCResult, flow: FlowResult | None, args: argparse.Namespace) -> None:
     shape = (args.L, args.L)
     ep, eq = exact_plaquette(hmc.beta, shape), exact_q2(hmc.beta, shape)
     print(f"\n## beta = {hmc.beta:g}, L = {args.L} (exact plaquette {ep:.6f}, <Q^2> {eq:.4f})")
@@ -222,6 +247,9 @@ def report(hmc: HMCResult, flow: FlowResult, args: argparse.Namespace) -> None:
           f" eps={hmc.step_size:.3f} x {hmc.n_steps}, acc {hmc.acceptance:.3f}, tau_int(Q) {hmc.tau_q:.1f}({hmc.tau_q_err:.1f})"
           f" [{hmc.tau_q_mean_subtracted:.1f} with per-chain mean subtracted], {hmc.n_chains} x {hmc.n_traj} traj;"
           f" plaquette {hmc.plaquette:.6f}({1e6 * hmc.plaquette_err:.0f}e-6), <Q^2> {hmc.q2:.4f}({hmc.q2_err:.4f})")
+    print(f"HMC cost per independent Q: {hmc.ms_per_indep:.3f} ms")
+    if flow is None:
+        return
     print(f"flow: {flow.ms_per_proposal:.4f} ms/proposal, acc {flow.acceptance:.4f}, ESS {flow.ess:.2e},"
           f" tau_int(Q) {flow.tau_q:.1f}({flow.tau_q_err:.1f}), {flow.n_samples} steps; trained {flow.train_steps} steps (cumulative),"
           f" {flow.train_seconds:.0f} s (cumulative), final loss {flow.loss:.2f};"
@@ -257,6 +285,31 @@ def plot(pairs: list[tuple[HMCResult, FlowResult]], path: Path) -> None:
     print(f"\nplot: {path}")
 
 
+def timing_only(args: argparse.Namespace) -> None:
+    """Seconds per HMC trajectory per chain and per flow proposal at each beta, nothing else.
+
+    The flow's cost per proposal does not depend on its training, so an untrained flow of the same
+    architecture times it; combine with the tau_int of a full run (quiet machine, short).
+    """
+    lat = Lattice((args.L, args.L))
+    model = build_flow(args.L, args)
+    print(f"{'beta':>5} {'HMC f64 ms':>11} {'HMC f32 ms':>11} {'eps x n':>10} {'acc':>6} {'flow ms/prop':>13}")
+    for beta in args.betas:
+        theory = U1GaugeAction(U1Params(beta), lat)
+        x_therm, n_steps, _ = choose_integrator(theory, args, args.seed + int(10 * beta))
+        (t64, acc), (t32, _) = (time_hmc(theory, x_therm, n_steps, dt, args) for dt in (torch.float64, torch.float32))
+        row = [1e3 * t64, 1e3 * t32]
+        gen = make_generator(args.seed, 30)
+        with torch.no_grad():
+            model.sample(args.flow_batch, gen)
+            t0 = time.perf_counter()
+            for _ in range(4):
+                x, log_q = model.sample(args.flow_batch, gen)
+                theory.action(x)
+        flow_ms = 1e3 * (time.perf_counter() - t0) / (4 * args.flow_batch)
+        print(f"{beta:>5g} {row[0]:>11.4f} {row[1]:>11.4f} {1 / n_steps:>6.3f} x {n_steps} {acc:>6.3f} {flow_ms:>13.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--betas", type=float, nargs="+", default=[3.0, 5.0, 6.0, 7.0])
@@ -277,7 +330,7 @@ def main() -> None:
     p.add_argument("--hmc-chains", type=int, default=64, help="chains of the tau_int(Q) runs")
     p.add_argument("--hmc-time-chains", type=int, default=256, help="chains of the timing runs")
     p.add_argument("--hmc-time-traj", type=int, default=200)
-    p.add_argument("--hmc-tune", type=int, default=300)
+    p.add_argument("--hmc-tune", type=int, default=100, help="trajectories per trial of 3, 4, 5 steps")
     p.add_argument("--hmc-therm", type=int, default=500)
     p.add_argument("--hmc-traj", type=int, default=0, help="trajectories per chain (0: ~20 x expected tau_int(Q))")
     p.add_argument("--hmc-traj-max", type=int, default=40000)
@@ -286,6 +339,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--no-flow", action="store_true", help="only the HMC side")
+    p.add_argument("--timing-only", action="store_true", help="only the cost per HMC trajectory and flow proposal")
     args = p.parse_args()
     if args.quick:
         args.betas = args.betas[:1] if len(args.betas) < 4 else [3.0]
@@ -297,22 +352,29 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"# machine: {platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} torch threads,"
           f" torch {torch.__version__}")
+    if args.timing_only:
+        timing_only(args)
+        return
     print(f"# flow: {args.layers} NCP couplings (n_mix {args.n_mix}), hidden {args.hidden}, float32; training"
           f" {args.train_seconds:.0f} s per beta ({1 - args.fine_tune:.0%} on {args.train_L}^2, rest on {args.L}^2),"
           f" batch {args.train_batch}, lr {args.lr}")
     pairs, state, prev_beta, train_total, steps_total = [], None, 1.0, 0.0, 0
     for beta in args.betas:
-        state, steps, loss, secs = train_flow(state, prev_beta, beta, args.train_seconds, args)
-        train_total += secs
-        steps_total += steps
-        prev_beta = beta
-        flow = flow_run(state, beta, train_total, steps_total, loss, args)
+        flow = None
+        if not args.no_flow:
+            state, steps, loss, secs = train_flow(state, prev_beta, beta, args.train_seconds, args)
+            train_total += secs
+            steps_total += steps
+            prev_beta = beta
+            flow = flow_run(state, beta, train_total, steps_total, loss, args)
         hmc = hmc_run(beta, args)
         report(hmc, flow, args)
         pairs.append((hmc, flow))
-    plot(pairs, args.plot)
+    if not args.no_flow:
+        plot(pairs, args.plot)
     if args.json:
-        args.json.write_text(json.dumps([{"hmc": asdict(h), "flow": asdict(f)} for h, f in pairs], default=float))
+        rows = [{"hmc": asdict(h), "flow": asdict(f) if f is not None else None} for h, f in pairs]
+        args.json.write_text(json.dumps(rows, default=float))
 
 
 if __name__ == "__main__":
