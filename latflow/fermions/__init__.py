@@ -4,7 +4,9 @@
 - :mod:`.wilson`: the matrix-free, batched Wilson operator for U(1) and SU(N) links;
 - :mod:`.evenodd`: its even-site Schur complement ``M_hat`` (``det M_hat = det D``) and full solves;
 - :mod:`.dense`: dense matrices and exact ``log det`` for small lattices;
-- :mod:`.solvers`: batched CG, CGNR and BiCGStab.
+- :mod:`.solvers`: batched CG, CGNR and BiCGStab;
+- :mod:`.pseudofermions`: Nf = 2 pseudofermion heatbath, actions and forces (plain, even/odd, Hasenbusch);
+- :mod:`.conditional`: gauge-covariant conditional pseudofermion flows ``phi = M(U) chi``.
 """
 
 from .dense import dense_matrix, logdet, logdet_normal
@@ -12,6 +14,8 @@ from .evenodd import EvenOddWilson
 from .gamma import gamma5, gamma_matrices, spin_dim
 from .solvers import ConvergenceError, SolverResult, bicgstab, cg, cgnr
 from .wilson import DiracOperator, WilsonDirac, u1_links
+from .pseudofermions import HasenbuschRatioFactor, Nf2Pseudofermions, PseudofermionFactor, heatbath
+from .conditional import ExactConditional, ScalarConditional, TriangularConditional
 
 __all__ = [
     "spin_dim",
@@ -29,4 +33,11 @@ __all__ = [
     "cg",
     "cgnr",
     "bicgstab",
+    "heatbath",
+    "PseudofermionFactor",
+    "HasenbuschRatioFactor",
+    "Nf2Pseudofermions",
+    "ExactConditional",
+    "ScalarConditional",
+    "TriangularConditional",
 ]
