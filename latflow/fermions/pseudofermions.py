@@ -37,7 +37,7 @@ ever differentiated. Only U(1) links (``n_colors = 1``) are supported here.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -510,6 +510,15 @@ class Nf2Pseudofermions:
         return out
 
     # --- CG statistics --------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The settings that fix these factors and their solves (kappa, even_odd, Hasenbusch kappas, tol)."""
+        return {
+            "kappa": self.kappa,
+            "even_odd": self.even_odd,
+            "hasenbusch_kappas": list(self.hasenbusch_kappas),
+            "tol": self.tol,
+        }
+
     def reset_stats(self) -> None:
         """Zero the iteration counters of every factor."""
         for f in self.factors:

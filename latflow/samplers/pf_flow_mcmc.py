@@ -164,14 +164,7 @@ class PseudofermionFlowMCMC(FlowMCMC):
 
     def config(self) -> dict[str, Any]:
         """The parameters that fix the target and its numerics (stored in the state)."""
-        pf = self.pseudofermions
-        return {
-            "kappa": pf.kappa,
-            "even_odd": pf.even_odd,
-            "hasenbusch_kappas": list(pf.hasenbusch_kappas),
-            "tol": pf.tol,
-            "lattice": list(self.dirac.lattice.shape),
-        }
+        return {**self.pseudofermions.config(), "lattice": list(self.dirac.lattice.shape)}
 
     @torch.no_grad()
     def joint_log_p(self, theta: torch.Tensor, phis: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -137,12 +137,8 @@ class PseudofermionHMC(HMC):
 
     def config(self) -> dict[str, Any]:
         """The parameters that fix the target and the algorithm's numerics (stored in the state)."""
-        pf = self.pseudofermions
         return {
-            "kappa": pf.kappa,
-            "even_odd": pf.even_odd,
-            "hasenbusch_kappas": list(pf.hasenbusch_kappas),
-            "tol": pf.tol,
+            **self.pseudofermions.config(),
             "integrator": self.integrator,
             "step_jitter": self.step_jitter,
         }
