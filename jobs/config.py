@@ -80,10 +80,13 @@ class SamplerConfig:
     with fermions) is HMC with Nf = 2 pseudofermions and adds ``even_odd``,
     ``hasenbusch_kappas`` (increasing, below the theory's kappa; one extra pseudofermion
     each), ``cg_tol`` and ``cg_max_iter``. On a theory with fermions, ``hmc`` and
-    ``flow-mcmc`` use the exact effective action (dense determinants: small lattices).
+    ``flow-mcmc`` use the exact effective action (dense determinants: small lattices);
+    ``pf-flow-mcmc`` is flow-MCMC in the joint space of links and pseudofermions (a
+    gauge-covariant conditional proposes the pseudofermions; CG solves, no determinants;
+    the flow is trained on the gauge action) and takes the same pseudofermion keys.
     """
 
-    kind: Literal["flow-mcmc", "hmc", "pf-hmc"] = "flow-mcmc"
+    kind: Literal["flow-mcmc", "hmc", "pf-hmc", "pf-flow-mcmc"] = "flow-mcmc"
     n_samples: int = 10000
     thermalization: int = 0
     commit_every: int = 1000
@@ -163,7 +166,7 @@ class JobConfig:
 
     @property
     def uses_flow(self) -> bool:
-        return self.sampler.kind == "flow-mcmc"
+        return self.sampler.kind in ("flow-mcmc", "pf-flow-mcmc")
 
 
 SECTIONS: dict[str, type] = {
@@ -431,12 +434,13 @@ def _check_consistency(job: JobConfig) -> None:
     except ValueError as exc:
         raise JobError(f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: {exc}") from None
     fermions = hasattr(theory, "dirac")
-    if job.sampler.kind == "pf-hmc" and not fermions:
+    pseudofermions = job.sampler.kind in ("pf-hmc", "pf-flow-mcmc")
+    if pseudofermions and not fermions:
         raise JobError(
-            f"{src}: 'sampler.kind' = 'pf-hmc' needs a theory with fermions (schwinger); "
+            f"{src}: 'sampler.kind' = {job.sampler.kind!r} needs a theory with fermions (schwinger); "
             f"theory '{job.theory.name}' has none: use 'hmc' or 'flow-mcmc'"
         )
-    if job.sampler.kind == "pf-hmc" and job.sampler.hasenbusch_kappas:
+    if pseudofermions and job.sampler.hasenbusch_kappas:
         kappa = float(job.theory.couplings.kappa)
         if max(job.sampler.hasenbusch_kappas) >= kappa:
             raise JobError(
@@ -488,8 +492,10 @@ def sampler_settings(job: JobConfig) -> dict[str, Any]:
     """The ``sampler`` attribute of the ensemble: kind and the settings that kind uses."""
     s = job.sampler
     common = {"kind": s.kind, "n_samples": s.n_samples, "thermalization": s.thermalization, "commit_every": s.commit_every}
-    if s.kind == "flow-mcmc":
-        return {**common, "batch_size": s.batch_size, "model": dataclasses.asdict(job.model), "dtype": job.run.dtype}
+    pf = {"even_odd": s.even_odd, "hasenbusch_kappas": list(s.hasenbusch_kappas), "cg_tol": s.cg_tol, "cg_max_iter": s.cg_max_iter}
+    if s.kind in ("flow-mcmc", "pf-flow-mcmc"):
+        flow = {**common, "batch_size": s.batch_size, "model": dataclasses.asdict(job.model), "dtype": job.run.dtype}
+        return {**flow, **pf} if s.kind == "pf-flow-mcmc" else flow
     return {
         **common,
         "n_chains": s.n_chains,
@@ -501,14 +507,5 @@ def sampler_settings(job: JobConfig) -> dict[str, Any]:
         "n_tune": s.n_tune,
         "target_acceptance": s.target_acceptance,
         "dtype": job.run.dtype,
-        **(
-            {
-                "even_odd": s.even_odd,
-                "hasenbusch_kappas": list(s.hasenbusch_kappas),
-                "cg_tol": s.cg_tol,
-                "cg_max_iter": s.cg_max_iter,
-            }
-            if s.kind == "pf-hmc"
-            else {}
-        ),
+        **(pf if s.kind == "pf-hmc" else {}),
     }

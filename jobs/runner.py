@@ -23,8 +23,7 @@ from latflow.flows.gauge_layers import make_u1_equivariant_flow
 from latflow.lattice import Lattice
 from latflow.mpi import SerialComm
 from latflow.rng import make_generator, stream_seed
-from latflow.samplers import HMC, FlowMCMC, state_from_bytes, state_to_bytes
-from latflow.samplers.pf_hmc import PseudofermionHMC
+from latflow.samplers import HMC, FlowMCMC, PseudofermionFlowMCMC, PseudofermionHMC, state_from_bytes, state_to_bytes
 from latflow.theories import get_spec
 from latflow.training import ReverseKLTrainer, TrainingDivergedError
 
@@ -122,9 +121,11 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
     theory = build_theory(job)
     model = build_model(job, device)
     t = job.train
+    # the joint pseudofermion chain needs no determinant anywhere: its flow learns the gauge action
+    action = theory.gauge_action if job.sampler.kind == "pf-flow-mcmc" else theory.action
     trainer = ReverseKLTrainer(
         model,
-        lambda x: -theory.action(x),
+        lambda x: -action(x),
         batch_size=t.batch_size,
         lr=t.lr,
         generator=make_generator(job.run.seed, STREAM_TRAIN, comm.rank, device=device),
@@ -211,6 +212,18 @@ def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: Se
     if s.kind == "flow-mcmc":
         assert model is not None
         return FlowMCMC(model, lambda x: -theory.action(x), batch_size=s.batch_size, generator=gen, chain_id=comm.rank)
+    if s.kind == "pf-flow-mcmc":
+        return PseudofermionFlowMCMC.for_theory(
+            theory,
+            model,
+            batch_size=s.batch_size,
+            generator=gen,
+            even_odd=s.even_odd,
+            hasenbusch_kappas=tuple(s.hasenbusch_kappas),
+            tol=s.cg_tol,
+            max_iter=s.cg_max_iter,
+            chain_id=comm.rank,
+        )
     x0 = 0.1 * torch.randn((s.n_chains, *theory.field_shape), generator=gen, dtype=torch_dtype(job), device=device)
     if s.kind == "pf-hmc":
         return PseudofermionHMC.for_theory(

@@ -176,6 +176,8 @@ CASES = [
                + '\n[model]\nkind = "u1-equivariant"\n')),
     Case("pf-hmc-without-fermions", ("sample", "u1.toml"), ("u1.toml", "'sampler.kind'", "'pf-hmc'", "schwinger", "'hmc'"),
          _text("u1.toml", U1_JOB.replace('kind = "hmc"', 'kind = "pf-hmc"'))),
+    Case("pf-flow-mcmc-without-fermions", ("train", "u1.toml"), ("u1.toml", "'sampler.kind'", "'pf-flow-mcmc'", "schwinger"),
+         _text("u1.toml", U1_JOB.replace('kind = "hmc"', 'kind = "pf-flow-mcmc"') + '\n[model]\nkind = "u1-equivariant"\n')),
     Case("schwinger-kappa-out-of-range", ("sample", "s.toml"), ("s.toml", "[theory]", "kappa", "0.7", "[0, 0.5)"),
          _text("s.toml", U1_JOB.replace('name = "u1"\nbeta = 2.0', 'name = "schwinger"\nbeta = 2.0\nkappa = 0.7'))),
     Case("hasenbusch-kappa-above-kappa", ("sample", "s.toml"), ("s.toml", "'sampler.hasenbusch_kappas'", "theory.kappa"),
