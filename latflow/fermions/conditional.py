@@ -67,7 +67,7 @@ from torch import nn
 
 from .dense import dense_matrix
 from .evenodd import EvenOddWilson
-from .pseudofermions import complex_gaussian
+from .pseudofermions import _norm2, supported_noise
 from .solvers import ConvergenceError, SolverResult, cg
 from .wilson import WilsonDirac
 
@@ -153,9 +153,8 @@ class FactorLayout:
         One complex Gaussian per full-lattice component is drawn (odd sites then zeroed for
         even/odd), the same stream usage as the pseudofermion heatbath.
         """
-        chi = complex_gaussian((U.shape[0], *self.dirac.field_shape), generator, dtype=U.dtype, device=U.device)
-        w = self.site_weights(chi)
-        return chi if w is None else chi * w
+        shape = self.dirac.field_shape
+        return supported_noise(shape, self.mask, U.shape[0], generator, dtype=U.dtype, device=U.device)
 
     def heatbath(
         self, U: torch.Tensor, generator: torch.Generator, *, tol: float = 1e-10, max_iter: int = 10_000
@@ -269,11 +268,6 @@ def _same_layout(a: Sequence[FactorLayout], b: Sequence[FactorLayout]) -> bool:
 
 
 # ------------------------------------------------------------------------------------ maps
-def _norm2(a: torch.Tensor) -> torch.Tensor:
-    """``|a|^2`` per configuration ``[B]``."""
-    return torch.view_as_real(a).pow(2).flatten(1).sum(dim=1)
-
-
 class HeatbathMap(nn.Module):
     """Exact conditional ``M = A^dag`` (plain) or ``M = (A'^dag)^{-1} A^dag`` (ratio); ``M M^dag = K``.
 

@@ -84,6 +84,29 @@ def complex_gaussian(
     return torch.complex(parts[0], parts[1])
 
 
+def supported_noise(
+    field_shape: tuple[int, ...],
+    mask: torch.Tensor | None,
+    batch: int,
+    generator: torch.Generator,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Heatbath noise ``chi`` ``[batch, *field_shape]`` (density ``exp(-|chi|^2)``) on a site subset.
+
+    One complex Gaussian is drawn per full-lattice component (the same stream usage with or
+    without ``mask``); components on sites outside the bool ``mask`` ``[*L]`` (e.g. odd sites for
+    even/odd pseudofermions) are then zeroed. ``mask=None``: the full lattice.
+    """
+    chi = complex_gaussian((batch, *field_shape), generator, dtype=dtype, device=device)
+    if mask is None:
+        return chi
+    m = mask.to(device=chi.device)
+    m = m.reshape(*m.shape, *([1] * (len(field_shape) - m.dim())))
+    return chi * m.to(chi.real.dtype)
+
+
 def _vdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a^dagger b`` per configuration, ``[B]`` complex."""
     return (a.conj() * b).flatten(1).sum(dim=1)
@@ -263,12 +286,9 @@ class _FactorBase:
 
     def _noise(self, U: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``chi`` ``[B, *L, Ns]`` (zero on odd sites for even/odd operators)."""
-        dirac = self.op.dirac
-        shape = (U.shape[0], *dirac.field_shape)
-        chi = complex_gaussian(shape, generator, dtype=U.dtype, device=U.device)
-        if self.op.mask is not None:
-            chi = chi * self.op.mask.to(device=U.device).unsqueeze(-1).to(chi.real.dtype)
-        return chi
+        return supported_noise(
+            self.op.dirac.field_shape, self.op.mask, U.shape[0], generator, dtype=U.dtype, device=U.device
+        )
 
 
 class PseudofermionFactor(_FactorBase):
@@ -401,9 +421,8 @@ def heatbath(
     phi, chi
         ``[B, *L, Ns]`` each.
     """
-    chi = complex_gaussian((U.shape[0], *op.field_shape), generator, dtype=U.dtype, device=U.device)
-    if isinstance(op, EvenOddWilson):
-        chi = chi * op.even_mask.to(device=U.device).unsqueeze(-1).to(chi.real.dtype)
+    mask = op.even_mask if isinstance(op, EvenOddWilson) else None
+    chi = supported_noise(op.field_shape, mask, U.shape[0], generator, dtype=U.dtype, device=U.device)
     return op.apply_dagger(U, chi), chi
 
 
