@@ -212,17 +212,11 @@ def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: Se
     if s.kind == "flow-mcmc":
         assert model is not None
         return FlowMCMC(model, lambda x: -theory.action(x), batch_size=s.batch_size, generator=gen, chain_id=comm.rank)
+    # the pseudofermion factors and their solves, common to both pseudofermion samplers
+    pf = dict(even_odd=s.even_odd, hasenbusch_kappas=tuple(s.hasenbusch_kappas), tol=s.cg_tol, max_iter=s.cg_max_iter)
     if s.kind == "pf-flow-mcmc":
         return PseudofermionFlowMCMC.for_theory(
-            theory,
-            model,
-            batch_size=s.batch_size,
-            generator=gen,
-            even_odd=s.even_odd,
-            hasenbusch_kappas=tuple(s.hasenbusch_kappas),
-            tol=s.cg_tol,
-            max_iter=s.cg_max_iter,
-            chain_id=comm.rank,
+            theory, model, batch_size=s.batch_size, generator=gen, chain_id=comm.rank, **pf
         )
     x0 = 0.1 * torch.randn((s.n_chains, *theory.field_shape), generator=gen, dtype=torch_dtype(job), device=device)
     if s.kind == "pf-hmc":
@@ -232,13 +226,10 @@ def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: Se
             step_size=s.step_size,
             n_steps=s.n_steps,
             generator=gen,
-            even_odd=s.even_odd,
-            hasenbusch_kappas=tuple(s.hasenbusch_kappas),
-            tol=s.cg_tol,
-            max_iter=s.cg_max_iter,
             integrator=s.integrator,
             step_jitter=s.step_jitter,
             chain_offset=comm.rank * s.n_chains,
+            **pf,
         )
     return HMC(
         theory.action,
