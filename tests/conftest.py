@@ -461,3 +461,60 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeds of statistical tests. Every statistical test draws its seed from `stat_seed(base)`, which adds
+# a global offset: `python -m pytest --seed-offset 7` (or LATFLOW_SEED_OFFSET=7) reruns every
+# statistical test with independent random numbers. `benchmarks/seed_sweep.py` runs them at many offsets.
+SEED_OFFSET_ENV = "LATFLOW_SEED_OFFSET"
+_SEED_STRIDE = 1_000_003  # a prime far above every base seed, so offsets never reuse a base seed
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--seed-offset", type=int, default=None,
+        help=f"offset added to the seed of every statistical test (default: ${SEED_OFFSET_ENV} or 0)",
+    )
+
+
+def pytest_configure(config):
+    offset = config.getoption("--seed-offset")
+    if offset is not None:
+        _os.environ[SEED_OFFSET_ENV] = str(offset)
+    config.addinivalue_line(
+        "markers", "statistical: a seeded physics test with z-score bounds (its seed comes from stat_seed)"
+    )
+
+
+def seed_offset() -> int:
+    """The global seed offset of this test run (``--seed-offset`` or ``$LATFLOW_SEED_OFFSET``; 0 by default)."""
+    text = _os.environ.get(SEED_OFFSET_ENV, "0").strip() or "0"
+    return int(text)
+
+
+def stat_seed(base: int) -> int:
+    """Seed of a statistical test: its own ``base`` shifted by the run's global offset."""
+    return int(base) + _SEED_STRIDE * seed_offset()
+
+
+Z_LOG_ENV = "LATFLOW_Z_LOG"
+
+
+@_pytest.fixture
+def record_z(request):
+    """``record_z(observable, z)``: note a z-score of this test (the seed sweep tabulates them).
+
+    Appends one JSON line ``{"test", "observable", "z", "offset"}`` to ``$LATFLOW_Z_LOG`` when it is
+    set; does nothing otherwise. Call it before asserting on the z-score.
+    """
+
+    def record(observable: str, z: float) -> None:
+        path = _os.environ.get(Z_LOG_ENV)
+        if path:
+            line = {"test": request.node.nodeid, "observable": str(observable), "z": float(z),
+                    "offset": seed_offset()}
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(_json.dumps(line) + "\n")
+
+    return record
