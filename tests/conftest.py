@@ -503,17 +503,18 @@ Z_LOG_ENV = "LATFLOW_Z_LOG"
 
 @_pytest.fixture
 def record_z(request):
-    """``record_z(observable, z)``: note a z-score of this test (the seed sweep tabulates them).
+    """``record_z(observable, z, bound=3.0)``: note a z-score of this test (the seed sweep tabulates them).
 
-    Appends one JSON line ``{"test", "observable", "z", "offset"}`` to ``$LATFLOW_Z_LOG`` when it is
-    set; does nothing otherwise. Call it before asserting on the z-score.
+    ``bound`` is the test's own limit on ``|z|`` for this observable. Appends one JSON line
+    ``{"test", "observable", "z", "bound", "offset"}`` to ``$LATFLOW_Z_LOG`` when it is set; does
+    nothing otherwise. Call it before asserting on the z-score.
     """
 
-    def record(observable: str, z: float) -> None:
+    def record(observable: str, z: float, bound: float = 3.0) -> None:
         path = _os.environ.get(Z_LOG_ENV)
         if path:
             line = {"test": request.node.nodeid, "observable": str(observable), "z": float(z),
-                    "offset": seed_offset()}
+                    "bound": float(bound), "offset": seed_offset()}
             with open(path, "a", encoding="utf-8") as f:
                 f.write(_json.dumps(line) + "\n")
 
