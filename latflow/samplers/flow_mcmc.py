@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -15,6 +16,12 @@ class FlowMCMC:
     Proposals ``x' ~ q`` are drawn in batches; each is accepted with probability
     ``min(1, [p(x') q(x)] / [p(x) q(x')])``, so the chain samples ``p`` exactly
     whatever the quality of ``q``.
+
+    The chain starts (on its first :meth:`run`) from one of a first batch of ``batch_size``
+    proposals, chosen with probability proportional to its importance weight ``p/q`` (sampling /
+    importance resampling), so that its initial state is already an approximate draw from ``p``;
+    every recorded row is then a Metropolis step. Discard a burn-in all the same: a chain that
+    starts in a rare state can stay there for ~``1 / acceptance`` steps.
 
     Parameters
     ----------
@@ -81,6 +88,8 @@ class FlowMCMC:
         bit for bit the rows of one ``run(n1 + n2)`` when ``n1`` is a multiple of
         ``batch_size``; otherwise the chain is equally valid but a different one.
         """
+        if self.x is None:
+            self._start()
         x_prop, lp_prop, lq_prop, log_u = self._proposals(n)
         # sequential accept/reject on the host in plain Python floats (cheap), then gather on the device
         lp_host = lp_prop.double().cpu().tolist()
@@ -89,14 +98,11 @@ class FlowMCMC:
         idx_list = [0] * n
         acc_list = [False] * n
         cur = -1
-        cur_lp = None if self.cur_log_p is None else float(self.cur_log_p)
-        cur_lq = None if self.cur_log_q is None else float(self.cur_log_q)
+        assert self.cur_log_p is not None and self.cur_log_q is not None
+        cur_lp, cur_lq = float(self.cur_log_p), float(self.cur_log_q)
         for i in range(n):
             lp_i, lq_i = lp_host[i], lq_host[i]
-            if cur_lp is None or cur_lq is None:
-                acc = True  # the first proposal starts the chain
-            else:
-                acc = log_u_host[i] < (lp_i - lq_i) - (cur_lp - cur_lq)
+            acc = log_u_host[i] < (lp_i - lq_i) - (cur_lp - cur_lq)
             if acc:
                 cur, cur_lp, cur_lq = i, lp_i, lq_i
             idx_list[i] = cur
@@ -135,6 +141,28 @@ class FlowMCMC:
             log_w=torch.zeros_like(rows_lp),
             proposal_log_w=lp_prop - lq_prop,
         )
+
+    @torch.no_grad()
+    def _start(self) -> None:
+        """Initial state: one of ``batch_size`` proposals drawn with probability ``prop. to p/q``.
+
+        Consumes one proposal batch of the stream (configurations, then its unused uniforms) and
+        one more uniform for the choice.
+        """
+        x, lp, lq, _ = self._proposals(self.batch_size)
+        log_w = (lp - lq).double().cpu()
+        finite = torch.isfinite(log_w)
+        if not bool(finite.any()):
+            raise RuntimeError(f"none of the {self.batch_size} initial proposals has a finite weight log p - log q")
+        log_w = torch.where(finite, log_w, torch.tensor(-math.inf, dtype=torch.float64))
+        cdf = torch.cumsum(torch.softmax(log_w, 0), 0)
+        u = float(torch.rand((), generator=self.generator, dtype=torch.float64, device=self.generator.device))
+        i = min(int(torch.searchsorted(cdf, torch.tensor(u * float(cdf[-1]), dtype=torch.float64))), len(cdf) - 1)
+        while not bool(finite[i]):  # u on the boundary of a zero-probability entry
+            i -= 1
+        self.x = x[i].clone()
+        self.cur_log_p = lp[i].clone()
+        self.cur_log_q = lq[i].clone()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the chain bit for bit."""

@@ -9,7 +9,7 @@ Each trajectory, for every chain at once:
 3. pseudofermion heatbath, one field per factor and chain (``S_pf = sum |chi|^2`` exactly);
 4. molecular dynamics (Omelyan or leapfrog, as :class:`latflow.samplers.hmc.HMC`) with the force
    ``dS_g/dtheta + dS_pf/dtheta`` at fixed ``phi``;
-5. Metropolis on ``H = p^2/2 + S_g + S_pf`` (``S_pf`` at the end point by CG);
+5. Metropolis on ``H = p^2/2 + S_g + S_pf`` (``S_pf`` at the end point by CG), accumulated in float64;
 6. accepted angles are wrapped into ``(-pi, pi]``.
 
 Draws go in that order through one caller-held generator, so a state saved between
@@ -165,14 +165,15 @@ class PseudofermionHMC(HMC):
         pf.reset_stats()
         phis, s_pf0 = pf.refresh(u1_links(x0), gen)
         s_g0 = self.gauge_action(x0)
-        h0 = 0.5 * p0.flatten(1).pow(2).sum(1) + s_g0 + s_pf0
+        # the Hamiltonian is accumulated in float64 whatever the field's precision (as in HMC)
+        h0 = 0.5 * p0.flatten(1).pow(2).sum(1, dtype=torch.float64) + s_g0.double() + s_pf0.double()
         self._phis = phis
         try:
             x1, p1 = self._integrate(x0, p0, eps, n)
             s1 = self.gauge_action(x1) + pf.action(u1_links(x1), phis)
         finally:
             self._phis = None
-        h1 = 0.5 * p1.flatten(1).pow(2).sum(1) + s1
+        h1 = 0.5 * p1.flatten(1).pow(2).sum(1, dtype=torch.float64) + s1.double()
         dh = h1 - h0
         u = torch.rand(self.n_chains, generator=gen, dtype=x0.dtype, device=x0.device)
         acc = (torch.log(u) < -dh) & torch.isfinite(dh)
