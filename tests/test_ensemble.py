@@ -533,3 +533,142 @@ def test_verify_reports_short_datasets(tmp_path: Path) -> None:
         assert any(name in p and "rows < n_committed" in p for p in problems), name
     with EnsembleReader(path) as r, pytest.raises(EnsembleError, match="fields/phi"):
         r.read("fields/phi")
+
+
+# --- configurations stored every save_every rows (fields/row), compression ----------------------
+
+THIN = {"save_every": 3, "compression": "gzip", "compression_level": 6}
+
+
+def make_thinned_rows(start: int, n: int, every: int = 3) -> dict[str, np.ndarray]:
+    """``make_rows`` with the configurations of rows ``i`` where ``(i + 1) % every == 0`` only."""
+    rows = make_rows(start, n)
+    i = np.arange(start, start + n)
+    keep = (i + 1) % every == 0
+    rows["fields/phi"] = rows["fields/phi"][keep]
+    rows["fields/row"] = i[keep]
+    return rows
+
+
+def check_thinned(r: EnsembleReader, n: int, every: int = 3) -> None:
+    """Rows 0..n-1 everywhere; configurations only of the rows i with (i + 1) % every == 0."""
+    assert r.n_committed == n
+    kept = np.arange(every - 1, n, every)
+    np.testing.assert_array_equal(r.read("fields/row"), kept)
+    np.testing.assert_array_equal(r.read("fields/phi"), np.broadcast_to(kept[:, None, None], (len(kept), *SHAPE)))
+    i = np.arange(n)
+    np.testing.assert_array_equal(r.read("markov/step"), i)
+    np.testing.assert_array_equal(r.read("observables/magnetization"), i)
+
+
+def test_thinned_compressed_round_trip_and_resume(tmp_path: Path) -> None:
+    path = tmp_path / "thin.h5"
+    attrs = {"observables/magnetization": {"description": "M = (1/V) sum_x phi_x", "estimator": "exact"}}
+    with EnsembleWriter.create(path, make_meta(storage=THIN), dataset_attrs=attrs) as w:
+        n = 0
+        for k in (1, 1, 4, 2, 5):  # the first two commits store no configuration
+            w.append(make_thinned_rows(n, k), state=b"at %d" % (n + k))
+            n += k
+    assert verify(path) == []
+    with EnsembleReader(path) as r:
+        check_thinned(r, 13)
+        assert r.meta.storage == THIN and r.meta.storage_settings == THIN
+    with h5py.File(path, "r") as f:
+        phi = f["fields/phi"]
+        assert phi.compression == "gzip" and phi.compression_opts == 6 and phi.shuffle
+        assert phi.chunks[0] == 1  # one configuration per chunk: a compressed chunk is written once
+        assert phi.attrs["sha256"].decode() == expected_sha(phi, 4)  # over the values, not the compressed bytes
+        assert int(phi.attrs["sha256_rows"]) == 4
+        assert f["fields/row"].attrs["sha256"].decode() == expected_sha(f["fields/row"], 4)
+        assert "save_every" in f["fields/row"].attrs["description"]
+        mag = f["observables/magnetization"]
+        assert mag.attrs["description"] == "M = (1/V) sum_x phi_x" and mag.attrs["estimator"] == "exact"
+        assert "unnormalised" in f["observables"].file["weights/log_p"].attrs["description"]
+        assert json.loads(f.attrs["storage"]) == THIN
+
+    # an interrupted commit: rows and configurations written, n_committed not raised
+    with h5py.File(path, "r+") as f:
+        for name in ("markov/step", "observables/magnetization", "fields/row", "fields/phi"):
+            f[name].resize(f[name].shape[0] + 3, axis=0)
+        f["fields/row"][-3:] = [14, 17, 20]
+        f["fields/phi"][-3:] = -99
+    assert verify(path) == []
+    with EnsembleReader(path) as r:
+        check_thinned(r, 13)
+    w, state = EnsembleWriter.resume(path)
+    assert state == b"at 13"
+    with w:
+        w.append(make_thinned_rows(13, 8), state=b"at 21")
+    assert verify(path) == []
+    with EnsembleReader(path) as r:
+        check_thinned(r, 21)
+    # the same rows written in one go: identical datasets and checksums
+    one = tmp_path / "one.h5"
+    with EnsembleWriter.create(one, make_meta(storage=THIN)) as w:
+        w.append(make_thinned_rows(0, 21), state=b"at 21")
+    with h5py.File(path, "r") as a, h5py.File(one, "r") as b:
+        for name in ("fields/phi", "fields/row"):
+            assert a[name].shape == b[name].shape and a[name].attrs["sha256"] == b[name].attrs["sha256"]
+
+
+def test_thinned_append_validation(tmp_path: Path) -> None:
+    with EnsembleWriter.create(tmp_path / "v.h5", make_meta(storage=THIN)) as w:
+        w.append(make_thinned_rows(0, 3))
+        bad = make_thinned_rows(3, 6)
+        bad["fields/row"] = bad["fields/row"][::-1].copy()
+        with pytest.raises(ValueError, match="strictly increasing"):
+            w.append(bad)
+        bad = make_thinned_rows(3, 6)
+        bad["fields/row"] = bad["fields/row"] - 3  # rows of the previous commit
+        with pytest.raises(ValueError, match=r"\[3, 9\)"):
+            w.append(bad)
+        bad = make_thinned_rows(3, 6)
+        bad["fields/phi"] = bad["fields/phi"][:1]
+        with pytest.raises(ValueError, match="configurations"):
+            w.append(bad)
+        w.append(make_thinned_rows(3, 6))
+        assert w.n_committed == 9
+    for storage in ({"save_every": 0}, {"compression": "zstd"}, {"compression_level": 11}, {"every": 2}):
+        with pytest.raises(ValueError, match="storage"):
+            EnsembleWriter.create(tmp_path / "x.h5", make_meta(storage=storage))
+    assert not (tmp_path / "x.h5").exists()
+
+
+_KILL_THINNED_CHILD = _KILL_CHILD.replace(
+    'sampler={"kind": "hmc"}, seed=1)',
+    'sampler={"kind": "hmc"}, seed=1, storage={"save_every": 3, "compression": "gzip"})',
+).replace(
+    "    w.append(rows,",
+    "    keep = (i + 1) % 3 == 0\n"
+    '    rows["fields/phi"] = rows["fields/phi"][keep]\n'
+    '    rows["fields/row"] = i[keep]\n'
+    "    w.append(rows,",
+)
+
+
+def test_thinned_compressed_writer_survives_sigkill(tmp_path: Path) -> None:
+    """With fields/row and gzip'd one-configuration chunks, SIGKILL at any moment leaves an intact file."""
+    assert "fields/row" in _KILL_THINNED_CHILD and "gzip" in _KILL_THINNED_CHILD
+    script = tmp_path / "child.py"
+    script.write_text(_KILL_THINNED_CHILD)
+    path = tmp_path / "killed.h5"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(latflow.__file__).parents[1]), *sys.path]))
+    last_n = 0
+    for delay in (0.71, 0.97):
+        proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, env=env)
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == b"ready"
+            time.sleep(delay)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        assert verify(path) == []
+        with EnsembleReader(path) as r:
+            assert r.n_committed > last_n
+            check_thinned(r, r.n_committed)
+            last_n = r.n_committed
+        w, state = EnsembleWriter.resume(path)
+        w.close()
+        assert state == (b"s%d;" % last_n) * (last_n % 5 + 1)

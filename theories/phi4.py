@@ -29,10 +29,27 @@ from .base import Derived, TheorySpec
 
 @dataclass(frozen=True)
 class Phi4Params:
-    """Couplings of phi^4: bare mass squared ``m2`` and quartic coupling ``lam``."""
+    """Couplings of phi^4: bare mass squared ``m2`` and quartic coupling ``lam``.
+
+    The action must be bounded below for the measure ``exp(-S)`` to be normalisable: ``lam > 0``
+    (any ``m2``), or ``lam = 0`` with ``m2 > 0`` (the free field; at ``m2 <= 0`` the zero mode
+    ``phi_x = c`` has ``S = m2 V c^2``, unbounded or flat).
+    """
 
     m2: float
     lam: float
+
+    def __post_init__(self) -> None:
+        if self.lam < 0:
+            raise ValueError(
+                f"lam = {self.lam}: must be >= 0 (lam > 0 for any m2, or lam = 0 with m2 > 0); "
+                "for lam < 0 the action is unbounded below"
+            )
+        if self.lam == 0 and self.m2 <= 0:
+            raise ValueError(
+                f"m2 = {self.m2} with lam = 0: the free field needs m2 > 0 (or lam > 0); "
+                "at m2 <= 0 the zero mode is not normalisable"
+            )
 
 
 class Phi4Theory:
@@ -73,6 +90,10 @@ class Phi4Theory:
             "action": self.action(phi),
         }
 
+    def observable_descriptions(self) -> dict[str, str]:
+        """What each observable of :meth:`observables` is: definition, normalisation, units."""
+        return observable_descriptions(self.lattice.dim)
+
     def derived_observables(self) -> dict[str, Derived]:
         v = self.lattice.volume
         return {
@@ -82,6 +103,18 @@ class Phi4Theory:
                 "V (<M^2> - <|M|>^2)",
             )
         }
+
+
+def observable_descriptions(d: int) -> dict[str, str]:
+    """Descriptions of the phi^4 observables (lattice units: ``a = 1``, phi dimensionless)."""
+    return {
+        "magnetization": "M = (1/V) sum_x phi_x, per configuration (lattice units)",
+        "abs_magnetization": "|M|, M = (1/V) sum_x phi_x",
+        "chi2": "V M^2; its mean is the two-point susceptibility sum_x <phi_0 phi_x>",
+        "ising_energy": (f"(1/(d V)) sum_x sum_mu phi_x phi_(x+mu), d = {d}; its mean is (1/d) sum_mu G(e_mu)"),
+        "phi2": "(1/V) sum_x phi_x^2",
+        "action": "S, the full lattice action (Albergo-Kanwar-Shanahan normalisation), summed over sites",
+    }
 
 
 # --- exact free-field results (lam = 0) ------------------------------------

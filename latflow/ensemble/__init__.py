@@ -1,9 +1,11 @@
 """Reading, writing and verifying ensembles: the one place that touches ensemble files.
 
-An ensemble is one HDF5 file laid out as ``shared/ENSEMBLE_FORMAT.md`` (version 1) describes:
-root attributes that make it self-describing, and per-configuration datasets under ``fields/``,
-``markov/``, ``weights/`` and ``observables/`` whose axis 0 is the configuration (row) index.
-Only rows ``< n_committed`` are part of the ensemble.
+An ensemble is one HDF5 file laid out as ``ENSEMBLE_FORMAT.md`` at the root of the latflow
+repository (format version 1) describes: root attributes that make it self-describing, and
+per-row datasets under ``fields/``, ``markov/``, ``weights/`` and ``observables/`` whose axis 0
+is the row (one Markov step of one chain). Only rows ``< n_committed`` are part of the ensemble.
+Where configurations are kept only every ``save_every`` steps (root attribute ``storage``),
+``fields/*`` have their own axis 0 and ``fields/row`` gives the row of each stored configuration.
 
 Crash safety
 ------------
@@ -21,9 +23,10 @@ A kill between flushes 2 and 3 leaves checksums that cover *more* rows than are 
 ``sha256_rows`` attribute says how many, :func:`verify` accepts that state (the committed rows are
 a prefix of the checksummed ones) and :meth:`EnsembleWriter.resume` repairs it. To keep HDF5 from
 writing metadata between these points the writer disables metadata-cache evictions, every mutable
-attribute is fixed-size and rewritten in place, datasets are uncompressed (chunks never move) and
-nothing is deleted while appending, so no file space is freed and reused under the feet of the
-committed state.
+attribute is fixed-size and rewritten in place, uncompressed chunks never move, compressed
+``fields/*`` datasets have one configuration per chunk (each chunk is written once, whole, and never
+rewritten) and nothing is deleted while appending, so no file space is freed and reused under the
+feet of the committed state.
 
 Sampler state
 -------------

@@ -31,6 +31,9 @@ REQUIRED_ATTRS: tuple[str, ...] = (
 )
 #: Groups whose datasets have one row per configuration along axis 0.
 ROW_GROUPS: tuple[str, ...] = ("fields", "markov", "weights", "observables")
+#: Present when configurations are stored only every ``save_every`` steps: ``fields/row[j]`` is the
+#: row (of markov/, weights/, observables/) that stored configuration ``j`` belongs to.
+FIELD_INDEX = "fields/row"
 
 
 def _row_datasets(f: h5py.File) -> dict[str, h5py.Dataset]:
@@ -47,8 +50,25 @@ def _row_datasets(f: h5py.File) -> dict[str, h5py.Dataset]:
     return out
 
 
+def _committed_rows(datasets: Mapping[str, h5py.Dataset], n: int) -> dict[str, int]:
+    """Committed rows of each per-row dataset when ``n`` rows are committed.
+
+    ``n`` for every dataset, except the ``fields/*`` datasets of a file with a ``fields/row``
+    index: those hold the configurations of the committed rows that were stored, i.e. as many as
+    ``fields/row`` has entries ``< n`` (entries of an interrupted commit are ``>= n``).
+    """
+    idx = datasets.get(FIELD_INDEX)
+    m = n
+    if idx is not None and idx.ndim == 1:
+        m = int(np.count_nonzero(idx[:] < n))
+    return {name: (m if name.startswith("fields/") else n) for name in datasets}
+
+
 def _common_length(datasets: Mapping[str, h5py.Dataset]) -> int:
-    lengths = [ds.shape[0] for ds in datasets.values() if ds.ndim >= 1]
+    indexed = FIELD_INDEX in datasets  # then fields/* have their own (shorter) row axis
+    lengths = [
+        ds.shape[0] for name, ds in datasets.items() if ds.ndim >= 1 and not (indexed and name.startswith("fields/"))
+    ]
     return min(lengths) if lengths else 0
 
 
@@ -121,4 +141,15 @@ def _meta_from_attrs(path: Path, attrs: Mapping[str, Any]) -> EnsembleMeta:
         seed=int(attrs["seed"]),
         job=attrs["job"],
         model_sha256=attrs["model_sha256"],
+        storage=_storage_from_attrs(attrs),
     )
+
+
+def _storage_from_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``storage`` root attribute (JSON object) as a dict; ``{}`` where absent or malformed."""
+    raw = attrs.get("storage")
+    try:
+        obj = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        obj = None
+    return obj if isinstance(obj, dict) else {}

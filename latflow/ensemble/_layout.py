@@ -16,9 +16,9 @@ import numpy as np
 import latflow
 
 from ._checkpoint import _ensure_checkpoint
-from ._format import FORMAT_NAME, FORMAT_VERSION, ROW_GROUPS, _parse_shape
+from ._format import FIELD_INDEX, FORMAT_NAME, FORMAT_VERSION, ROW_GROUPS, _parse_shape
 from ._h5 import _SHA_DTYPE, _UTC_DTYPE, _fixed, _le, _utc_now
-from .meta import EnsembleMeta
+from .meta import COMPRESSIONS, STORAGE_DEFAULTS, EnsembleMeta
 
 _CHUNK_TARGET_BYTES = 64 * 1024  # rows per chunk chosen so a chunk is about this large
 _CHUNK_MAX_BYTES = 256 * 1024 * 1024  # rows larger than this are chunked along inner axes too
@@ -30,18 +30,40 @@ _DESCRIPTIONS = {
         "U(1): angles in (-pi, pi]; SU(N): complex [..., N, N] matrices"
     ),
     "markov/chain": "stream id (one per independent chain or MPI rank)",
-    "markov/step": "Markov time within its chain",
+    "markov/step": (
+        "Markov time within its chain (updates: trajectories or Metropolis steps), counted from the "
+        "chain's start, thermalisation included: the first row of a fresh chain has step = the "
+        "sampler's thermalization setting (HMC step-size tuning is not counted)"
+    ),
     "markov/accepted": "proposal accepted (MCMC samplers)",
-    "weights/log_p": "-S, unnormalised log target density",
-    "weights/log_q": "log density of the proposal that produced the row",
+    "weights/log_p": (
+        "-S, unnormalised log target density (dimensionless; S is the effective action where fermions "
+        "are integrated out)"
+    ),
+    "weights/log_q": (
+        "log density of the proposal that produced the row (flows: log q(x) of the configuration "
+        "held by the chain, w.r.t. Lebesgue measure for real fields, Haar probability measure for links; 0 for HMC)"
+    ),
     "weights/log_w": "log importance weight of the row (0 for plain MCMC)",
+    "weights/proposal_log_w": (
+        "flow-MCMC: log p(x') - log q(x') of the proposal x' drawn at this step, accepted or not "
+        "(unnormalised: log p = -S, so it is defined up to the constant -log Z); independent draws "
+        "from q, for the flow's reweighting ESS and tail diagnostics"
+    ),
+    FIELD_INDEX: (
+        "row (of markov/, weights/, observables/) that each stored configuration belongs to; present when "
+        "configurations are stored every save_every steps (root attribute storage) while observables are "
+        "measured at every step"
+    ),
 }
 _ROOT_DESCRIPTION = (
     "latflow ensemble (format latflow-ensemble v1). Axis 0 of every dataset under fields/, markov/, "
     "weights/ and observables/ is the configuration index; only rows < n_committed belong to the "
     "ensemble. Rows of one chain (markov/chain) are in Markov order. Each fields/* dataset carries "
     "sha256: hex SHA-256 of the little-endian C-order bytes of its first sha256_rows rows "
-    "(= n_committed after a completed commit). Lattice axis 0 is time."
+    "(= its committed rows after a completed commit). Lattice axis 0 is time. With a fields/row "
+    "dataset, fields/* hold only every save_every-th configuration of each chain: fields/row maps "
+    "them to rows. The format is described in ENSEMBLE_FORMAT.md of the latflow repository."
 )
 
 
@@ -93,7 +115,25 @@ def _validate_meta(meta: EnsembleMeta) -> tuple[str, str, np.ndarray, Any]:
         raise ValueError("meta.seed must fit in 64 bits")
     if not isinstance(meta.job, str) or not isinstance(meta.model_sha256, str):
         raise TypeError("meta.job and meta.model_sha256 must be strings")
+    _validate_storage(meta)
     return couplings, sampler, shape, seed
+
+
+def _validate_storage(meta: EnsembleMeta) -> None:
+    if not isinstance(meta.storage, Mapping):
+        raise TypeError("meta.storage must be a dict")
+    unknown = sorted(set(meta.storage) - set(STORAGE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"meta.storage has unknown key {unknown[0]!r}; allowed: {', '.join(STORAGE_DEFAULTS)}")
+    st = meta.storage_settings
+    every = st["save_every"]
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+        raise ValueError(f"meta.storage save_every must be a positive integer, got {every!r}")
+    if st["compression"] not in COMPRESSIONS:
+        raise ValueError(f"meta.storage compression must be one of {COMPRESSIONS}, got {st['compression']!r}")
+    level = st["compression_level"]
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or not 0 <= level <= 9:
+        raise ValueError(f"meta.storage compression_level must be an integer in [0, 9], got {level!r}")
 
 
 def _chunk_shape(row_shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -114,13 +154,13 @@ def _storage_array(key: str, arr: np.ndarray) -> np.ndarray:
     kind = arr.dtype.kind
     if key == "markov/accepted" and kind != "b":
         raise ValueError(f"{key}: must be bool, got {arr.dtype}")
-    if key in ("markov/chain", "markov/step") and kind not in "iu":
+    if key in ("markov/chain", "markov/step", FIELD_INDEX) and kind not in "iu":
         raise ValueError(f"{key}: must be integer, got {arr.dtype}")
-    if key.startswith(("markov/", "weights/")) and arr.ndim != 1:
+    if (key.startswith(("markov/", "weights/")) or key == FIELD_INDEX) and arr.ndim != 1:
         raise ValueError(f"{key}: must have shape (n,), got {arr.shape}")
     if key.startswith("observables/") and arr.ndim not in (1, 2):
         raise ValueError(f"{key}: must have shape (n,) or (n, k), got {arr.shape}")
-    if key.startswith("fields/") and arr.ndim < 2:
+    if key.startswith("fields/") and key != FIELD_INDEX and arr.ndim < 2:
         raise ValueError(f"{key}: must have shape (n, ...) with lattice axes, got {arr.shape}")
     if kind == "b":
         return np.ascontiguousarray(arr, dtype=np.bool_)
@@ -147,6 +187,7 @@ def _init_file(f: h5py.File, meta: EnsembleMeta, couplings: str, sampler: str, s
     a["seed"] = seed
     a["job"] = meta.job
     a["model_sha256"] = meta.model_sha256
+    a["storage"] = json.dumps(meta.storage_settings, sort_keys=True)
     a.create("n_committed", np.int64(0))
     # provenance that helps a reader years later (no machine names, no paths)
     a.create("last_commit_utc", _fixed(now, _UTC_DTYPE))
@@ -163,19 +204,44 @@ def _init_file(f: h5py.File, meta: EnsembleMeta, couplings: str, sampler: str, s
     f.flush()
 
 
-def _create_row_dataset(f: h5py.File, key: str, arr: np.ndarray) -> h5py.Dataset:
+def _create_row_dataset(
+    f: h5py.File,
+    key: str,
+    arr: np.ndarray,
+    storage: Mapping[str, Any] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> h5py.Dataset:
+    """Create the empty, resizable dataset ``key`` for rows like ``arr``.
+
+    ``storage`` (the file's storage settings) decides the filters of ``fields/*`` datasets: with
+    compression every configuration is its own chunk, so that a chunk is written once and never
+    rewritten (a compressed chunk that grew would move, freeing file space under committed rows).
+    ``attrs`` are set on the new dataset (e.g. ``description``, ``units``), over the built-in
+    description.
+    """
     group, name = key.split("/")
     grp = f.require_group(group)
     row_shape = tuple(arr.shape[1:])
+    st = {**STORAGE_DEFAULTS, **dict(storage or {})}
+    filters: dict[str, Any] = {}
+    chunks = _chunk_shape(row_shape, arr.dtype.itemsize)
+    if group == "fields" and key != FIELD_INDEX and st["compression"] != "none":
+        chunks = (1, *chunks[1:])
+        filters = {"compression": st["compression"], "shuffle": True}
+        if st["compression"] == "gzip":
+            filters["compression_opts"] = int(st["compression_level"]) or 4
     ds = grp.create_dataset(
         name,
         shape=(0, *row_shape),
         maxshape=(None, *row_shape),
         dtype=arr.dtype,
-        chunks=_chunk_shape(row_shape, arr.dtype.itemsize),
+        chunks=chunks,
+        **filters,
     )
     if key in _DESCRIPTIONS:
         ds.attrs["description"] = _DESCRIPTIONS[key]
+    for attr, value in (attrs or {}).items():
+        ds.attrs[attr] = value
     if group == "fields":
         ds.attrs.create("sha256", _fixed(hashlib.sha256().hexdigest(), _SHA_DTYPE))
         ds.attrs.create("sha256_rows", np.int64(0))

@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 import h5py
+import numpy as np
 
-from ._format import _common_length, _parse_shape, _root_problems, _row_datasets
+from ._format import FIELD_INDEX, _committed_rows, _common_length, _parse_shape, _root_problems, _row_datasets
 from ._h5 import _decode, _open_h5, sha256_of_rows
 from .meta import EnsembleError, _one_line
 
@@ -55,8 +56,13 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
             shape = _parse_shape(attrs["lattice_shape"]) if "lattice_shape" in attrs else None
         except ValueError:
             shape = None
+        committed = _committed_rows(datasets, n)
         for name, ds in datasets.items():
-            problems += [f"{path}: {p}" for p in _dataset_problems(name, ds, n, shape)]
+            problems += [f"{path}: {p}" for p in _dataset_problems(name, ds, committed[name], shape)]
+        if FIELD_INDEX in datasets:
+            idx = datasets[FIELD_INDEX][: committed[FIELD_INDEX]]
+            if idx.size and (int(idx[0]) < 0 or bool(np.any(np.diff(idx) <= 0))):
+                problems.append(f"{path}: {FIELD_INDEX} is not a strictly increasing list of rows")
     except Exception as exc:  # a damaged file can fail anywhere
         problems.append(_one_line(f"{path}: cannot read: {type(exc).__name__}: {exc}"))
     finally:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+#: How configurations are stored (root attribute ``storage``, JSON); the defaults are what a file
+#: without the attribute holds: every configuration, uncompressed.
+STORAGE_DEFAULTS: dict[str, Any] = {"save_every": 1, "compression": "none", "compression_level": 0}
+COMPRESSIONS = ("none", "gzip", "lzf")
 
 
 class EnsembleError(Exception):
@@ -36,6 +42,12 @@ class EnsembleMeta:
         Full text of the job file that produced the ensemble.
     model_sha256 : str
         Hash of the flow weights used (empty for HMC).
+    storage : dict
+        How configurations are stored: ``save_every`` (a configuration is kept every
+        ``save_every`` Markov steps of each chain; observables are kept at every step),
+        ``compression`` (``"none"``, ``"gzip"`` or ``"lzf"``, HDF5 filters on ``fields/*``) and
+        ``compression_level`` (gzip: 1-9). Missing keys take :data:`STORAGE_DEFAULTS`. Not part of
+        equality: two descriptions of the same ensemble may differ in how it is stored.
     """
 
     theory: str
@@ -45,6 +57,12 @@ class EnsembleMeta:
     seed: int
     job: str = ""
     model_sha256: str = ""
+    storage: dict = field(default_factory=dict, compare=False)  # how rows are stored, not what they sample
+
+    @property
+    def storage_settings(self) -> dict[str, Any]:
+        """``storage`` with the defaults filled in."""
+        return {**STORAGE_DEFAULTS, **dict(self.storage)}
 
 
 def _one_line(text: str) -> str:

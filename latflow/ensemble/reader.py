@@ -10,7 +10,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ._format import ROW_GROUPS, _common_length, _meta_from_attrs, _row_datasets
+from ._format import ROW_GROUPS, _committed_rows, _common_length, _meta_from_attrs, _row_datasets
 from ._h5 import _decode, _open_h5
 from .meta import EnsembleError
 
@@ -91,7 +91,8 @@ class EnsembleReader:
             E.g. ``"fields/phi"`` (shape ``(n, L0, ...)``), ``"markov/chain"`` (shape ``(n,)``).
         rows : slice or None
             Rows to return, indexing the committed rows ``range(n_committed)`` (negative steps
-            allowed). None: all committed rows.
+            allowed). None: all committed rows. ``fields/*`` of a file with ``fields/row`` (configurations
+            stored every ``save_every`` steps) index the committed stored configurations instead.
 
         Returns
         -------
@@ -109,9 +110,11 @@ class EnsembleReader:
             data = obj[()]
             return data if rows is None or np.ndim(data) == 0 else np.asarray(data)[rows]
         n = self.n_committed
+        if key.startswith("fields/"):  # stored every save_every steps: see fields/row
+            n = _committed_rows(_row_datasets(self._f()), n)[key]
         if obj.shape[0] < n:
             raise EnsembleError(
-                f"{self.path}: {key} has {obj.shape[0]} rows < n_committed={n}; the file is damaged (run verify)"
+                f"{self.path}: {key} has {obj.shape[0]} rows < its {n} committed rows; the file is damaged (run verify)"
             )
         r = range(n)[rows if rows is not None else slice(None)]
         if len(r) == 0:

@@ -13,8 +13,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ._checkpoint import CHECKPOINT_GROUP, _SLOTS, _ensure_checkpoint, _read_state, _write_state
-from ._format import ROW_GROUPS, _common_length, _meta_from_attrs, _row_datasets
+from ._checkpoint import _SLOTS, CHECKPOINT_GROUP, _ensure_checkpoint, _read_state, _write_state
+from ._format import FIELD_INDEX, ROW_GROUPS, _committed_rows, _common_length, _meta_from_attrs, _row_datasets
 from ._h5 import (
     _SHA_DTYPE,
     _UTC_DTYPE,
@@ -48,6 +48,10 @@ class EnsembleWriter:
 
     A context manager: ``with EnsembleWriter.create(path, meta) as w: w.append(rows, state)``.
 
+    Configurations (``fields/*``) may be stored for only some rows (``meta.storage["save_every"]``
+    > 1): then every commit passes ``fields/row``, the rows its configurations belong to, and the
+    ``fields/*`` arrays have one entry per stored configuration (possibly none).
+
     Attributes
     ----------
     path : Path
@@ -66,6 +70,8 @@ class EnsembleWriter:
         self.path = path
         self.meta = meta
         self._n = 0
+        self._m = 0  # committed rows of fields/* (= _n unless fields/row indexes them)
+        self._dataset_attrs: dict[str, dict[str, Any]] = {}
         self._keys: frozenset[str] | None = None  # fixed after the first commit
         self._hashers: dict[str, Any] = {}
         self._slot = -1  # checkpoint slot of the committed state (-1: none)
@@ -77,7 +83,14 @@ class EnsembleWriter:
     # -- construction ----------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], meta: EnsembleMeta, *, force: bool = False) -> EnsembleWriter:
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        meta: EnsembleMeta,
+        *,
+        force: bool = False,
+        dataset_attrs: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> EnsembleWriter:
         """Create a new, empty ensemble (``n_committed = 0``) at ``path``.
 
         Parameters
@@ -89,6 +102,9 @@ class EnsembleWriter:
         force : bool
             Replace an existing file. Without it an existing ``path`` raises
             :class:`EnsembleExistsError` and is left untouched.
+        dataset_attrs : mapping or None
+            ``{"observables/plaquette": {"description": "...", "exact": True}, ...}``: HDF5
+            attributes set on each dataset when it is created (with the first commit).
 
         Notes
         -----
@@ -131,7 +147,14 @@ class EnsembleWriter:
                 tmp.unlink()
         f = _open_h5(path, "r+")
         _configure_cache(f)
-        return cls(f, path, meta, _token=_PRIVATE)
+        w = cls(f, path, meta, _token=_PRIVATE)
+        w.set_dataset_attrs(dataset_attrs or {})
+        return w
+
+    def set_dataset_attrs(self, dataset_attrs: Mapping[str, Mapping[str, Any]]) -> None:
+        """Attributes for datasets not created yet (see :meth:`create`); existing ones keep theirs."""
+        for key, attrs in dataset_attrs.items():
+            self._dataset_attrs[str(key).strip("/")] = dict(attrs)
 
     @classmethod
     def resume(cls, path: str | os.PathLike[str]) -> tuple[EnsembleWriter, bytes | None]:
@@ -172,25 +195,28 @@ class EnsembleWriter:
                     raise EnsembleError(f"{path}: root attribute 'n_committed' is not a non-negative integer")
             else:
                 n = _common_length(datasets)
+            committed = _committed_rows(datasets, n)
             for name, ds in datasets.items():
-                if ds.ndim == 0 or ds.shape[0] < n:
-                    raise EnsembleError(f"{path}: {name} has fewer rows than n_committed={n}; file is damaged")
+                if ds.ndim == 0 or ds.shape[0] < committed[name]:
+                    raise EnsembleError(
+                        f"{path}: {name} has fewer rows than its {committed[name]} committed ones; file is damaged"
+                    )
                 if ds.chunks is None or ds.maxshape[0] is not None:
                     raise EnsembleError(f"{path}: {name} is not resizable along axis 0; cannot append")
             hashers: dict[str, Any] = {}
             for name, ds in datasets.items():
                 if name.startswith("fields/"):
-                    hashers[name] = _check_and_hash(path, name, ds, n)
+                    hashers[name] = _check_and_hash(path, name, ds, committed[name])
             state, slot = _read_state(f, n)
             # -- from here on the file is modified: discard uncommitted rows, repair attributes
-            for ds in datasets.values():
-                if ds.shape[0] != n:
-                    ds.resize(n, axis=0)
+            for name, ds in datasets.items():
+                if ds.shape[0] != committed[name]:
+                    ds.resize(committed[name], axis=0)
             f.flush()
             for name, h in hashers.items():
                 ds = datasets[name]
                 _set_attr(ds, "sha256", _fixed(h.hexdigest(), _SHA_DTYPE))
-                _set_attr(ds, "sha256_rows", np.int64(n))
+                _set_attr(ds, "sha256_rows", np.int64(committed[name]))
             _ensure_checkpoint(f)
             _set_attr(f[CHECKPOINT_GROUP], "current", np.int64(slot))
             f.flush()
@@ -204,6 +230,7 @@ class EnsembleWriter:
             raise EnsembleError(f"{path}: cannot resume: {type(exc).__name__}: {exc}") from None
         w = cls(f, path, meta, _token=_PRIVATE)
         w._n = n
+        w._m = committed.get(FIELD_INDEX, n)
         w._hashers = hashers
         w._slot = slot
         w._keys = frozenset(datasets) if n > 0 else None
@@ -248,8 +275,9 @@ class EnsembleWriter:
         if state is not None and not isinstance(state, (bytes, bytearray, memoryview)):
             raise TypeError(f"state must be bytes or None, got {type(state).__name__}")
         arrays = self._prepare(rows)
-        n_add = next(iter(arrays.values())).shape[0]
+        n_add = next(a.shape[0] for k, a in arrays.items() if not k.startswith("fields/"))
         n_new = self._n + n_add
+        m_new = self._m + (arrays[FIELD_INDEX].shape[0] if FIELD_INDEX in arrays else n_add)
         new_hashers: dict[str, Any] = {}
         for key, arr in arrays.items():
             if key.startswith("fields/"):
@@ -262,15 +290,19 @@ class EnsembleWriter:
             for key, arr in arrays.items():
                 ds = self._dataset(key)
                 if ds is None:
-                    ds = self._datasets[key] = _create_row_dataset(f, key, arr)
-                ds.resize(n_new, axis=0)
-                ds[self._n : n_new] = arr
+                    ds = self._datasets[key] = _create_row_dataset(
+                        f, key, arr, self.meta.storage, self._dataset_attrs.get(key)
+                    )
+                start, stop = (self._m, m_new) if key.startswith("fields/") else (self._n, n_new)
+                ds.resize(stop, axis=0)
+                if stop > start:
+                    ds[start:stop] = arr
             _write_state(self._slots[slot], state, n_new)
             f.flush()
             # 2. checksums covering the new rows, and the slot pointer
             for key, h in new_hashers.items():
                 _set_attr(self._datasets[key], "sha256", _fixed(h.hexdigest(), _SHA_DTYPE))
-                _set_attr(self._datasets[key], "sha256_rows", np.int64(n_new))
+                _set_attr(self._datasets[key], "sha256_rows", np.int64(m_new))
             _set_attr(self._checkpoint, "current", np.int64(slot))
             _set_attr(f, "last_commit_utc", _fixed(_utc_now(), _UTC_DTYPE))
             f.flush()
@@ -281,6 +313,7 @@ class EnsembleWriter:
             self._broken = f"{type(exc).__name__}: {exc}"
             raise
         self._n = n_new
+        self._m = m_new
         self._hashers.update(new_hashers)
         self._keys = frozenset(arrays)
         self._slot = slot
@@ -321,19 +354,35 @@ class EnsembleWriter:
             arr = np.asarray(value)
             if arr.ndim == 0:
                 raise ValueError(f"{key}: needs a leading row axis, got a scalar")
+            out[key] = _storage_array(key, arr)
+        indexed = FIELD_INDEX in out
+        for key, arr in out.items():
+            if indexed and key.startswith("fields/"):
+                continue  # checked against fields/row below
             if n is None:
                 n = arr.shape[0]
             elif arr.shape[0] != n:
                 raise ValueError(f"{key}: has {arr.shape[0]} rows, other arrays have {n}")
-            out[key] = _storage_array(key, arr)
-        assert n is not None
+        if n is None:
+            raise ValueError("rows need at least one dataset outside fields/ (markov/, weights/, observables/)")
         if n == 0:
             raise ValueError("append needs at least one row")
+        if indexed:
+            idx = out[FIELD_INDEX]
+            for key, arr in out.items():
+                if key.startswith("fields/") and arr.shape[0] != idx.shape[0]:
+                    raise ValueError(f"{key}: has {arr.shape[0]} configurations, {FIELD_INDEX} has {idx.shape[0]}")
+            if idx.size and (np.any(np.diff(idx) <= 0) or int(idx[0]) < self._n or int(idx[-1]) >= self._n + n):
+                raise ValueError(
+                    f"{FIELD_INDEX}: must be strictly increasing rows of this commit, in [{self._n}, {self._n + n})"
+                )
         keys = frozenset(out)
         if self._keys is not None:
             missing, extra = sorted(self._keys - keys), sorted(keys - self._keys)
             if missing or extra:
-                raise ValueError(f"rows must have exactly the keys of earlier commits; missing {missing}, extra {extra}")
+                raise ValueError(
+                    f"rows must have exactly the keys of earlier commits; missing {missing}, extra {extra}"
+                )
         else:
             present = frozenset(_row_datasets(f))
             for key in present & keys:
