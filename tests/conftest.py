@@ -90,7 +90,6 @@ import select as _select
 import signal as _signal
 import subprocess as _subprocess
 import sys as _sys
-import time as _time
 from dataclasses import dataclass as _dataclass
 from pathlib import Path as _Path
 

@@ -37,6 +37,8 @@ from scipy.special import ive
 
 from latflow.gauge import (
     planes,
+    random_u1_gauge_transform,
+    u1_gauge_transform,
     u1_plaquette_angles,
     u1_polyakov_loop,
     u1_wilson_loops,
@@ -173,6 +175,23 @@ class U1GaugeAction:
             obs["topological_charge_sq"] = q * q
         return obs
 
+    def observable_descriptions(self) -> dict[str, str]:
+        """What each observable of :meth:`observables` is (lattice units, angles in radians)."""
+        out = {
+            "action": "S = -beta sum_p cos(theta_p), the Wilson gauge action summed over all plaquettes",
+            "plaquette": "(1 / (n_planes V)) sum_p cos(theta_p), in [-1, 1]",
+        }
+        for r, t in self.wilson_loop_sizes:
+            out[f"wilson_loop_{r}x{t}"] = (
+                f"Re of the {r}x{t} Wilson loop, averaged over sites, planes and both orientations"
+            )
+        out["polyakov_loop"] = "Re of the spatial average of the Polyakov loop along axis 0 (time)"
+        out["polyakov_loop_abs"] = "|spatial average of the Polyakov loop along axis 0|"
+        if self.lattice.dim == 2:
+            out["topological_charge"] = "geometric Q = (1/2pi) sum_x arg P_01(x), arg in (-pi, pi]; an integer"
+            out["topological_charge_sq"] = "Q^2 (its mean / V is the topological susceptibility)"
+        return out
+
     def derived_observables(self) -> dict[str, Derived]:
         if self.lattice.dim != 2:
             return {}
@@ -182,6 +201,14 @@ class U1GaugeAction:
                 ("topological_charge_sq",), lambda q2: q2 / v, "<Q^2> / V (per site)"
             )
         }
+
+    def exact_means(self) -> dict[str, float]:
+        """Means fixed by symmetry: ``<Re P> = 0`` (center symmetry: the links of one time slice times
+        ``e^{i alpha}`` leave the action invariant and rotate ``P``) and, in 2D, ``<Q> = 0`` (``theta -> -theta``)."""
+        means = {"polyakov_loop": 0.0}
+        if self.lattice.dim == 2:
+            means["topological_charge"] = 0.0
+        return means
 
 
 # --- exact results on the 2D torus -------------------------------------------
@@ -327,6 +354,138 @@ def exact_topological_susceptibility_infinite(beta: float) -> float:
         raise ValueError(f"exact results are implemented for beta >= 0, got {beta}")
     j0, _, j2 = _j_integrals(beta, np.array([0]))
     return float(j2[0] / j0[0] / (4 * math.pi**2))
+
+
+# --- exact (independent) samples on the 2D torus -------------------------------
+#
+# On the L0 x L1 torus the Haar measure on links factorises into the V = L0 L1 plaquette angles,
+# constrained only by sum_x theta_p(x) = 0 mod 2pi, two holonomies (Wilson lines winding around the
+# two cycles) and V - 1 gauge angles; the Wilson action depends on the plaquettes alone. So the
+# plaquette angles are independent von Mises(beta) variables conditioned on the constraint, the
+# holonomies are uniform and independent of them, and the gauge angles are uniform. This gives
+# independent exact samples of the theory, for any beta, without a Markov chain: a reference tool
+# for tests (a chain started from it is in equilibrium from its first step, whatever its
+# autocorrelation time) and for checks of other samplers.
+
+
+def _numpy_generator(generator: torch.Generator) -> np.random.Generator:
+    """A numpy ``Generator`` seeded from the torch stream (which is advanced by the draw)."""
+    seed = torch.randint(0, 2**62, (4,), generator=generator, dtype=torch.int64).tolist()
+    return np.random.default_rng(np.random.SeedSequence(seed))
+
+
+def sample_plaquettes_2d(beta: float, shape: tuple[int, int], n: int, generator: torch.Generator) -> torch.Tensor:
+    """Exact independent draws of the plaquette angles of the 2D U(1) Wilson theory.
+
+    ``V = L0 L1`` angles ``theta_p`` in ``(-pi, pi]`` with density
+    ``prod_p exp(beta cos theta_p)`` restricted to ``sum_p theta_p = 0 mod 2pi``. Rejection sampling:
+    ``V - 1`` angles are drawn from von Mises(beta), the last is fixed by the constraint (wrapped into
+    ``(-pi, pi]``) and the draw is accepted with probability ``exp(beta (cos theta_V - 1))``. The
+    acceptance rate is ``>= e^{-2 beta}`` and about ``I_0(beta) e^{-beta}`` on large lattices.
+
+    Parameters
+    ----------
+    beta
+        Coupling, ``>= 0``.
+    shape
+        ``(L0, L1)``.
+    n
+        Number of configurations.
+    generator
+        Random stream (torch; a numpy generator is seeded from it).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[n, L0, L1]`` float64; ``sum`` over a configuration is ``2 pi Q`` with ``Q`` the geometric
+        topological charge (an integer).
+    """
+    p = _plaquette_count(shape)
+    if not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"exact sampling is implemented for finite beta >= 0, got {beta}")
+    if n < 0:
+        raise ValueError(f"number of configurations must be >= 0, got {n}")
+    rng = _numpy_generator(generator)
+    rate = max(float(ive(0, beta)), math.exp(-2 * beta))  # expected acceptance, >= its lower bound
+    out: list[np.ndarray] = []
+    have = 0
+    while have < n:
+        m = int(min(1 << 20, max(16, 1.2 * (n - have) / rate)))
+        free = rng.vonmises(0.0, beta, size=(m, p - 1)) if p > 1 else np.zeros((m, 0))
+        # the last angle closes the constraint, wrapped into (-pi, pi]
+        last = -free.sum(axis=1)
+        last = last - 2 * math.pi * np.ceil((last - math.pi) / (2 * math.pi))
+        keep = rng.random(m) < np.exp(beta * (np.cos(last) - 1.0))
+        angles = np.concatenate([free, last[:, None]], axis=1)[keep]
+        # wrap the von Mises draws into (-pi, pi] as well (numpy returns [-pi, pi])
+        angles = np.where(angles <= -math.pi, angles + 2 * math.pi, angles)
+        out.append(angles)
+        have += angles.shape[0]
+    angles = np.concatenate(out, axis=0)[:n] if out else np.zeros((0, p))
+    return torch.from_numpy(np.ascontiguousarray(angles)).reshape(n, *(int(L) for L in shape))
+
+
+def u1_links_with_plaquettes(plaquettes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Haar-random 2D links with given plaquette angles: uniform holonomies and gauge.
+
+    Builds links in the axial gauge ``theta_0(t, x) = 0`` for ``t < L0 - 1``: ``theta_1(t, x)`` is
+    ``theta_1(0, x)`` plus the plaquettes below ``t``, and ``theta_0(L0 - 1, x)`` closes the time
+    direction; ``theta_1(0, x)`` and ``theta_0(L0 - 1, 0)`` (which carry the two holonomies) are uniform.
+    A uniform random gauge transformation is applied last.
+
+    Parameters
+    ----------
+    plaquettes
+        ``[n, L0, L1]`` angles with ``sum_x theta_p(x) = 0 mod 2pi`` per configuration.
+    generator
+        Random stream.
+
+    Returns
+    -------
+    torch.Tensor
+        Links ``[n, 2, L0, L1]`` (float64, wrapped into ``(-pi, pi]``) whose plaquette angles
+        (:func:`latflow.gauge.u1_plaquette_angles`, plane ``(0, 1)``) equal ``plaquettes`` mod ``2 pi``.
+    """
+    if plaquettes.dim() != 3:
+        raise ValueError(f"plaquettes must be [n, L0, L1], got {list(plaquettes.shape)}")
+    p = plaquettes.to(torch.float64)
+    n, l0, l1 = p.shape
+    two_pi = 2 * math.pi
+    cols = p.sum(dim=1)  # [n, L1]: B(x) = sum_t theta_p(t, x), with sum_x B(x) = 0 mod 2pi
+    theta = torch.zeros(n, 2, l0, l1, dtype=torch.float64)
+    c = two_pi * torch.rand(n, 1, l1, generator=generator, dtype=torch.float64)
+    theta[:, 1] = c + torch.cumsum(p, dim=1) - p  # theta_1(t, x) = theta_1(0, x) + sum_{t' < t} p(t', x)
+    h0 = two_pi * torch.rand(n, 1, generator=generator, dtype=torch.float64)
+    # theta_0(L0-1, x+1) = theta_0(L0-1, x) - B(x)
+    theta[:, 0, l0 - 1] = h0 - (torch.cumsum(cols, dim=1) - cols)
+    alpha = random_u1_gauge_transform((n, l0, l1), generator)
+    return wrap_angle(u1_gauge_transform(theta, alpha))
+
+
+def sample_exact_2d(beta: float, shape: tuple[int, int], n: int, generator: torch.Generator) -> torch.Tensor:
+    """Independent exact samples of the 2D U(1) Wilson theory on the ``L0 x L1`` torus.
+
+    Plaquette angles from :func:`sample_plaquettes_2d`, links from :func:`u1_links_with_plaquettes`.
+    Every configuration is an independent draw from ``exp(-S) / Z`` (with the Haar measure), in
+    every topological sector with its exact weight.
+
+    Parameters
+    ----------
+    beta
+        Coupling, ``>= 0``.
+    shape
+        ``(L0, L1)``.
+    n
+        Number of configurations.
+    generator
+        Random stream.
+
+    Returns
+    -------
+    torch.Tensor
+        Links ``theta`` ``[n, 2, L0, L1]``, float64, in ``(-pi, pi]``.
+    """
+    return u1_links_with_plaquettes(sample_plaquettes_2d(beta, shape, n, generator), generator)
 
 
 def build(params: U1Params, lattice: Lattice) -> U1GaugeAction:
