@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -19,6 +20,19 @@ from .config import JobConfig, JobError, load_job
 
 log = logging.getLogger("latflow")
 DEFAULT_EXAMPLE = "phi4_default.toml"
+#: exit status after SIGTERM (what batch schedulers send before they kill a job): 128 + 15, as a shell reports it
+EXIT_TERMINATED = 128 + signal.SIGTERM
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
+RESUME_HINT = "committed rows and checkpoints are kept; rerun the same command with --resume to continue"
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM (handled like Ctrl-C)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated(signum)
 
 
 def _job_args(p: argparse.ArgumentParser, optional_job: bool = False) -> None:
@@ -103,6 +117,7 @@ def _run_job(args: argparse.Namespace) -> int:
         runner.log_job(job, comm)
         if args.command in ("train", "run") and job.uses_flow:
             runner.train(job, resume=args.resume, comm=comm)
+            comm.barrier()  # the checkpoint is complete before any rank samples with it
         if args.command in ("sample", "run"):
             path = runner.sample(job, resume=args.resume, force=args.force, comm=comm)
             if args.command == "run" and comm.is_root:
@@ -125,7 +140,9 @@ def _abort_all_ranks(comm, exc: BaseException) -> None:
     elif isinstance(exc, TrainingDivergedError):
         code, message = 3, f"latflow: error: {_one_line(exc)}"
     elif isinstance(exc, KeyboardInterrupt):
-        code, message = 130, "latflow: interrupted; rerun with --resume to continue"
+        code, message = EXIT_INTERRUPTED, f"latflow: interrupted; {RESUME_HINT}"
+    elif isinstance(exc, Terminated):
+        code, message = EXIT_TERMINATED, f"latflow: terminated (SIGTERM); {RESUME_HINT}"
     else:
         import traceback
 
@@ -178,9 +195,21 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``latflow`` command; returns the exit status.
+
+    0: done; 1: an unexpected error (traceback); 2: a usage, job or file mistake (one line);
+    3: training diverged or a solver did not converge; 130: interrupted (SIGINT);
+    143: terminated (SIGTERM). After 130 and 143 every committed row is kept and ``--resume``
+    continues the run.
+    """
     args = make_parser().parse_args(argv)
+    previous = None
     try:
         if args.command in ("train", "sample", "run"):
+            try:
+                previous = signal.signal(signal.SIGTERM, _raise_terminated)
+            except ValueError:  # not the main thread: leave signals alone
+                previous = None
             return _run_job(args)
         if args.command == "analyze":
             return _analyze(args)
@@ -199,8 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 3
     except KeyboardInterrupt:
-        print("latflow: interrupted; rerun with --resume to continue", file=sys.stderr)
-        return 130
+        print(f"latflow: interrupted; {RESUME_HINT}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"latflow: terminated (SIGTERM); {RESUME_HINT}", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

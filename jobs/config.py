@@ -108,10 +108,23 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """``path``: the ensemble; ``model``: the flow checkpoint (default: ``<path stem>.model.pt``)."""
+    """``path``: the ensemble; ``model``: the flow checkpoint (default: ``<path stem>.model.pt``).
+
+    ``save_every``: store a configuration (``fields/*``) every ``save_every`` Markov steps of each
+    chain; observables, weights and Markov data are stored at every step (``fields/row`` maps the
+    stored configurations to their rows). The default 1 keeps every configuration: an ensemble is
+    kept to measure what was not thought of when it was made, and thinning cannot be undone. For
+    long, strongly correlated chains (HMC at large beta) choose about tau_int of the slowest
+    observable you might still want to measure. ``compression``: HDF5 filter on ``fields/*``
+    (``"gzip"`` at ``compression_level`` 1-9, or ``"lzf"``; with byte shuffling); checksums are
+    over the stored values, so they do not depend on it.
+    """
 
     path: str
     model: str = ""
+    save_every: int = 1
+    compression: Literal["none", "gzip", "lzf"] = "none"
+    compression_level: int = 4
 
     @property
     def model_path(self) -> Path:
@@ -189,7 +202,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.n_mix": POSITIVE,
     "model.n_bins": POSITIVE,
     "model.hidden": (lambda v: all(c > 0 for c in v), "a list of positive integers"),
-    "train.steps": NON_NEGATIVE,
+    "train.steps": POSITIVE,
     "train.batch_size": POSITIVE,
     "train.lr": POSITIVE,
     "train.checkpoint_every": NON_NEGATIVE,
@@ -213,6 +226,8 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "sampler.cg_tol": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "sampler.cg_max_iter": POSITIVE,
     "output.path": (lambda v: v.strip() != "", "a non-empty file name"),
+    "output.save_every": POSITIVE,
+    "output.compression_level": (lambda v: 1 <= v <= 9, "an integer in [1, 9]"),
     "run.seed": (lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)"),
 }
 # what a required section must hold (for the message when it is missing)
@@ -440,6 +455,13 @@ def _check_consistency(job: JobConfig) -> None:
             f"{src}: 'sampler.kind' = {job.sampler.kind!r} needs a theory with fermions (schwinger); "
             f"theory '{job.theory.name}' has none: use 'hmc' or 'flow-mcmc'"
         )
+    if pseudofermions and job.sampler.even_odd:
+        odd = [n for n in job.lattice.shape if n % 2]
+        if odd:
+            raise JobError(
+                f"{src}: 'sampler.even_odd' = true on 'lattice.shape' = {list(job.lattice.shape)}: extent {odd[0]} "
+                "is odd; even/odd preconditioning needs even extents (or set sampler.even_odd = false)"
+            )
     if pseudofermions and job.sampler.hasenbusch_kappas:
         kappa = float(job.theory.couplings.kappa)
         if max(job.sampler.hasenbusch_kappas) >= kappa:
@@ -509,3 +531,10 @@ def sampler_settings(job: JobConfig) -> dict[str, Any]:
         "dtype": job.run.dtype,
         **(pf if s.kind == "pf-hmc" else {}),
     }
+
+
+def storage_settings(job: JobConfig) -> dict[str, Any]:
+    """The ``storage`` attribute of the ensemble: how often configurations are kept, and their filter."""
+    o = job.output
+    level = o.compression_level if o.compression == "gzip" else 0
+    return {"save_every": o.save_every, "compression": o.compression, "compression_level": level}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from latflow import checkpoint
 from latflow.analysis import DerivedObservable, analyze_ensemble
 from latflow.ensemble import EnsembleError, EnsembleMeta, EnsembleReader, EnsembleWriter
+from latflow.ensemble._format import FIELD_INDEX
 from latflow.flows import FlowModel, make_affine_flow, model_sha256
 from latflow.flows.gauge_layers import make_u1_equivariant_flow
 from latflow.lattice import Lattice
@@ -27,7 +29,7 @@ from latflow.samplers import HMC, FlowMCMC, PseudofermionFlowMCMC, Pseudofermion
 from latflow.theories import get_spec
 from latflow.training import ReverseKLTrainer, TrainingDivergedError
 
-from .config import JobConfig, JobError, sampler_settings, to_dict
+from .config import JobConfig, JobError, sampler_settings, storage_settings, to_dict
 from .progress import Progress
 
 log = logging.getLogger("latflow")
@@ -102,14 +104,72 @@ def preflight(job: JobConfig, command: str, *, resume: bool, force: bool) -> Non
         raise JobError(f"{ens}: ensemble exists; use --resume to append or --force to replace it")
     if command in ("train", "run") and job.uses_flow and model.exists() and not (resume or force):
         raise JobError(f"{model}: model checkpoint exists; use --resume to continue or --force to retrain")
+    # --force replaces only what latflow wrote: never a notes file, a foreign HDF5 file, ...
+    if force and command in ("sample", "run") and ens.exists():
+        _require_ensemble(ens)
+    if force and command in ("train", "run") and job.uses_flow and model.exists():
+        _require_model_checkpoint(model)
+    # --resume continues something: with nothing there, a fresh chain would pass for a continued one
+    if resume:
+        _require_something_to_resume(job, command, ens, model)
     if command == "sample" and job.uses_flow and not model.exists():
-        raise JobError(f"{model}: no trained model; run 'latflow train {src}' first (or 'latflow run')")
+        raise JobError(
+            f"{model}: no trained model; train it first ('latflow run' trains and samples) with: "
+            f"{command_line(job, 'train')}"
+        )
     if job.run.device == "cuda" and not torch.cuda.is_available():
         raise JobError(f"{src}: 'run.device' = 'cuda' but no CUDA device is available; allowed here: 'cpu'")
     if job.uses_flow and model.exists() and (command == "sample" or (resume and command in ("train", "run"))):
         read_checkpoint(job, model)
     if resume and command in ("sample", "run") and ens.exists():
         _check_resumable(ens, _meta(job, build_theory(job), None), check_model=False)
+
+
+def command_line(job: JobConfig, command: str) -> str:
+    """``latflow COMMAND JOB`` with the user's ``--set``/``--out``/``--device`` changes, shell-quoted."""
+    parts = ["latflow", command, shlex.quote(job.source)]
+    for change in job.overrides:
+        option, _, value = change.partition(" ")
+        parts += [option, shlex.quote(value)]
+    return " ".join(parts)
+
+
+def _require_ensemble(path: Path) -> None:
+    """``JobError`` unless ``path`` is a latflow ensemble (what ``--force`` may replace)."""
+    try:
+        with EnsembleReader(path):
+            pass
+    except EnsembleError as exc:
+        reason = str(exc).removeprefix(f"{path}: ")
+        raise JobError(
+            f"{path}: not a latflow ensemble ({reason}); --force replaces only ensembles that latflow wrote: "
+            "choose another output path or move the file away"
+        ) from None
+
+
+def _require_model_checkpoint(path: Path) -> None:
+    """``JobError`` unless ``path`` is a latflow model checkpoint (what ``--force`` may replace)."""
+    try:
+        state = checkpoint.load(path)
+        ok = isinstance(state, dict) and isinstance(state.get("model"), dict) and "signature" in state
+    except Exception:  # torch raises many kinds on a file that is not a checkpoint
+        ok = False
+    if not ok:
+        raise JobError(
+            f"{path}: not a latflow model checkpoint; --force replaces only checkpoints that latflow wrote: "
+            "choose another 'output.model' or move the file away"
+        )
+
+
+def _require_something_to_resume(job: JobConfig, command: str, ens: Path, model: Path) -> None:
+    fresh = "run without --resume to start"
+    if command == "sample" and not ens.exists():
+        raise JobError(f"{ens}: nothing to resume (no such ensemble); {fresh} a new chain")
+    if command == "train" and not model.exists():
+        raise JobError(f"{model}: nothing to resume (no such model checkpoint); {fresh} training")
+    if command == "run" and not ens.exists() and not (job.uses_flow and model.exists()):
+        what = f"no ensemble {ens}" + (f" and no model checkpoint {model}" if job.uses_flow else "")
+        raise JobError(f"{ens}: nothing to resume ({what}); {fresh} a new run")
 
 
 # --- training -----------------------------------------------------------------
@@ -191,15 +251,37 @@ def read_checkpoint(job: JobConfig, path: Path, device: torch.device | str = "cp
     return state
 
 
-def load_model(job: JobConfig, device: torch.device) -> FlowModel:
-    """The trained flow of the job (checkpoint at ``output.model``)."""
+def load_model(job: JobConfig, device: torch.device, comm: SerialComm | None = None) -> FlowModel:
+    """The trained flow of the job (checkpoint at ``output.model``), the same on every rank.
+
+    Rank 0 reads the checkpoint and broadcasts its weights, so that every rank samples with the
+    model rank 0 finished writing (and records in ``model_sha256``), never with a checkpoint that a
+    slower rank 0 is still replacing; each rank then checks its weights' hash against rank 0's.
+    """
+    comm = comm or SerialComm()
     path = job.output.model_path
-    state = read_checkpoint(job, path, device)
+    payload: dict[str, Any] | None = None
+    error = ""
+    if comm.is_root:
+        try:
+            state = read_checkpoint(job, path, "cpu")
+            complete = bool(state.get("complete", False))
+            payload = {"model": state["model"], "complete": complete, "step": state.get("step")}
+        except JobError as exc:
+            error = str(exc)
+    payload, error = comm.bcast((payload, error))
+    if error:
+        raise JobError(error)
+    assert payload is not None
     model = build_model(job, device)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(payload["model"])
     model.eval()
-    if not state.get("complete", False):
-        log.warning("model %s is from an unfinished training run (step %s)", path, state.get("step"))
+    sha = model_sha256(model)
+    root_sha = comm.bcast(sha)
+    if sha != root_sha:
+        raise JobError(f"{path}: the model on rank {comm.rank} differs from rank 0's (sha256 {sha} != {root_sha})")
+    if not payload["complete"] and comm.is_root:
+        log.warning("model %s is from an unfinished training run (step %s)", path, payload["step"])
     return model
 
 
@@ -254,7 +336,62 @@ def _meta(job: JobConfig, theory: Any, model: FlowModel | None) -> EnsembleMeta:
         seed=job.run.seed,
         job=job.record,
         model_sha256=model_sha256(model) if model is not None else "",
+        storage=storage_settings(job),
     )
+
+
+def dataset_attrs(theory: Any) -> dict[str, dict[str, Any]]:
+    """HDF5 attributes of the ensemble's observable datasets, from what the theory says about them.
+
+    ``theory.observable_descriptions()`` (name -> text) gives ``description``;
+    ``theory.observable_info()`` (name -> ``"exact: ..."`` or ``"stochastic: ..."``) gives
+    ``estimator`` (and the description where there is none); ``theory.observable_attrs()``
+    (name -> {attribute: value}, optional) adds more.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    describe = getattr(theory, "observable_descriptions", None)
+    for name, text in (describe() if callable(describe) else {}).items():
+        out.setdefault(f"observables/{name}", {})["description"] = str(text)
+    info = getattr(theory, "observable_info", None)  # "exact: ..." / "stochastic: ..." by name
+    for name, text in (info() if callable(info) else {}).items():
+        kind, sep, _ = str(text).partition(":")
+        entry = out.setdefault(f"observables/{name}", {})
+        if sep and kind.strip() in ("exact", "stochastic"):
+            entry["estimator"] = kind.strip()
+        entry.setdefault("description", str(text))
+    extra = getattr(theory, "observable_attrs", None)
+    for name, attrs in (extra() if callable(extra) else {}).items():
+        out.setdefault(f"observables/{name}", {}).update(attrs)
+    return out
+
+
+def thin_fields(rows: dict[str, np.ndarray], recorded: int, k: int, save_every: int) -> dict[str, np.ndarray]:
+    """Keep the configurations of a block only every ``save_every`` steps of each chain.
+
+    Parameters
+    ----------
+    rows
+        One rank's block: ``k`` steps of ``B`` chains, trajectory-major (``k * B`` rows).
+    recorded
+        Steps per chain recorded before this block.
+    k
+        Steps in this block.
+    save_every
+        A configuration is kept after step ``i`` (0-based, per chain, counted from the first
+        recorded step) when ``(i + 1) % save_every == 0``.
+
+    Returns
+    -------
+    dict
+        ``rows`` with ``fields/*`` cut to the kept configurations and ``fields/row``, their
+        (block-relative) row numbers, int64 ``(m,)``.
+    """
+    n = len(rows["markov/chain"])
+    i = recorded + np.arange(n) // max(1, n // k)
+    keep = (i + 1) % save_every == 0
+    out = {key: (value[keep] if key.startswith("fields/") else value) for key, value in rows.items()}
+    out[FIELD_INDEX] = np.flatnonzero(keep).astype(np.int64)
+    return out
 
 
 def _check_resumable(path: Path, meta: EnsembleMeta, *, check_model: bool = True) -> None:
@@ -268,6 +405,7 @@ def _check_resumable(path: Path, meta: EnsembleMeta, *, check_model: bool = True
         ("lattice_shape", tuple(old.lattice_shape), tuple(meta.lattice_shape)),
         ("seed", old.seed, meta.seed),
         ("sampler", json.loads(json.dumps(theirs)), json.loads(json.dumps(mine))),
+        ("storage", old.storage_settings, meta.storage_settings),
     ]
     if check_model:
         checks.append(("model_sha256", old.model_sha256, meta.model_sha256))
@@ -280,7 +418,7 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
     """Sample the job's ensemble (rank 0 writes; every rank runs its own chain(s))."""
     device = rank_device(job, comm)
     theory = build_theory(job)
-    model = load_model(job, device) if job.uses_flow else None
+    model = load_model(job, device, comm) if job.uses_flow else None
     sampler = _make_sampler(job, theory, model, comm, device)
     s = job.sampler
     path = Path(job.output.path)
@@ -295,9 +433,10 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
             if resume and path.exists():
                 _check_resumable(path, meta)
                 writer, blob = EnsembleWriter.resume(path)
+                writer.set_dataset_attrs(dataset_attrs(theory))
                 log.info("resuming %s at %d committed rows", path, writer.n_committed)
             else:
-                writer = EnsembleWriter.create(path, meta, force=force)
+                writer = EnsembleWriter.create(path, meta, force=force, dataset_attrs=dataset_attrs(theory))
         except (JobError, EnsembleError) as exc:
             error = str(exc)
     blob, error = comm.bcast((blob, error))
@@ -320,6 +459,8 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
             sampler.run(s.thermalization)
 
     chains = comm.size * (s.n_chains if isinstance(sampler, HMC) else 1)
+    first = recorded  # steps per chain recorded before this run
+    save_every = job.output.save_every
     bar = Progress(s.n_samples, "sample", every=s.log_every, enabled=comm.is_root, initial=recorded)
     n_acc = n_rows = 0
     try:
@@ -330,11 +471,16 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
             with torch.no_grad():
                 for name, value in theory.observables(block.x).items():
                     rows[f"observables/{name}"] = value.detach().cpu().numpy()
+            if save_every > 1:
+                rows = thin_fields(rows, recorded, k, save_every)
             recorded += k
             gathered = comm.gather((rows, sampler.state_dict()))
             if comm.is_root:
                 assert gathered is not None and writer is not None
                 merged = {key: np.concatenate([g[0][key] for g in gathered]) for key in rows}
+                if FIELD_INDEX in merged:  # block-relative rows of each rank -> rows of the file
+                    offsets = writer.n_committed + np.cumsum([0] + [len(g[0]["markov/chain"]) for g in gathered])
+                    merged[FIELD_INDEX] = np.concatenate([g[0][FIELD_INDEX] + o for g, o in zip(gathered, offsets)])
                 writer.append(merged, state_to_bytes({"ranks": [g[1] for g in gathered], "recorded": recorded}))
                 n_acc += int(merged["markov/accepted"].sum())
                 n_rows += len(merged["markov/accepted"])
@@ -344,7 +490,11 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
         if writer is not None:
             writer.close()
     if comm.is_root:
-        log.info("wrote %s: %d steps x %d chain(s), acceptance %.3f this run", path, recorded, chains, n_acc / max(n_rows, 1))
+        total = f"; {recorded} steps per chain in the file" if first else ""
+        log.info(
+            "wrote %s: %d steps x %d chain(s) this run%s, acceptance %.3f this run",
+            path, recorded - first, chains, total, n_acc / max(n_rows, 1),
+        )
     return path
 
 

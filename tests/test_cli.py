@@ -184,7 +184,7 @@ def test_flow_ensemble_metadata_and_order(flow, monkeypatch):
     import torch
 
     assert model_sha256(runner.load_model(job, torch.device("cpu"))) == sha
-    _check_markov_order(flow.ens, n_chains=1, n_steps=300)
+    _check_markov_order(flow.ens, n_chains=1, n_steps=300, first=100)  # default burn-in: one batch of 100
 
 
 def test_progress_lines_when_stderr_is_not_a_tty(flow):
@@ -282,3 +282,97 @@ def test_training_diverging_at_once_says_no_checkpoint_was_written(latflow_cli, 
     last = r.stderr.splitlines()[-1]
     assert last.startswith("latflow: error: training diverged") and "no checkpoint was written" in last, last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml"]
+
+
+# --- the hint of a missing model reproduces the user's arguments --------------------------------
+
+
+def test_missing_model_hint_is_a_command_that_works(latflow_cli, make_job, tmp_path):
+    import shlex
+
+    make_job(tmp_path, "flow", {"sampler.n_samples": 20, "sampler.commit_every": 10})
+    args = ["sample", "job.toml", "--out", "my run.h5", "--set", "train.steps=5"]
+    r = latflow_cli.run(args, tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, str(r)
+    m = re.search(r"no trained model; .* with: (latflow train .+)$", r.stderr.strip())
+    assert m, r.stderr
+    hint = shlex.split(m.group(1))
+    assert hint[:3] == ["latflow", "train", "job.toml"] and "--out" in hint and "my run.h5" in hint, hint
+    _ok(latflow_cli.run(hint[1:], tmp_path))  # the hint, as the user would paste it
+    assert (tmp_path / "my run.model.pt").exists()
+    _ok(latflow_cli.run(args, tmp_path))  # ... and then the original command works
+    with EnsembleReader(tmp_path / "my run.h5") as e:
+        assert e.n_committed == 20
+
+
+# --- configurations every save_every steps, compressed ------------------------------------------
+
+U1_HMC = {
+    "theory": {"name": "u1", "beta": 2.0},
+    "lattice": {"shape": [8, 8]},
+    "sampler": {"kind": "hmc", "n_samples": 200, "thermalization": 10, "n_chains": 4, "step_size": 0.25,
+                "n_steps": 4, "n_tune": 20, "commit_every": 25, "log_every": 1000},
+    "output": {"path": "full.h5"},
+    "run": {"seed": 5},
+}
+
+
+def test_save_every_keeps_every_observable_and_shrinks_the_file(latflow_cli, tmp_path):
+    """The same chain stored whole and every 10th configuration (gzip): observables, weights and Markov
+    data are identical, the stored configurations are exactly rows (i + 1) % 10 == 0 of the full file,
+    checksums verify, and the file is several times smaller."""
+    from conftest import job_toml
+
+    (tmp_path / "u1.toml").write_text(job_toml(U1_HMC), encoding="utf-8")
+    _ok(latflow_cli.run(["sample", "u1.toml"], tmp_path))
+    thin_args = ["sample", "u1.toml", "--out", "thin.h5", "--set", "output.save_every=10",
+                 "--set", 'output.compression="gzip"']
+    _ok(latflow_cli.run(thin_args, tmp_path))
+    for name in ("full.h5", "thin.h5"):
+        r = latflow_cli.run(["verify", name], tmp_path)
+        _ok(r)
+        assert "fields/links" in r.stdout
+    full, thin = tmp_path / "full.h5", tmp_path / "thin.h5"
+    with EnsembleReader(full) as a, EnsembleReader(thin) as b:
+        assert a.n_committed == b.n_committed == 200 * 4
+        for group in ("markov", "weights", "observables"):
+            assert a.names(group) == b.names(group)
+            for name in a.names(group):
+                np.testing.assert_array_equal(a.read(f"{group}/{name}"), b.read(f"{group}/{name}"), err_msg=name)
+        rows = b.read("fields/row")
+        step = a.read("markov/step")
+        # every chain keeps its steps 19, 29, ... (thermalisation 10: recorded step i = markov/step - 10)
+        assert len(rows) == 20 * 4
+        np.testing.assert_array_equal((step[rows] - 10 + 1) % 10, 0)
+        np.testing.assert_array_equal(b.read("fields/links"), a.read("fields/links")[rows])
+        assert json.loads(b.attrs["storage"]) == {"save_every": 10, "compression": "gzip", "compression_level": 4}
+        assert json.loads(a.attrs["storage"]) == {"save_every": 1, "compression": "none", "compression_level": 0}
+    with h5py.File(thin, "r") as f:
+        assert f["fields/links"].compression == "gzip"
+        for name in ("plaquette", "topological_charge"):
+            assert f[f"observables/{name}"].attrs["description"], name
+        stored = f["fields/links"].id.get_storage_size()
+    size_full, size_thin = full.stat().st_size, thin.stat().st_size
+    links_bytes = 800 * 2 * 8 * 8 * 8  # every configuration, float64
+    # a tenth of the configurations, gzip'd (random float64 angles hardly compress: <= 1.05x the raw bytes)
+    assert stored <= 1.05 * links_bytes / 10, stored
+    # the file loses at least 80 % of the configurations' bytes (the rest of a small file is chunk
+    # allocation of the per-row datasets, which does not grow with the configurations)
+    assert size_full - size_thin >= 0.8 * links_bytes, (size_full, size_thin)
+    # analyze reads the thinned file like any other (the observables are all there)
+    r1, r2 = (latflow_cli.run(["analyze", "--json", n], tmp_path) for n in ("full.h5", "thin.h5"))
+    _ok(r1)
+    _ok(r2)
+    assert json.loads(r1.stdout)["plaquette"]["mean"] == json.loads(r2.stdout)["plaquette"]["mean"]
+
+
+def test_every_dataset_describes_itself(flow):
+    """Observables carry the theory's description, the other datasets the format's (ENSEMBLE_FORMAT.md)."""
+    _ok(flow.sample)
+    with h5py.File(flow.ens, "r") as f:
+        for group in ROW_GROUPS:
+            for name, ds in f[group].items():
+                assert str(ds.attrs.get("description", "")).strip(), f"{group}/{name} has no description"
+        assert "V M^2" in f["observables/chi2"].attrs["description"]
+        assert "independent draws" in f["weights/proposal_log_w"].attrs["description"]
+        assert "thermalization" in f["markov/step"].attrs["description"]

@@ -672,3 +672,22 @@ def test_thinned_compressed_writer_survives_sigkill(tmp_path: Path) -> None:
         w, state = EnsembleWriter.resume(path)
         w.close()
         assert state == (b"s%d;" % last_n) * (last_n % 5 + 1)
+
+
+def test_the_format_document_describes_what_the_writer_stores(tmp_path: Path) -> None:
+    """ENSEMBLE_FORMAT.md (repository root) names every root attribute and dataset a writer creates."""
+    doc = (Path(__file__).resolve().parents[1] / "ENSEMBLE_FORMAT.md").read_text(encoding="utf-8")
+    path = tmp_path / "e.h5"
+    with EnsembleWriter.create(path, make_meta(storage=THIN)) as w:
+        rows = make_thinned_rows(0, 6)
+        rows["weights/proposal_log_w"] = rows["weights/log_p"]
+        w.append(rows)
+    with h5py.File(path, "r") as f:
+        for name in f.attrs:
+            assert f"`{name}`" in doc, f"root attribute {name} is not documented"
+        for group in ens.ROW_GROUPS:
+            for name, ds in f[group].items():
+                if group != "observables":  # observables are the theory's: described by the runner
+                    assert f"`{group}/{name}`" in doc, f"{group}/{name} is not documented"
+                    assert ds.attrs.get("description"), f"{group}/{name} has no description"
+        assert "`checkpoint/state_0`" in doc and "`n_committed`" in doc

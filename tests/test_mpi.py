@@ -198,7 +198,8 @@ def test_train_then_sample_one_chain_per_rank(trained: Path, capsys: pytest.Capt
     assert set(chains) == set(range(NP))
     for c, idx in chains.items():
         assert len(idx) == n_samples
-        np.testing.assert_array_equal(r["markov/step"][idx], np.arange(n_samples), err_msg=f"chain {c}")
+        # the default burn-in of flow-MCMC is one proposal batch (16 steps), counted in markov/step
+        np.testing.assert_array_equal(r["markov/step"][idx], np.arange(16, 16 + n_samples), err_msg=f"chain {c}")
     phi = r["fields/phi"]
     assert phi.shape == (NP * n_samples, 4, 4)
     a, b = (phi[chains[c]] for c in range(NP))
@@ -290,3 +291,32 @@ def test_single_process_never_imports_mpi4py(tmp_path: Path) -> None:
     _check(proc, "single-process run")
     assert "MPI4PY_IMPORTED False" in proc.stdout, proc.stdout
     assert (tmp_path / "flow.h5").exists() and (tmp_path / "flow.model.pt").exists()
+
+
+def test_run_samples_every_chain_with_the_finished_model(tmp_path: Path) -> None:
+    """`mpiexec -n 2 latflow run`: rank 1 used to start sampling while rank 0 was still writing the
+    final checkpoint, and sampled with an unfinished model. Every chain must come from the finished
+    model that `model_sha256` records: its stored log q(x) is that model's density at x."""
+    import torch
+
+    from latflow.flows import model_sha256
+    from latflow.jobs import runner
+    from latflow.jobs.config import load_job
+
+    # checkpoints every 5 steps: an unfinished checkpoint is on disk for most of the training
+    job = FLOW_JOB.replace("checkpoint_every = 10", "checkpoint_every = 5").replace("steps = 20", "steps = 40")
+    (tmp_path / "job.toml").write_text(job)
+    proc = mpirun("latflow", "run", "job.toml", "--out", "m.h5", "--set", "output.model=m.model.pt", cwd=tmp_path)
+    assert "unfinished training" not in proc.stderr, proc.stderr
+    ckpt = torch.load(tmp_path / "m.model.pt", weights_only=True)
+    assert ckpt["complete"] is True and ckpt["step"] == 40
+
+    cfg = load_job(tmp_path / "job.toml", ["output.model=" + str(tmp_path / "m.model.pt")], out=str(tmp_path / "m.h5"))
+    model = runner.load_model(cfg, torch.device("cpu"))
+    r = rows(tmp_path / "m.h5")
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        assert f.attrs["model_sha256"] == model_sha256(model)
+    with torch.no_grad():
+        log_q = model.log_prob(torch.from_numpy(r["fields/phi"])).numpy()
+    for c, idx in by_chain(r).items():
+        np.testing.assert_allclose(r["weights/log_q"][idx], log_q[idx], rtol=0, atol=1e-9, err_msg=f"chain {c}")

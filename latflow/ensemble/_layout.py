@@ -46,9 +46,11 @@ _DESCRIPTIONS = {
     ),
     "weights/log_w": "log importance weight of the row (0 for plain MCMC)",
     "weights/proposal_log_w": (
-        "flow-MCMC: log p(x') - log q(x') of the proposal x' drawn at this step, accepted or not "
-        "(unnormalised: log p = -S, so it is defined up to the constant -log Z); independent draws "
-        "from q, for the flow's reweighting ESS and tail diagnostics"
+        "flow samplers: log p(x') - log q(x') of the proposal x' drawn at this step, accepted or not "
+        "(independent draws from q). p is unnormalised (log p = -S; pf-flow-mcmc: the joint link and "
+        "pseudofermion density, normalised so that the mean of exp(proposal_log_w) estimates the same Z "
+        "as the exact-determinant weights), so weights are used self-normalised; for the flow's "
+        "reweighting ESS and the tail (Pareto k-hat) diagnostic"
     ),
     FIELD_INDEX: (
         "row (of markov/, weights/, observables/) that each stored configuration belongs to; present when "
