@@ -3,9 +3,10 @@
 Imports only :mod:`latflow` I/O, numpy and scipy (never theories or jobs).
 """
 
+from .diagnostics import ParetoTail, pareto_khat
 from .ess import acceptance_rate, ess, reweighting_log_w
 from .gamma import GammaResult, gamma_method, gamma_method_derived
-from .report import DerivedObservable, analyze_ensemble, format_table
+from .report import AnalysisInputError, DerivedObservable, analyze_ensemble, format_table
 
 __all__ = [
     "GammaResult",
@@ -17,4 +18,7 @@ __all__ = [
     "analyze_ensemble",
     "format_table",
     "DerivedObservable",
+    "AnalysisInputError",
+    "pareto_khat",
+    "ParetoTail",
 ]

@@ -64,6 +64,9 @@ class GammaResult:
         Summation window ``W`` chosen by the automatic windowing procedure.
     n : int
         Total number of samples over all replicas.
+    window_capped : bool
+        The automatic window reached its cap ``W_max - 1`` (``W_max = max_r(N_r) // 2``):
+        ``tau_int`` and ``err`` are then lower bounds.
     """
 
     mean: float
@@ -72,6 +75,7 @@ class GammaResult:
     tau_int_err: float
     window: int
     n: int
+    window_capped: bool = False
 
     def as_dict(self) -> dict:
         """Plain JSON-serialisable summary.
@@ -158,9 +162,7 @@ def _autocov_sum(d: np.ndarray, m: int) -> np.ndarray:
     return _fft.irfft(f.real**2 + f.imag**2, size)[:m]
 
 
-def _gamma_from_deltas(
-    deltas: list[np.ndarray], S: float, bias_correct: bool
-) -> tuple[float, float, float, int]:
+def _gamma_from_deltas(deltas: list[np.ndarray], S: float, bias_correct: bool) -> tuple[float, float, float, int, bool]:
     """Automatic-windowing Gamma analysis of fluctuations.
 
     Parameters
@@ -175,7 +177,7 @@ def _gamma_from_deltas(
     Returns
     -------
     tuple
-        ``(err, tau_int, tau_int_err, window)``.
+        ``(err, tau_int, tau_int_err, window, window_capped)``.
     """
     lengths = np.array([d.size for d in deltas])
     n_tot = int(lengths.sum())
@@ -189,13 +191,14 @@ def _gamma_from_deltas(
         counts[:m] += d.size - lags[:m]
     gamma /= np.maximum(counts, 1.0)
     if abs(gamma[0]) < _TINY:
-        return 0.0, 0.5, 0.0, 0
+        return 0.0, 0.5, 0.0, 0, False
 
     rho = gamma / gamma[0]
     tau_w = 0.5 + np.concatenate(([0.0], np.cumsum(rho[1:])))
     tau_w[tau_w <= 0.5] = 0.5 + _EPS
 
     window = 0
+    capped = False
     if S > 0 and w_max >= 2:
         ws = np.arange(1, w_max)
         tw = tau_w[1:]
@@ -203,6 +206,7 @@ def _gamma_from_deltas(
         g = np.exp(-ws / tau) - tau / np.sqrt(ws * n_tot)
         stop = (g < 0) | (ws >= w_max - 1)
         window = int(ws[np.argmax(stop)])
+        capped = window == w_max - 1  # the window summed over every lag it could
 
     t_w = float(tau_w[window])
     if bias_correct:
@@ -213,7 +217,7 @@ def _gamma_from_deltas(
         tau_int = t_w
         err = np.sqrt(2.0 * t_w * gamma[0] / n_tot)
     tau_err = 2.0 * t_w * np.sqrt(abs(window + 0.5 - t_w) / n_tot) if window > 0 else 0.0
-    return float(err), float(tau_int), float(tau_err), window
+    return float(err), float(tau_int), float(tau_err), window, capped
 
 
 def _check_S(S: float) -> None:
@@ -264,8 +268,8 @@ def gamma_method(
     mean = _global_mean(reps)
     center = mean if known_mean is None else float(known_mean)
     deltas = [r - center for r in reps]
-    err, tau, dtau, w = _gamma_from_deltas(deltas, S, bias_correct=known_mean is None)
-    return GammaResult(mean=mean, err=err, tau_int=tau, tau_int_err=dtau, window=w, n=n)
+    err, tau, dtau, w, capped = _gamma_from_deltas(deltas, S, bias_correct=known_mean is None)
+    return GammaResult(mean=mean, err=err, tau_int=tau, tau_int_err=dtau, window=w, n=n, window_capped=capped)
 
 
 def gamma_method_derived(
@@ -316,9 +320,7 @@ def gamma_method_derived(
     shape = [r.size for r in prims[0]]
     for a, p in enumerate(prims):
         if [r.size for r in p] != shape:
-            raise ValueError(
-                f"primary {a} has chain lengths {[r.size for r in p]}, primary 0 has {shape}"
-            )
+            raise ValueError(f"primary {a} has chain lengths {[r.size for r in p]}, primary 0 has {shape}")
     n = sum(shape)
     if n < 2:
         raise ValueError(f"the Gamma method needs at least 2 samples, got {n}")
@@ -352,5 +354,5 @@ def gamma_method_derived(
             deltas[r] += grad * d
 
     bias_correct = any(k is None for k in known)
-    err, tau, dtau, w = _gamma_from_deltas(deltas, S, bias_correct=bias_correct)
-    return GammaResult(mean=value, err=err, tau_int=tau, tau_int_err=dtau, window=w, n=n)
+    err, tau, dtau, w, capped = _gamma_from_deltas(deltas, S, bias_correct=bias_correct)
+    return GammaResult(mean=value, err=err, tau_int=tau, tau_int_err=dtau, window=w, n=n, window_capped=capped)

@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .diagnostics import accepted_warning, frozen_chains, khat_warning, pareto_khat, series_warnings
 from .ess import ess as _ess
-from .gamma import gamma_method, gamma_method_derived
+from .gamma import GammaResult, gamma_method, gamma_method_derived
 
 if TYPE_CHECKING:
     from latflow.ensemble import EnsembleReader
 
-__all__ = ["DerivedObservable", "analyze_ensemble", "format_table", "format_value_error"]
+__all__ = ["AnalysisInputError", "DerivedObservable", "analyze_ensemble", "format_table", "format_value_error"]
 
 
 @dataclass(frozen=True)
@@ -77,19 +78,114 @@ def _components(name: str, values: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+class AnalysisInputError(ValueError):
+    """A request the ensemble cannot answer (e.g. a known mean for an observable it does not hold)."""
+
+
+def _independence_sampler(reader: EnsembleReader) -> bool:
+    """Whether the rows come from an independence Metropolis sampler (flow-MCMC)."""
+    kind = reader.sampler.get("kind") if isinstance(reader.sampler, dict) else None
+    return reader.has("weights/proposal_log_w") or (isinstance(kind, str) and kind.endswith("flow-mcmc"))
+
+
+def _check_known_means(known: Mapping[str, float], allowed: list[str]) -> dict[str, float]:
+    """Known means by name, checked against the observables (datasets and components) present."""
+    unknown = sorted(k for k in known if k not in allowed)
+    if unknown:
+        raise AnalysisInputError(
+            f"no observable {', '.join(map(repr, unknown))} in the ensemble; allowed: {', '.join(allowed)}"
+        )
+    out = {}
+    for k, v in known.items():
+        v = float(v)
+        if not np.isfinite(v):
+            raise AnalysisInputError(f"known mean of {k!r} must be a finite number, got {v}")
+        out[k] = v
+    return out
+
+
+def _ensemble_checks(reader: EnsembleReader, path: Path, check_checksums: bool, result: dict) -> list[str]:
+    """Completeness and checksums of the file; fills ``result`` and returns warnings."""
+    from latflow.ensemble import EnsembleError, verify
+    from latflow.ensemble.completeness import completeness
+
+    warnings: list[str] = []
+    done = completeness(reader)
+    result.update(n_samples=done.n_samples, steps_per_chain=list(done.steps), complete=done.complete)
+    if not done.complete:
+        warnings.append(
+            f"incomplete ensemble: {done.describe()}; the run was interrupted or is still writing "
+            "(continue it with --resume)"
+        )
+    problems = verify(path)
+    if not problems:
+        result["checksums"] = "verified"
+    elif check_checksums:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise EnsembleError(
+            f"{problems[0]}{more}: the file is damaged or was modified, so its numbers are not analysed; "
+            "'latflow verify' lists every problem, '--ignore-checksums' analyses it anyway"
+        )
+    else:
+        result["checksums"] = "mismatch"
+        warnings += [f"DAMAGED (checksums ignored on request): {p}" for p in problems]
+    return warnings
+
+
+def _sampler_checks(reader: EnsembleReader, chains: list[np.ndarray], n: int, result: dict) -> list[str]:
+    """Accepted proposals of independence samplers and the tail of the importance weights."""
+    warnings: list[str] = []
+    if n == 0:
+        return warnings
+    if _independence_sampler(reader) and reader.has("markov/accepted"):
+        acc = np.asarray(reader.read("markov/accepted")).reshape(-1).astype(bool)
+        per_chain = [int(acc[idx].sum()) for idx in chains]
+        steps = [int(idx.size) for idx in chains]
+        result["accepted_proposals"] = {"per_chain": per_chain, "total": int(sum(per_chain))}
+        w = accepted_warning(per_chain, steps)
+        if w:
+            warnings.append(w)
+    for name in ("weights/proposal_log_w", "weights/log_w"):
+        if not reader.has(name):
+            continue
+        lw = np.asarray(reader.read(name), dtype=np.float64).reshape(-1)
+        finite = lw[np.isfinite(lw)]
+        if name == "weights/log_w":
+            if not (finite.size and np.ptp(finite) > 0):
+                continue  # plain MCMC: log_w = 0, nothing to diagnose
+            warnings.append("weights/log_w is not constant: the means below are unweighted")
+        try:
+            tail = pareto_khat(lw)
+        except ValueError as exc:
+            warnings.append(f"Pareto k-hat of {name} skipped: {exc}")
+            continue
+        result.setdefault("pareto_khat", {})[name] = {"khat": tail.khat, "m_tail": tail.m_tail, "n": tail.n}
+        w = khat_warning(tail, name)
+        if w:
+            warnings.append(w)
+    return warnings
+
+
 def analyze_ensemble(
     path: str | Path,
     *,
     derived: Mapping[str, DerivedObservable] | None = None,
     S: float = 1.5,
     known_means: Mapping[str, float] | None = None,
+    check_checksums: bool = True,
 ) -> dict:
-    """Gamma-method analysis of every observable in an ensemble file.
+    """Gamma-method analysis of every observable in an ensemble file, with diagnostics.
 
     Rows ``[0, n_committed)`` are split into chains by ``markov/chain`` (one chain if
     absent) and ordered by ``markov/step`` within each chain; each chain is one
     replica of the Gamma method. Importance weights ``weights/log_w`` are *not*
     applied: if they are non-trivial a warning is recorded.
+
+    Diagnostics (:mod:`latflow.analysis.diagnostics`): per observable, the window at its cap,
+    chains shorter than 50 ``tau_int`` and chains in which the observable never changes; for the
+    ensemble, completeness (committed steps per chain against the run's ``n_samples``), the
+    ``sha256`` checksums of ``fields/*``, accepted proposals of independence samplers
+    (flow-MCMC) and the Pareto ``k``-hat of the importance weights.
 
     Parameters
     ----------
@@ -102,20 +198,35 @@ def analyze_ensemble(
     known_means : mapping of str to float, optional
         Exact means by observable name (``"name"`` or ``"name[i]"``; a dataset name
         applies to all its components); see ``gamma_method(known_mean=...)``.
+    check_checksums : bool, optional
+        Refuse (:class:`~latflow.ensemble.EnsembleError`) a file whose checksums or layout do
+        not verify (default). False: analyse it anyway, with a warning per problem.
 
     Returns
     -------
     dict
-        JSON-serialisable: ``"observables"`` ``{name: GammaResult.as_dict()}``,
-        ``"derived"`` ``{name: {... , "inputs", "description"}}``, ``"acceptance"``
-        (Gamma-method result of ``markov/accepted``, only if present), ``"ess"``
-        (reweighting ESS per configuration of the flow proposals, from ``weights/proposal_log_w``, only for flow
-        proposals), ``"n_committed"``, ``"n_chains"``, ``"theory"``, ``"couplings"``,
-        ``"lattice_shape"`` and ``"warnings"`` (list of str).
+        JSON-serialisable: ``"observables"`` ``{name: {**GammaResult.as_dict(), "window",
+        "window_capped", "known_mean", "warnings"}}``, ``"derived"`` (the same and ``"inputs"``,
+        ``"description"``), ``"acceptance"`` (Gamma-method result of ``markov/accepted``, only if
+        present), ``"ess"`` (reweighting ESS per configuration of the flow proposals, from
+        ``weights/proposal_log_w``, only for flow proposals), ``"accepted_proposals"``
+        (``{"per_chain", "total"}``, independence samplers only), ``"pareto_khat"``
+        (``{weights dataset: {"khat", "m_tail", "n"}}``, only for importance weights),
+        ``"n_committed"``, ``"n_chains"``, ``"n_samples"``, ``"steps_per_chain"``,
+        ``"complete"``, ``"checksums"`` (``"verified"`` or ``"mismatch"``), ``"known_means"``,
+        ``"theory"``, ``"couplings"``, ``"lattice_shape"`` and ``"warnings"`` (list of str: the
+        ensemble-wide ones, which every observable's ``"warnings"`` repeats, and skipped
+        observables).
+
+    Raises
+    ------
+    AnalysisInputError
+        A known mean names an observable the ensemble does not hold.
+    latflow.ensemble.EnsembleError
+        The file cannot be read, or (``check_checksums``) does not verify.
     """
     from latflow.ensemble import EnsembleReader  # deferred: keep the estimators importable alone
 
-    known = dict(known_means or {})
     result: dict = {"observables": {}, "derived": {}}
     warnings: list[str] = []
     with EnsembleReader(path) as reader:
@@ -128,14 +239,23 @@ def analyze_ensemble(
             n_committed=n,
             n_chains=len(chains),
         )
+        overall = _ensemble_checks(reader, Path(path), check_checksums, result)
+        overall += _sampler_checks(reader, chains, n, result)
 
         def replicas(series: np.ndarray) -> list[np.ndarray]:
             return [series[idx] for idx in chains]
 
+        data = {ds: np.asarray(reader.read(f"observables/{ds}")) for ds in reader.names("observables")}
+        columns = {ds: _components(ds, values) for ds, values in data.items()}
+        allowed = sorted(set(columns) | {name for cols in columns.values() for name in cols})
+        known = _check_known_means(dict(known_means or {}), allowed)
+        result["known_means"] = dict(known)
+        lengths = [int(idx.size) for idx in chains]
+
         series: dict[str, list[np.ndarray]] = {}
-        for ds in reader.names("observables"):
-            values = np.asarray(reader.read(f"observables/{ds}"))
-            for name, col in _components(ds, values).items():
+        frozen: dict[str, int] = {}
+        for ds, cols in columns.items():
+            for name, col in cols.items():
                 reps = replicas(np.asarray(col, dtype=np.float64))
                 mu = known.get(name, known.get(ds))
                 try:
@@ -144,7 +264,9 @@ def analyze_ensemble(
                     warnings.append(f"observable {name!r} skipped: {exc}")
                     continue
                 series[name] = reps
-                result["observables"][name] = res.as_dict()
+                frozen[name] = frozen_chains(reps)
+                own = series_warnings(res, lengths, frozen=frozen[name], known_mean=mu)
+                result["observables"][name] = _entry(res, mu, overall, own)
 
         for name, spec in (derived or {}).items():
             missing = [i for i in spec.inputs if i not in series]
@@ -161,7 +283,9 @@ def analyze_ensemble(
             except ValueError as exc:
                 warnings.append(f"derived {name!r} skipped: {exc}")
                 continue
-            entry = res.as_dict()
+            n_frozen = max(frozen[i] for i in spec.inputs)
+            own = series_warnings(res, lengths, frozen=n_frozen)
+            entry = _entry(res, None, overall, own)
             entry.update(inputs=list(spec.inputs), description=spec.description)
             result["derived"][name] = entry
 
@@ -181,16 +305,20 @@ def analyze_ensemble(
                 result["ess"] = _ess(lw[~np.isnan(lw)])
             except ValueError as exc:
                 warnings.append(f"ESS skipped: {exc}")
-
-        if reader.has("weights/log_w") and n > 0:
-            log_w = np.asarray(reader.read("weights/log_w"), dtype=np.float64)
-            finite = log_w[np.isfinite(log_w)]
-            if finite.size and np.ptp(finite) > 0:
-                warnings.append(
-                    "weights/log_w is not constant: the means above are unweighted"
-                )
-    result["warnings"] = warnings
+    result["warnings"] = overall + warnings
     return result
+
+
+def _entry(res: GammaResult, known_mean: float | None, overall: list[str], own: list[str]) -> dict:
+    """JSON entry of one observable: the Gamma-method numbers, the window and the warnings."""
+    entry = res.as_dict()
+    entry.update(
+        window=int(res.window),
+        window_capped=bool(res.window_capped),
+        known_mean=known_mean,
+        warnings=[*overall, *own],
+    )
+    return entry
 
 
 def format_value_error(mean: float, err: float, digits: int = 2) -> str:
@@ -224,11 +352,16 @@ def format_value_error(mean: float, err: float, digits: int = 2) -> str:
     return f"{mean:.{decimals}f}({e_int}){suffix}"
 
 
-def _row(name: str, r: Mapping, width: int) -> str:
+def _own_warnings(entry: Mapping, overall: list[str]) -> list[str]:
+    """The warnings of one entry that are not ensemble-wide."""
+    return [w for w in entry.get("warnings", []) if w not in overall]
+
+
+def _row(name: str, r: Mapping, width: int, flag: str = "") -> str:
     return (
         f"{name:<{width}} {r['mean']:>15.8g} {r['err']:>11.3g} "
         f"{format_value_error(r['mean'], r['err']):>18} "
-        f"{r['tau_int']:>9.3f} {r['tau_int_err']:>11.3f} {r['n']:>9d}"
+        f"{r['tau_int']:>9.3f} {r['tau_int_err']:>11.3f} {r.get('window', 0):>6d} {r['n']:>9d} {flag:<1}"
     )
 
 
@@ -243,34 +376,53 @@ def format_table(result: dict) -> str:
     Returns
     -------
     str
-        Header lines (theory, couplings, lattice, n_committed, chains, acceptance,
-        ESS), then one row per observable and derived observable with columns
-        observable | mean | error | value(error) | tau_int | tau_int err | n,
-        then any warnings.
+        Header lines (theory, couplings, lattice, n_committed, chains, steps per chain,
+        acceptance, ESS, accepted proposals, Pareto k-hat, known means), then one row per
+        observable and derived observable with columns observable | mean | error |
+        value(error) | tau_int | tau_int err | W (window) | n | ``!`` (the row has warnings),
+        then the warnings: ensemble-wide ones once, then each row's own, prefixed by its name.
     """
     couplings = ", ".join(f"{k}={v}" for k, v in result.get("couplings", {}).items())
     head = [f"theory: {result.get('theory', '?')}   couplings: {couplings or '-'}"]
     if result.get("lattice_shape"):
         head[0] += "   lattice: " + "x".join(str(x) for x in result["lattice_shape"])
     line = f"n_committed: {result.get('n_committed', 0)}   chains: {result.get('n_chains', 0)}"
+    steps = result.get("steps_per_chain")
+    if steps:
+        done = str(steps[0]) if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}"
+        if result.get("n_samples") is not None:
+            done += f" of {result['n_samples']}"
+        line += f"   steps per chain: {done}" + ("" if result.get("complete", True) else " (INCOMPLETE)")
+    head.append(line)
+    line = ""
     if "acceptance" in result:
         acc = result["acceptance"]
-        line += f"   acceptance: {format_value_error(acc['mean'], acc['err'])}"
-        line += f" (tau_int {acc['tau_int']:.3g})"
+        line += f"acceptance: {format_value_error(acc['mean'], acc['err'])} (tau_int {acc['tau_int']:.3g})   "
+    if "accepted_proposals" in result:
+        line += f"accepted proposals: {result['accepted_proposals']['total']}   "
     if "ess" in result:
-        line += f"   ESS: {result['ess']:.4g}"
-    head.append(line)
+        line += f"ESS: {result['ess']:.4g}   "
+    for name, tail in result.get("pareto_khat", {}).items():
+        khat = "-" if tail["khat"] is None else f"{tail['khat']:.2f}"
+        line += f"Pareto k-hat ({name.split('/')[-1]}): {khat}   "
+    if line:
+        head.append(line.rstrip())
+    if result.get("known_means"):
+        head.append("known means: " + ", ".join(f"{k}={v:g}" for k, v in result["known_means"].items()))
 
+    overall = list(result.get("warnings", []))
     rows = {**result.get("observables", {}), **result.get("derived", {})}
     width = max([len("observable")] + [len(k) for k in rows])
     cols = (
         f"{'observable':<{width}} {'mean':>15} {'error':>11} {'value(error)':>18} "
-        f"{'tau_int':>9} {'tau_int err':>11} {'n':>9}"
+        f"{'tau_int':>9} {'tau_int err':>11} {'W':>6} {'n':>9} {'!':<1}"
     )
     out = head + ["", cols, "-" * len(cols)]
-    out += [_row(k, r, width) for k, r in result.get("observables", {}).items()]
+    flag = {k: "!" if _own_warnings(r, overall) else "" for k, r in rows.items()}
+    out += [_row(k, r, width, flag[k]) for k, r in result.get("observables", {}).items()]
     if result.get("derived"):
         out.append("-" * len(cols))
-        out += [_row(k, r, width) for k, r in result["derived"].items()]
-    out += [f"warning: {w}" for w in result.get("warnings", [])]
+        out += [_row(k, r, width, flag[k]) for k, r in result["derived"].items()]
+    out += [f"warning: {w}" for w in overall]
+    out += [f"warning: {k}: {w}" for k, r in rows.items() for w in _own_warnings(r, overall)]
     return "\n".join(out)

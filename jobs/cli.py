@@ -68,9 +68,18 @@ def make_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="observables with Gamma-method errors, acceptance and ESS",
                        description="Analyse an ensemble: mean, error, tau_int of every observable (Gamma method).")
     a.add_argument("ensemble", help="HDF5 ensemble")
-    a.add_argument("--json", action="store_true", help="print JSON {observable: {mean, err, tau_int, tau_int_err, n}}")
-    v = sub.add_parser("verify", help="check an ensemble's format and checksums",
-                       description="Check format, committed rows and sha256 of every fields/* dataset; exit 1 on damage.")
+    a.add_argument("--json", action="store_true",
+                   help="print JSON {observable: {mean, err, tau_int, tau_int_err, n, window, window_capped, "
+                   "known_mean, warnings}, acceptance, ess, ensemble: {...}}")
+    a.add_argument("--mean", dest="means", action="append", default=[], metavar="NAME=VALUE",
+                   help="exact mean of an observable, e.g. --mean topological_charge=0: fluctuations are taken "
+                   "about it (a frozen chain then shows a large error); overrides the theory's exact means "
+                   "(repeatable)")
+    a.add_argument("--ignore-checksums", action="store_true",
+                   help="analyse a file whose checksums do not verify (refused by default), with a warning")
+    v = sub.add_parser("verify", help="check an ensemble's format, checksums and completeness",
+                       description="Check format, committed rows and sha256 of every fields/* dataset; exit 1 on "
+                       "damage. A consistent ensemble with fewer steps than its run asked for is INCOMPLETE (exit 0).")
     v.add_argument("ensemble", help="HDF5 ensemble")
     return parser
 
@@ -153,10 +162,44 @@ def _abort_all_ranks(comm, exc: BaseException) -> None:
     comm.abort(code)
 
 
+def _parse_means(items: list[str]) -> dict[str, float]:
+    """``--mean NAME=VALUE`` options as ``{name: value}`` (one-line JobError on a malformed one)."""
+    means: dict[str, float] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not sep or not name or value != value or value in (float("inf"), float("-inf")):
+            raise JobError(
+                f"--mean {item!r}: expected NAME=VALUE with a finite number, e.g. --mean topological_charge=0"
+            )
+        means[name] = value
+    return means
+
+
+#: ensemble-wide entries of ``analyze --json`` (under the key "ensemble")
+_ENSEMBLE_KEYS = (
+    *("theory", "couplings", "lattice_shape", "n_committed", "n_chains", "n_samples", "steps_per_chain"),
+    *("complete", "checksums", "known_means", "accepted_proposals", "pareto_khat", "warnings"),
+)
+
+
 def _analyze(args: argparse.Namespace) -> int:
+    from latflow.analysis import AnalysisInputError
+
     from . import runner
 
-    result = runner.analyze(args.ensemble)
+    means = _parse_means(args.means)
+    require_hdf5_file(Path(args.ensemble))
+    try:
+        result = runner.analyze(args.ensemble, means=means, check_checksums=not args.ignore_checksums)
+    except AnalysisInputError as exc:
+        raise JobError(f"{args.ensemble}: --mean: {exc}") from None
+    except (OSError, RuntimeError, KeyError) as exc:  # h5py on a file damaged past its header
+        raise EnsembleError(f"{args.ensemble}: damaged HDF5 file: cannot read: {type(exc).__name__}: {exc}") from None
     if args.json:
         out = dict(result["observables"])
         out.update(result.get("derived", {}))
@@ -164,6 +207,7 @@ def _analyze(args: argparse.Namespace) -> int:
             out["acceptance"] = result["acceptance"]
         if "ess" in result:
             out["ess"] = result["ess"]
+        out["ensemble"] = {k: result[k] for k in _ENSEMBLE_KEYS if k in result}
         print(json.dumps(out, indent=2))
     else:
         from latflow.analysis import format_table
@@ -183,10 +227,20 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"DAMAGED {p}")
         return 1
     from latflow.ensemble import EnsembleReader
+    from latflow.ensemble.completeness import completeness
 
     with EnsembleReader(path) as r:
         fields = ", ".join(f"fields/{n}" for n in r.names("fields")) or "no fields"
-        print(f"OK {path}: {r.n_committed} committed rows; sha256 verified for {fields}")
+        done = completeness(r)
+        n_committed = r.n_committed
+    if not done.complete:
+        # consistent but short (interrupted, or still being written): not damage, so exit 0
+        print(
+            f"INCOMPLETE {path}: {done.describe()}, {n_committed} committed rows; sha256 verified for {fields}; "
+            "continue the run with --resume"
+        )
+        return 0
+    print(f"OK {path}: {n_committed} committed rows ({done.describe()}); sha256 verified for {fields}")
     return 0
 
 

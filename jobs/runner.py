@@ -514,10 +514,26 @@ def derived_for(theory_name: str, couplings: dict, lattice_shape: tuple[int, ...
     }
 
 
-def analyze(path: str | Path) -> dict[str, Any]:
+def exact_means_for(theory_name: str, couplings: dict, lattice_shape: tuple[int, ...]) -> dict[str, float]:
+    """Exact means the theory declares (``exact_means()``, e.g. ``<Q> = 0`` by symmetry), for the analysis."""
+    try:
+        spec = get_spec(theory_name)
+        fields = {f.name for f in dataclasses.fields(spec.params)}
+        theory = spec.build(spec.params(**{k: v for k, v in couplings.items() if k in fields}), Lattice(lattice_shape))
+    except (KeyError, TypeError, ValueError):
+        return {}
+    means = getattr(theory, "exact_means", None)
+    return {k: float(v) for k, v in means().items()} if callable(means) else {}
+
+
+def analyze(path: str | Path, *, means: dict[str, float] | None = None, check_checksums: bool = True) -> dict[str, Any]:
+    """Analyse an ensemble: the theory's derived observables and exact means, ``means`` overriding the latter."""
     with EnsembleReader(path) as r:
         derived = derived_for(r.theory, r.couplings, tuple(r.lattice_shape))
-    return analyze_ensemble(path, derived=derived)
+        present = set(r.names("observables"))
+        known = {k: v for k, v in exact_means_for(r.theory, r.couplings, tuple(r.lattice_shape)).items() if k in present}
+    known.update(means or {})
+    return analyze_ensemble(path, derived=derived, known_means=known, check_checksums=check_checksums)
 
 
 def log_job(job: JobConfig, comm: SerialComm) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import stat_seed
 from scipy.signal import lfilter
 
 from latflow.analysis import GammaResult, gamma_method, gamma_method_derived
@@ -48,39 +49,52 @@ def reference_gamma(
     return np.sqrt(c_f / n), tau_w[w] * (1 + (2 * w + 1) / n) / (1 + 1 / n), dtau
 
 
-def test_ar1_tau_int_and_error() -> None:
-    rng = np.random.default_rng(1234)
+@pytest.mark.statistical
+def test_ar1_tau_int_and_error(record_z) -> None:
+    rng = np.random.default_rng(stat_seed(1234))
     n = 100_000
     x = ar1(rng, n)
     res = gamma_method(x)
     assert isinstance(res, GammaResult)
     assert res.n == n
-    assert abs(res.tau_int - TAU_EXACT) < 3 * res.tau_int_err
+    z_tau = (res.tau_int - TAU_EXACT) / res.tau_int_err
+    record_z("tau_int", z_tau)
+    assert abs(z_tau) < 3
     assert res.tau_int_err < 0.1 * TAU_EXACT  # the check above is not vacuous
     exact_err = np.sqrt(2 * TAU_EXACT * VAR_EXACT / n)
-    assert abs(res.err / exact_err - 1) < 0.15
+    # the error's own relative error is about tau_int_err / tau_int (Wolff eq. 42)
+    z_err = (res.err / exact_err - 1) / (0.5 * res.tau_int_err / res.tau_int)
+    record_z("err", z_err)
+    assert abs(z_err) < 3
     assert res.mean == pytest.approx(x.mean(), rel=1e-12)
     assert 1 <= res.window < n // 2
 
 
-def test_ar1_z_scores_over_seeds() -> None:
+@pytest.mark.statistical
+def test_ar1_z_scores_over_seeds(record_z) -> None:
     z = []
     for seed in range(20):
-        res = gamma_method(ar1(np.random.default_rng(seed), 20_000))
+        res = gamma_method(ar1(np.random.default_rng(stat_seed(seed)), 20_000))
         z.append(res.mean / res.err)
     z = np.asarray(z)
+    # 20 z-scores: |z| < 4 for each (family-wise p ~ 1e-3), and their chi^2 with 20 dof (p ~ 1e-3)
+    record_z("max_abs_mean", float(np.max(np.abs(z))), bound=4.0)
+    record_z("chi2_20dof", (float(np.sum(z**2)) - 20) / np.sqrt(40), bound=(45 - 20) / np.sqrt(40))
     assert np.all(np.abs(z) < 4)
-    assert np.sum(z**2) < 45  # chi^2 with 20 dof: p ~ 1e-3
+    assert np.sum(z**2) < 45
 
 
-def test_replicas_of_unequal_length() -> None:
-    rng = np.random.default_rng(7)
+@pytest.mark.statistical
+def test_replicas_of_unequal_length(record_z) -> None:
+    rng = np.random.default_rng(stat_seed(7))
     reps = [ar1(rng, 40_000), ar1(rng, 25_000), ar1(rng, 9_000) + 0.0]
     res = gamma_method(reps)
     n = sum(len(r) for r in reps)
     assert res.n == n
     assert res.mean == pytest.approx(np.concatenate(reps).mean(), rel=1e-12)
-    assert abs(res.tau_int - TAU_EXACT) < 3 * res.tau_int_err
+    z = (res.tau_int - TAU_EXACT) / res.tau_int_err
+    record_z("tau_int", z)
+    assert abs(z) < 3
     assert abs(res.err / np.sqrt(2 * TAU_EXACT * VAR_EXACT / n) - 1) < 0.15
 
 
@@ -98,15 +112,18 @@ def test_matches_direct_sum_reference() -> None:
     assert gamma_method(two) == gamma_method(list(two))
 
 
-def test_white_noise() -> None:
-    rng = np.random.default_rng(3)
+@pytest.mark.statistical
+def test_white_noise(record_z) -> None:
+    rng = np.random.default_rng(stat_seed(3))
     n = 20_000
     x = 2.0 + 0.5 * rng.standard_normal(n)
     res = gamma_method(x)
     assert abs(res.tau_int - 0.5) < 0.05
     assert res.tau_int >= 0.5
     assert abs(res.err / (0.5 / np.sqrt(n)) - 1) < 0.05
-    assert abs(res.mean - 2.0) < 4 * res.err
+    z = (res.mean - 2.0) / res.err
+    record_z("mean", z, bound=4.0)
+    assert abs(z) < 4
 
 
 def test_derived_linear_is_exact() -> None:
@@ -121,9 +138,10 @@ def test_derived_linear_is_exact() -> None:
     assert res.window == ref.window
 
 
-def test_derived_ratio_against_repetitions() -> None:
+@pytest.mark.statistical
+def test_derived_ratio_against_repetitions(record_z) -> None:
     """Error of <x>/<y> agrees with the spread over independent repetitions."""
-    rng = np.random.default_rng(99)
+    rng = np.random.default_rng(stat_seed(99))
     values, errors = [], []
     for _ in range(300):
         common = ar1(rng, 3000, 0.8)
@@ -133,7 +151,10 @@ def test_derived_ratio_against_repetitions() -> None:
         values.append(res.mean)
         errors.append(res.err)
     spread = np.std(values, ddof=1)
-    assert abs(np.mean(errors) / spread - 1) < 0.15
+    # the sample standard deviation of 300 values has a relative error 1/sqrt(2 * 299)
+    z_err = (np.mean(errors) / spread - 1) / np.sqrt(1 / (2 * (len(values) - 1)))
+    record_z("err_vs_spread", z_err)
+    assert abs(z_err) < 3
     assert abs(np.mean(values) - 0.5) < 4 * spread / np.sqrt(len(values)) + 0.01
 
 
@@ -142,14 +163,17 @@ def test_derived_structure_mismatch_raises() -> None:
         gamma_method_derived(lambda a, b: a * b, [np.ones(10), np.ones(11)])
 
 
-def test_known_mean() -> None:
-    rng = np.random.default_rng(21)
+@pytest.mark.statistical
+def test_known_mean(record_z) -> None:
+    rng = np.random.default_rng(stat_seed(21))
     x = ar1(rng, 50_000)
     free = gamma_method(x)
     fixed = gamma_method(x, known_mean=0.0)
     assert fixed.mean == free.mean  # the estimate is still the sample mean
     assert abs(fixed.err / free.err - 1) < 0.1
-    assert abs(fixed.tau_int - TAU_EXACT) < 3 * fixed.tau_int_err
+    z = (fixed.tau_int - TAU_EXACT) / fixed.tau_int_err
+    record_z("tau_int_known_mean", z)
+    assert abs(z) < 3
     # A frozen chain (constant, away from the exact mean) is not claimed precise.
     frozen = np.ones(1000)
     assert gamma_method(frozen).err == 0.0
@@ -206,9 +230,7 @@ def _pe_check(res: GammaResult, obs, name: str = "ens") -> None:
     assert res.err == pytest.approx(obs.dvalue, rel=RTOL)
 
 
-@pytest.mark.parametrize(
-    ("a", "n"), [(0.9, 50_000), (0.0, 10_000), (0.5, 40), (0.3, 7), (0.95, 3_000)]
-)
+@pytest.mark.parametrize(("a", "n"), [(0.9, 50_000), (0.0, 10_000), (0.5, 40), (0.3, 7), (0.95, 3_000)])
 def test_pyerrors_single_chain(a: float, n: int) -> None:
     pe = pytest.importorskip("pyerrors")
     x = 1.5 + ar1(np.random.default_rng(int(100 * a) + n), n, a)

@@ -306,6 +306,11 @@ class SchwingerModel:
 def build(params: SchwingerParams, lattice: Lattice) -> SchwingerModel:
     return SchwingerModel(params, lattice)
 
+    def exact_means(self) -> dict[str, float]:
+        """Means fixed by symmetry: ``<Q> = 0`` (charge conjugation ``theta -> -theta`` maps ``Q -> -Q`` and
+        leaves the gauge action and ``det(D^dag D)`` invariant)."""
+        return {"topological_charge": 0.0}
+
 
 SPEC = TheorySpec(
     name="schwinger",

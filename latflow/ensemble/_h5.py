@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def _decode(value: Any) -> Any:
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _fixed(text: str, dtype: str) -> np.ndarray:
@@ -126,9 +127,25 @@ def _open_h5(path: Path, mode: str) -> h5py.File:
                 # this process already holds the file with locking on (e.g. its own writer)
         return h5py.File(str(path), mode)
     except OSError as exc:
-        if "lock" in str(exc).lower():
-            raise EnsembleError(f"{path}: cannot open for writing (is another process writing it?): {exc}") from None
-        raise EnsembleError(f"{path}: cannot open: {exc}") from None
+        raise EnsembleError(_open_error(path, exc)) from None
+
+
+def _open_error(path: Path, exc: OSError) -> str:
+    """One line saying why h5py could not open ``path``: truncated, locked, or otherwise damaged."""
+    text = " ".join(str(exc).split())
+    low = text.lower()
+    if "truncated file" in low:
+        sizes = dict(re.findall(r"\b(eof|stored_eof)\s*=\s*(\d+)", low))
+        if "eof" in sizes and "stored_eof" in sizes:
+            what = f"{sizes['eof']} of its {sizes['stored_eof']} bytes are present"
+        else:
+            what = "it is shorter than its header says"
+        return f"{path}: damaged HDF5 file: truncated ({what}; an interrupted copy or a full disk?)"
+    # h5py's lock failure reads "unable to lock file, errno = 11, ..."; match it exactly (the word
+    # "lock" alone also appears in unrelated messages, e.g. "sblock" for the superblock)
+    if "unable to lock file" in low:
+        return f"{path}: cannot open for writing (is another process writing it?): {text}"
+    return f"{path}: damaged or unreadable HDF5 file: {text}"
 
 
 def _set_attr(obj: h5py.HLObject, name: str, value: np.ndarray | np.generic) -> None:
