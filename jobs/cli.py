@@ -200,7 +200,15 @@ def _analyze(args: argparse.Namespace) -> int:
         raise JobError(f"{args.ensemble}: --mean: {exc}") from None
     except (OSError, RuntimeError, KeyError) as exc:  # h5py on a file damaged past its header
         raise EnsembleError(f"{args.ensemble}: damaged HDF5 file: cannot read: {type(exc).__name__}: {exc}") from None
-    if args.json:
+    try:
+        _print_analysis(result, args.json)
+    except BrokenPipeError:  # e.g. `latflow analyze ens.h5 | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _print_analysis(result: dict, as_json: bool) -> None:
+    if as_json:
         out = dict(result["observables"])
         out.update(result.get("derived", {}))
         if "acceptance" in result:
@@ -208,12 +216,11 @@ def _analyze(args: argparse.Namespace) -> int:
         if "ess" in result:
             out["ess"] = result["ess"]
         out["ensemble"] = {k: result[k] for k in _ENSEMBLE_KEYS if k in result}
-        print(json.dumps(out, indent=2))
+        print(json.dumps(out, indent=2), flush=True)
     else:
         from latflow.analysis import format_table
 
-        print(format_table(result))
-    return 0
+        print(format_table(result), flush=True)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -236,11 +243,11 @@ def _verify(args: argparse.Namespace) -> int:
     if not done.complete:
         # consistent but short (interrupted, or still being written): not damage, so exit 0
         print(
-            f"INCOMPLETE {path}: {done.describe()}, {n_committed} committed rows; sha256 verified for {fields}; "
+            f"INCOMPLETE {path}: {done.describe()}, {n_committed} rows in all; sha256 verified for {fields}; "
             "continue the run with --resume"
         )
         return 0
-    print(f"OK {path}: {n_committed} committed rows ({done.describe()}); sha256 verified for {fields}")
+    print(f"OK {path}: {done.describe()}, {n_committed} rows in all; sha256 verified for {fields}")
     return 0
 
 

@@ -325,3 +325,15 @@ def test_analyze_ensemble_api_refuses_unknown_means(hmc_ensemble: Path) -> None:
 
     with pytest.raises(AnalysisInputError, match="allowed: abs_magnetization"):
         analyze_ensemble(hmc_ensemble, known_means={"nope": 0.0})
+
+
+def test_configurations_stored_every_few_steps(latflow_cli, make_job, tmp_path) -> None:
+    """With output.save_every the observables have a row per step and the fields one per save: the
+    analysis counts steps, and verify checks the stored configurations."""
+    make_job(tmp_path, "hmc", {"output.save_every": 4, "sampler.n_samples": 20}, name="sparse.toml")
+    assert latflow_cli.run(["sample", "sparse.toml"], tmp_path).returncode == 0
+    r = latflow_cli.run(["verify", "hmc.h5"], tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("OK hmc.h5: 20 of 20 steps per chain"), str(r)
+    out = _json(latflow_cli.run(["analyze", "--json", "hmc.h5"], tmp_path))
+    assert out["ensemble"]["complete"] is True and out["ensemble"]["steps_per_chain"] == [20] * 4
+    assert out["ensemble"]["checksums"] == "verified" and out["phi2"]["n"] == 80
