@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from latflow.fermions.conditional import DEFAULT_DISPERSION
 from latflow.lattice import Lattice
 from latflow.theories import REGISTRY
 
@@ -83,12 +84,21 @@ class SamplerConfig:
     ``flow-mcmc`` use the exact effective action (dense determinants: small lattices);
     ``pf-flow-mcmc`` is flow-MCMC in the joint space of links and pseudofermions (a
     gauge-covariant conditional proposes the pseudofermions; CG solves, no determinants;
-    the flow is trained on the gauge action) and takes the same pseudofermion keys.
+    the flow is trained on the gauge action) and takes the same pseudofermion keys, plus the
+    conditional that proposes the pseudofermions: ``conditional`` (``"triangular"``, gauge-covariant
+    triangular maps; ``"exact"``, the dense heatbath, small lattices; ``"scalar"``),
+    ``conditional_dispersion`` (widens the conditional, ``M -> dispersion M``; the default 1.1 is the
+    validated one, see :data:`latflow.fermions.conditional.DEFAULT_DISPERSION`) and
+    ``conditional_nested`` (full lattice: nested triangular Schur complement).
+
+    ``thermalization``: steps discarded before the first recorded row. Default: one proposal batch
+    (``batch_size`` steps) for flow-MCMC, whose chains start from an importance-resampled proposal;
+    0 for HMC, whose ``n_tune`` tuning trajectories come first (:attr:`burn_in`).
     """
 
     kind: Literal["flow-mcmc", "hmc", "pf-hmc", "pf-flow-mcmc"] = "flow-mcmc"
     n_samples: int = 10000
-    thermalization: int = 0
+    thermalization: int | None = None
     commit_every: int = 1000
     log_every: int = 1000
     batch_size: int = 256
@@ -104,6 +114,16 @@ class SamplerConfig:
     hasenbusch_kappas: tuple[float, ...] = ()
     cg_tol: float = 1e-10
     cg_max_iter: int = 10000
+    conditional: Literal["triangular", "exact", "scalar"] = "triangular"
+    conditional_dispersion: float = DEFAULT_DISPERSION
+    conditional_nested: bool = True
+
+    @property
+    def burn_in(self) -> int:
+        """``thermalization``, or its default for the kind (see the class notes)."""
+        if self.thermalization is not None:
+            return self.thermalization
+        return self.batch_size if self.kind in ("flow-mcmc", "pf-flow-mcmc") else 0
 
 
 @dataclass(frozen=True)
@@ -225,6 +245,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     ),
     "sampler.cg_tol": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "sampler.cg_max_iter": POSITIVE,
+    "sampler.conditional_dispersion": (lambda v: 0.5 <= v <= 4, "a number in [0.5, 4] (1.1 is the validated default)"),
     "output.path": (lambda v: v.strip() != "", "a non-empty file name"),
     "output.save_every": POSITIVE,
     "output.compression_level": (lambda v: 1 <= v <= 9, "an integer in [1, 9]"),
@@ -245,6 +266,8 @@ def _describe(tp: Any) -> str:
     if origin is tuple:
         inner = typing.get_args(tp)[0]
         return "a list of " + {int: "integers", float: "numbers", bool: "booleans", str: "strings"}.get(inner, str(inner))
+    if origin in (typing.Union, types.UnionType):  # optional keys: describe what may be written
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
@@ -462,6 +485,12 @@ def _check_consistency(job: JobConfig) -> None:
                 f"{src}: 'sampler.even_odd' = true on 'lattice.shape' = {list(job.lattice.shape)}: extent {odd[0]} "
                 "is odd; even/odd preconditioning needs even extents (or set sampler.even_odd = false)"
             )
+    exact_conditional = job.sampler.kind == "pf-flow-mcmc" and job.sampler.conditional == "exact"
+    if exact_conditional and math.prod(job.lattice.shape) > 256:
+        raise JobError(
+            f"{src}: 'sampler.conditional' = 'exact' on 'lattice.shape' = {list(job.lattice.shape)}: the exact "
+            "(dense heatbath) conditional is for volumes up to 256 sites; use 'triangular' or 'scalar'"
+        )
     if pseudofermions and job.sampler.hasenbusch_kappas:
         kappa = float(job.theory.couplings.kappa)
         if max(job.sampler.hasenbusch_kappas) >= kappa:
@@ -511,13 +540,32 @@ def to_dict(job: JobConfig) -> dict[str, Any]:
 
 
 def sampler_settings(job: JobConfig) -> dict[str, Any]:
-    """The ``sampler`` attribute of the ensemble: kind and the settings that kind uses."""
+    """The ``sampler`` attribute of the ensemble: kind and the settings that kind uses.
+
+    ``thermalization`` is the burn-in actually discarded (its default resolved). ``pf-flow-mcmc``
+    adds the conditional (``conditional``, ``conditional_dispersion``, ``conditional_nested``).
+    Theories whose observables have estimators to choose (Schwinger: exact dense below a volume,
+    stochastic above) add ``measurement``: their ``measurement_settings()``.
+    """
     s = job.sampler
-    common = {"kind": s.kind, "n_samples": s.n_samples, "thermalization": s.thermalization, "commit_every": s.commit_every}
-    pf = {"even_odd": s.even_odd, "hasenbusch_kappas": list(s.hasenbusch_kappas), "cg_tol": s.cg_tol, "cg_max_iter": s.cg_max_iter}
+    common = {"kind": s.kind, "n_samples": s.n_samples, "thermalization": s.burn_in, "commit_every": s.commit_every}
+    theory = REGISTRY[job.theory.name].build(job.theory.couplings, Lattice(job.lattice.shape))
+    if hasattr(theory, "measurement_settings"):
+        common["measurement"] = theory.measurement_settings()
+    pf = {
+        "even_odd": s.even_odd,
+        "hasenbusch_kappas": list(s.hasenbusch_kappas),
+        "cg_tol": s.cg_tol,
+        "cg_max_iter": s.cg_max_iter,
+    }
     if s.kind in ("flow-mcmc", "pf-flow-mcmc"):
         flow = {**common, "batch_size": s.batch_size, "model": dataclasses.asdict(job.model), "dtype": job.run.dtype}
-        return {**flow, **pf} if s.kind == "pf-flow-mcmc" else flow
+        conditional = {
+            "conditional": s.conditional,
+            "conditional_dispersion": s.conditional_dispersion,
+            "conditional_nested": s.conditional_nested,
+        }
+        return {**flow, **pf, **conditional} if s.kind == "pf-flow-mcmc" else flow
     return {
         **common,
         "n_chains": s.n_chains,

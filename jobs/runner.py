@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shlex
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,16 @@ from latflow import checkpoint
 from latflow.analysis import DerivedObservable, analyze_ensemble
 from latflow.ensemble import EnsembleError, EnsembleMeta, EnsembleReader, EnsembleWriter
 from latflow.ensemble._format import FIELD_INDEX
+from latflow.fermions.conditional import (
+    FINITE_VARIANCE_LAMBDA,
+    ConditionalPseudofermions,
+    ExactConditional,
+    ScalarConditional,
+    TriangularConditional,
+    dispersion_for,
+    smallest_covariance_ratio,
+)
+from latflow.fermions.wilson import u1_links
 from latflow.flows import FlowModel, make_affine_flow, model_sha256
 from latflow.flows.gauge_layers import make_u1_equivariant_flow
 from latflow.lattice import Lattice
@@ -36,6 +47,7 @@ log = logging.getLogger("latflow")
 
 # independent random streams of one seed: (seed, purpose, rank)
 STREAM_TRAIN, STREAM_SAMPLE, STREAM_INIT = 0, 1, 2
+STREAM_CHECK = 3  # the flow configurations of the pf-flow-mcmc weight check
 
 
 def torch_dtype(job: JobConfig) -> torch.dtype:
@@ -288,6 +300,73 @@ def load_model(job: JobConfig, device: torch.device, comm: SerialComm | None = N
 # --- sampling -----------------------------------------------------------------
 
 
+# finite-variance check of the pseudofermion weights (pf-flow-mcmc): dense, so up to this volume
+WEIGHT_CHECK_MAX_VOLUME = 256
+WEIGHT_CHECK_CONFIGS = 8
+WARN_LAMBDA = 0.6  # finite variance above 1/2, but a heavy tail close to it
+
+
+def make_conditional(job: JobConfig, theory: Any) -> ConditionalPseudofermions:
+    """The pseudofermion conditional of a ``pf-flow-mcmc`` job (``sampler.conditional*`` keys)."""
+    s = job.sampler
+    factors = dict(even_odd=s.even_odd, hasenbusch_kappas=tuple(s.hasenbusch_kappas))
+    if s.conditional == "exact":
+        return ExactConditional(theory.dirac, **factors)
+    if s.conditional == "scalar":
+        return ScalarConditional(theory.dirac, scale=s.conditional_dispersion, **factors)
+    return TriangularConditional(
+        theory.dirac, nested=s.conditional_nested, dispersion=s.conditional_dispersion, **factors
+    )
+
+
+def check_weight_variance(
+    job: JobConfig, conditional: ConditionalPseudofermions, model: Any, device: torch.device
+) -> float | None:
+    """Refuse a conditional whose joint weights would have an infinite variance; returns ``lambda_min``.
+
+    On ``WEIGHT_CHECK_CONFIGS`` configurations of the trained flow (a stream of their own, the same
+    on every rank) the smallest generalised eigenvalue of ``(M M^dag, K)`` must exceed 1/2
+    (:func:`~latflow.fermions.conditional.covariance_ratio_spectrum`): below it the weights'
+    variance is infinite and neither the chain's error bars nor its acceptance mean anything, so
+    the job stops (``JobError`` suggesting a dispersion) rather than produce a misleading ensemble.
+    Between 1/2 and 0.6 it warns. Dense, so above ``WEIGHT_CHECK_MAX_VOLUME`` sites it only warns
+    that it cannot check (``None``). The exact conditional has ``lambda = 1``.
+    """
+    s = job.sampler
+    if s.conditional == "exact":
+        return 1.0
+    volume = math.prod(job.lattice.shape)
+    if volume > WEIGHT_CHECK_MAX_VOLUME:
+        log.warning(
+            "pf-flow-mcmc: cannot check that the pseudofermion weights have a finite variance at volume %d "
+            "(dense check up to %d sites); heavy-tailed weights make errors meaningless: check the weights' "
+            "tail diagnostic in 'latflow analyze' and widen sampler.conditional_dispersion if it warns",
+            volume, WEIGHT_CHECK_MAX_VOLUME,
+        )
+        return None
+    gen = make_generator(job.run.seed, STREAM_CHECK, device=device)
+    with torch.no_grad():
+        theta, _ = model.sample(WEIGHT_CHECK_CONFIGS, gen)
+        lam = float(smallest_covariance_ratio(conditional, u1_links(theta.double())).min())
+    d = s.conditional_dispersion
+    if lam <= FINITE_VARIANCE_LAMBDA:
+        raise JobError(
+            f"{job.source}: 'sampler.conditional_dispersion' = {d}: the pseudofermion weights would have infinite "
+            f"variance (smallest eigenvalue of (M M^dag, K) {lam:.3f} <= 1/2 on {WEIGHT_CHECK_CONFIGS} flow "
+            f"configurations); use sampler.conditional_dispersion = {dispersion_for(lam, d)} "
+            "(or even_odd = true / hasenbusch_kappas, which raise it)"
+        )
+    if lam < WARN_LAMBDA:
+        log.warning(
+            "pf-flow-mcmc: the pseudofermion weights have a finite but heavy-tailed variance (smallest eigenvalue "
+            "of (M M^dag, K) %.3f, finite above 0.5); sampler.conditional_dispersion = %s would make it ~0.7",
+            lam, dispersion_for(lam, d),
+        )
+    else:
+        log.info("pf-flow-mcmc: finite-variance check passed (smallest eigenvalue of (M M^dag, K) %.3f > 0.5)", lam)
+    return lam
+
+
 def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: SerialComm, device: torch.device) -> Any:
     s = job.sampler
     gen = make_generator(job.run.seed, STREAM_SAMPLE, comm.rank, device=device)
@@ -297,8 +376,10 @@ def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: Se
     # the pseudofermion factors and their solves, common to both pseudofermion samplers
     pf = dict(even_odd=s.even_odd, hasenbusch_kappas=tuple(s.hasenbusch_kappas), tol=s.cg_tol, max_iter=s.cg_max_iter)
     if s.kind == "pf-flow-mcmc":
+        conditional = make_conditional(job, theory)
+        check_weight_variance(job, conditional, model, device)
         return PseudofermionFlowMCMC.for_theory(
-            theory, model, batch_size=s.batch_size, generator=gen, chain_id=comm.rank, **pf
+            theory, model, batch_size=s.batch_size, generator=gen, chain_id=comm.rank, conditional=conditional, **pf
         )
     x0 = 0.1 * torch.randn((s.n_chains, *theory.field_shape), generator=gen, dtype=torch_dtype(job), device=device)
     if s.kind == "pf-hmc":
@@ -325,6 +406,35 @@ def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: Se
         chain_offset=comm.rank * s.n_chains,
         step_jitter=s.step_jitter,
     )
+
+
+MEASURE_CHUNK = 256  # configurations per call of theory.observables (bounds the memory of a block)
+
+
+def measure(
+    theory: Any, x: torch.Tensor, new_state: torch.Tensor | None = None, chunk: int = MEASURE_CHUNK
+) -> dict[str, np.ndarray]:
+    """``{"observables/<name>": [n]}`` of configurations ``x`` ``[n, *field_shape]``, ``chunk`` at a time.
+
+    The cost per configuration is the theory's (Schwinger: exact dense observables only up to
+    ``dense_max_volume``, stochastic CG estimates above); the memory is that of one chunk,
+    whatever ``commit_every`` and the number of chains. ``new_state`` ``[n]`` bool (one chain in
+    Markov order): rows where it is false repeat the previous row's configuration, whose values
+    they get without measuring it again (flow-MCMC: the rejected steps).
+    """
+    index = None
+    if new_state is not None and x.shape[0]:
+        new_state = new_state.to(torch.bool).cpu().clone()
+        new_state[0] = True
+        index = (torch.cumsum(new_state.long(), 0) - 1).numpy()
+        x = x[new_state.to(x.device)]
+    parts: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        for i in range(0, x.shape[0], chunk):
+            for name, value in theory.observables(x[i : i + chunk]).items():
+                parts.setdefault(f"observables/{name}", []).append(value.detach().cpu().numpy())
+    values = {k: np.concatenate(v) for k, v in parts.items()}
+    return values if index is None else {k: v[index] for k, v in values.items()}
 
 
 def _meta(job: JobConfig, theory: Any, model: FlowModel | None) -> EnsembleMeta:
@@ -455,8 +565,8 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
             # every rank integrates with the same (rank-averaged) tuned step size
             sampler.set_step_size(eps)
             log.info("HMC step size tuned to %.4g (%d steps per trajectory)", sampler.step_size, sampler.n_steps)
-        if s.thermalization:
-            sampler.run(s.thermalization)
+        if s.burn_in:
+            sampler.run(s.burn_in)
 
     chains = comm.size * (s.n_chains if isinstance(sampler, HMC) else 1)
     first = recorded  # steps per chain recorded before this run
@@ -468,9 +578,8 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
             k = min(s.commit_every, s.n_samples - recorded)
             block = sampler.run(k)
             rows = block.rows(theory.field_name)
-            with torch.no_grad():
-                for name, value in theory.observables(block.x).items():
-                    rows[f"observables/{name}"] = value.detach().cpu().numpy()
+            # a flow chain's rejected steps repeat its previous configuration: measured once
+            rows.update(measure(theory, block.x, block.accepted if isinstance(sampler, FlowMCMC) else None))
             if save_every > 1:
                 rows = thin_fields(rows, recorded, k, save_every)
             recorded += k

@@ -35,15 +35,19 @@ proposals, 2 of 48 even/odd z-scores exceeded 3).
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import job_toml, stat_seed
 from scipy.special import i0e
 
 from latflow.analysis import gamma_method
+from latflow.ensemble import EnsembleReader
 from latflow.fermions.conditional import (
+    DEFAULT_DISPERSION,
     ExactConditional,
     ScalarConditional,
     TriangularConditional,
@@ -74,10 +78,9 @@ BETA = 2.0
 SHAPE = (4, 4)
 LAT = Lattice(SHAPE)
 OBS = ("plaquette", "topological_charge_sq", "chiral_condensate")
-# even/odd conditionals widened by 10%: lambda_min(M M^dag, K) ~0.58 -> ~0.7 (finite-variance weights need
-# > 1/2, see covariance_ratio_spectrum); the full-lattice one does better as it is (wider dispersion lowers
-# its acceptance and lengthens the chain's sticking)
-DISPERSION = 1.1
+# triangular conditionals widened by 10%, the default of jobs: lambda_min(M M^dag, K) ~0.58 -> ~0.7
+# (finite-variance weights need > 1/2, see covariance_ratio_spectrum)
+DISPERSION = DEFAULT_DISPERSION
 
 # (mean, error) from reference(BETA, kappa, SHAPE, n=500_000, seed=int(1000 * kappa))
 REFERENCE = {
@@ -314,7 +317,7 @@ def test_gauge_covariance_and_invariance(name: str) -> None:
     sampler = PseudofermionFlowMCMC.for_theory(theory, model, conditional=cond, batch_size=3, generator=gen(0))
     with torch.no_grad():
         phis, log_r, chis = cond.sample(U, gen(7), return_noise=True)
-        for f, m, chi, phi in zip(cond.layout, cond.maps, chis, phis):
+        for m, chi, phi in zip(cond.maps, chis, phis):
             phi_g, _ = m(U_g, omega * chi)
             torch.testing.assert_close(phi_g, omega * phi, rtol=0, atol=1e-11)
         phis_g = [omega * phi for phi in phis]
@@ -465,27 +468,28 @@ def test_resume_is_bit_identical() -> None:
     for field in ("x", "accepted", "log_p", "log_q", "log_w", "proposal_log_w", "step"):
         joined = torch.cat([getattr(a, field), getattr(b, field)])
         assert torch.equal(joined, getattr(whole, field)), field
-    assert resumed.n_proposals == full.n_proposals == 300
+    assert resumed.n_proposals == full.n_proposals == 300 + 50  # and the start's batch
     assert resumed.cg_iterations == full.cg_iterations > 0
     assert full.last_run_cg_iterations.shape == (300, 2)
     # rows: the state's joint log target and proposal density
     acc = whole.accepted
     assert torch.equal(whole.proposal_log_w[acc], (whole.log_p - whole.log_q)[acc])
-    assert bool(acc[0]) and 0 < int(acc.sum()) < 300
+    assert 0 < int(acc.sum()) < 300
 
 
 def chain_observables(block, theory: SchwingerModel) -> dict[str, np.ndarray]:
     """Observables of every row, computed once per distinct state."""
-    new = torch.cumsum(block.accepted.long(), 0) - 1  # index of the state among accepted proposals
-    assert bool(block.accepted[0])
-    obs = theory.observables(block.x[block.accepted])
+    new_state = block.accepted.clone()
+    new_state[0] = True  # the first row's state: the chain's start or its first accepted proposal
+    new = torch.cumsum(new_state.long(), 0) - 1  # index of each row's state among the distinct ones
+    obs = theory.observables(block.x[new_state])
     return {k: obs[k][new].numpy() for k in OBS}
 
 
 EXACTNESS = {
     # name: (kappa, conditional factory, proposals); acceptances ~0.25, 0.11, 0.15, 0.09
     "exact-conditional": (0.25, lambda d: ExactConditional(d), 6000),
-    "plain": (0.2, lambda d: TriangularConditional(d), 12000),
+    "plain": (0.2, lambda d: TriangularConditional(d, dispersion=DISPERSION), 12000),
     "even-odd": (0.2, lambda d: TriangularConditional(d, even_odd=True, dispersion=DISPERSION), 12000),
     "even-odd-hasenbusch": (
         0.25,
@@ -495,13 +499,14 @@ EXACTNESS = {
 }
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("name", list(EXACTNESS))
-def test_joint_chain_reproduces_exact_determinant_values(name: str) -> None:
+def test_joint_chain_reproduces_exact_determinant_values(name: str, record_z) -> None:
     kappa, factory, n = EXACTNESS[name]
     theory = SchwingerModel(SchwingerParams(BETA, kappa), LAT)
     cond = factory(theory.dirac)
     sampler = PseudofermionFlowMCMC.for_theory(
-        theory, make_proposal(), conditional=cond, batch_size=1000, generator=gen(100 + len(name))
+        theory, make_proposal(), conditional=cond, batch_size=1000, generator=gen(stat_seed(100 + len(name)))
     )
     t0 = time.perf_counter()
     block = sampler.run(n)
@@ -513,11 +518,78 @@ def test_joint_chain_reproduces_exact_determinant_values(name: str) -> None:
         ref, ref_err = REFERENCE[kappa][k]
         z[k] = (r.mean - ref) / math.hypot(r.err, ref_err)
         report[k] = f"{r.mean:.4f}({r.err:.4f}) tau={r.tau_int:.1f} ref {ref:.4f} z={z[k]:+.2f}"
+        record_z(k, z[k])
     cg = sampler.last_run_cg_iterations.sum(1).double().mean()
     print(f"{name} kappa={kappa}: acceptance {acceptance:.3f}, CG/proposal {cg:.0f}, "
           f"{time.perf_counter() - t0:.1f} s", report)
     assert acceptance > 0.03, acceptance  # else the check would have no power
     assert all(abs(v) < 3 for v in z.values()), report
+
+
+# ------------------------------------------------------------------------------------ the job path
+PF_FLOW_JOB = {
+    "theory": {"name": "schwinger", "beta": BETA, "kappa": 0.2},
+    "lattice": {"shape": list(SHAPE)},
+    "model": {"kind": "u1-equivariant", "n_layers": 8, "hidden": [8], "inner": "spline"},
+    "train": {"steps": 200, "batch_size": 64, "lr": 0.01, "checkpoint_every": 200, "log_every": 50},
+    # the sampler keys a user writes: the conditional is the default one
+    "sampler": {"kind": "pf-flow-mcmc", "n_samples": 30000, "batch_size": 2000, "even_odd": True,
+                "commit_every": 10000, "log_every": 10000},
+    "output": {"path": "ens.h5"},
+}
+
+
+@pytest.mark.statistical
+def test_latflow_run_pf_flow_mcmc_reproduces_exact_determinant_values(tmp_path, latflow_cli, record_z) -> None:
+    """``latflow run`` of a 4x4 pf-flow-mcmc job (flow trained 200 steps on the gauge action, default
+    conditional and burn-in) against the exact-determinant reference at kappa = 0.2: plaquette, <Q^2>
+    and condensate within 3 sigma (Gamma-method errors of the ensemble combined with the
+    reference's; acceptance ~0.08, tau_int 15-150, chains of 30000 >= 200 tau_int). ~30 s.
+    With 100 training steps one seed in ten gave a flow (acceptance 0.04) that rarely proposed
+    Q != 0 and <Q^2> 5.5 sigma low: the chain was too short for that flow, not wrong.
+
+    Then ``latflow sample`` with the same model at kappa = 0.25, plain pseudofermions and dispersion
+    1.0 (lambda_min ~0.37 < 1/2: infinite-variance weights) stops with a one-line error suggesting
+    a dispersion, and the suggested one runs."""
+    job = {**PF_FLOW_JOB, "run": {"seed": stat_seed(2022)}}
+    (tmp_path / "job.toml").write_text(job_toml(job), encoding="utf-8")
+    res = latflow_cli.run(["run", "job.toml"], tmp_path)
+    assert res.returncode == 0, res
+    assert "finite-variance check passed" in res.stderr, res
+    with EnsembleReader(tmp_path / "ens.h5") as r:
+        sampler = r.meta.sampler
+        obs = {k: r.read(f"observables/{k}") for k in OBS}
+        accepted = r.read("markov/accepted")
+        step = r.read("markov/step")
+    assert (sampler["conditional"], sampler["conditional_dispersion"], sampler["conditional_nested"]) == (
+        "triangular", DEFAULT_DISPERSION, True)
+    assert sampler["thermalization"] == 2000 and step[0] == 2000  # default burn-in: one proposal batch
+    assert sampler["measurement"]["estimator"] == "exact"
+    acceptance = float(accepted.mean())
+    assert acceptance > 0.03, acceptance  # else the check would have no power
+    report = {}
+    for k in OBS:
+        g = gamma_method(obs[k])
+        ref, ref_err = REFERENCE[0.2][k]
+        z = (g.mean - ref) / math.hypot(g.err, ref_err)
+        report[k] = f"{g.mean:.4f}({g.err:.4f}) tau={g.tau_int:.1f} ref {ref:.4f} z={z:+.2f}"
+        record_z(k, z)
+    print(f"acceptance {acceptance:.3f}", report)
+    assert all(abs(float(v.split("z=")[1])) < 3 for v in report.values()), report
+
+    heavy = ["--out", "k25.h5", "--set", "output.model=ens.model.pt", "--set", "theory.kappa=0.25",
+             "--set", "sampler.even_odd=false", "--set", "sampler.conditional_dispersion=1.0",
+             "--set", "sampler.n_samples=200"]
+    res = latflow_cli.run(["sample", "job.toml", *heavy], tmp_path)
+    assert res.returncode == 2, res
+    last = res.stderr.strip().splitlines()[-1]
+    assert "infinite" in last and "Traceback" not in res.stderr, res
+    suggested = re.search(r"use sampler.conditional_dispersion = ([0-9.]+)", last)
+    assert suggested and float(suggested.group(1)) > 1.2, last
+    assert not (tmp_path / "k25.h5").exists()
+    heavy[heavy.index("sampler.conditional_dispersion=1.0")] = f"sampler.conditional_dispersion={suggested.group(1)}"
+    res = latflow_cli.run(["sample", "job.toml", *heavy], tmp_path)
+    assert res.returncode == 0 and "finite-variance check passed" in res.stderr, res
 
 
 def test_acceptance_ordering() -> None:

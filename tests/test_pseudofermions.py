@@ -7,7 +7,11 @@
   (a telescoping product of factors), on 4x4;
 - forces: the closed-form ``d Re(a^dag H b)/dtheta`` against autograd through the Wilson hopping
   term; every factor's force against central finite differences of its action (float64);
+- PF-HMC on float32 links accumulates its Hamiltonian in float64;
 - validation of the container's parameters.
+
+Statistical tests take their seeds from ``stat_seed`` (the links stay fixed, the noise moves); their
+bound is 4 sigma for a family of 14 z-scores (family-wise false-alarm rate ~0.1%).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 
 import pytest
 import torch
+from conftest import stat_seed
 
 from latflow.analysis import gamma_method
 from latflow.fermions.dense import logdet_normal
@@ -53,12 +58,15 @@ def z_score(samples: torch.Tensor, exact: float) -> tuple[float, float, float]:
 # --- heatbath ----------------------------------------------------------------------------------
 
 
-def test_complex_gaussian_normalisation():
-    chi = complex_gaussian((20000,), gen(1))
+@pytest.mark.statistical
+def test_complex_gaussian_normalisation(record_z):
+    chi = complex_gaussian((20000,), gen(stat_seed(1)))
     assert chi.dtype == torch.complex128
     z, _, _ = z_score(chi.abs() ** 2, 1.0)
+    record_z("|chi|^2", z, 4.0)
     assert abs(z) < 4
     z, _, _ = z_score(chi.real * chi.imag, 0.0)  # independent real and imaginary parts
+    record_z("Re chi Im chi", z, 4.0)
     assert abs(z) < 4
     assert complex_gaussian((3,), gen(1), dtype=torch.complex64).dtype == torch.complex64
 
@@ -68,21 +76,23 @@ def test_complex_gaussian_normalisation():
     [(False, ()), (True, ()), (False, (0.12,)), (True, (0.08, 0.15))],
     ids=["plain", "eo", "hb", "eo-hb2"],
 )
-def test_heatbath_action_is_chi_squared(even_odd, kappas):
+@pytest.mark.statistical
+def test_heatbath_action_is_chi_squared(even_odd, kappas, record_z):
     """``S_f(phi_f) = |chi_f|^2`` draw by draw; ``<S> = n_components`` per factor."""
     b = 400
     pf = Nf2Pseudofermions(WilsonDirac(LAT, 0.21), even_odd=even_odd, hasenbusch_kappas=kappas, tol=1e-12)
     U = u1_links(links(2).expand(b, -1, -1, -1))
-    phis, s = pf.refresh(U, gen(3))
+    phis, s = pf.refresh(U, gen(stat_seed(3)))
     per = pf.factor_actions(U, phis)
     torch.testing.assert_close(sum(per), s, rtol=1e-9, atol=0)
     n = 16 * 2 // (2 if even_odd else 1)
     assert pf.n_components == n and len(phis) == 1 + len(kappas)
-    for phi, s_f in zip(phis, per):
+    for i, (phi, s_f) in enumerate(zip(phis, per)):
         if even_odd:  # even/odd pseudofermions vanish on odd sites
             assert not bool(phi[:, LAT.checkerboard(1)].any())
         z, _, _ = z_score(s_f, float(n))
         print(f"<S_pf> at the heatbath against n = {n}: z = {z:+.2f}")
+        record_z(f"S_pf[{i}]", z, 4.0)
         assert abs(z) < 4, z
     # solves: the plain factor's action; each ratio factor's heatbath and action
     assert pf.n_solves == [1] + [2] * len(kappas)
@@ -122,7 +132,8 @@ def ld(dirac: WilsonDirac, U: torch.Tensor, even_odd: bool = False) -> float:
 
 
 @pytest.mark.parametrize("even_odd", [False, True], ids=["plain", "eo"])
-def test_plain_factor_is_unbiased(even_odd):
+@pytest.mark.statistical
+def test_plain_factor_is_unbiased(even_odd, record_z):
     k0, k = 0.2, 0.215
     d0, d = WilsonDirac(LAT, k0), WilsonDirac(LAT, k)
     U = u1_links(links(6).expand(N_DRAWS, -1, -1, -1))
@@ -131,12 +142,14 @@ def test_plain_factor_is_unbiased(even_odd):
     assert abs(exact - (ld(d, U) - ld(d0, U))) < 1e-10
     f0 = PseudofermionFactor(d0, even_odd=even_odd, tol=1e-11)
     f = PseudofermionFactor(d, even_odd=even_odd, tol=1e-11)
-    z = reweight_z(f, f0, U, f0.heatbath(U, gen(7))[0], exact)
+    z = reweight_z(f, f0, U, f0.heatbath(U, gen(stat_seed(7)))[0], exact)
+    record_z("det ratio", z, 4.0)
     assert abs(z) < 4, z
 
 
 @pytest.mark.parametrize("even_odd", [False, True], ids=["plain", "eo"])
-def test_hasenbusch_ratio_factor_is_unbiased(even_odd):
+@pytest.mark.statistical
+def test_hasenbusch_ratio_factor_is_unbiased(even_odd, record_z):
     """``<exp(-S + S0)> = [det(D^dag D)/det(D'^dag D')] / [det(D0^dag D0)/det(D0'^dag D0')]``."""
     (k0, h0), (k, h) = (0.2, 0.1), (0.214, 0.11)
     U = u1_links(links(8).expand(N_DRAWS, -1, -1, -1))
@@ -144,18 +157,21 @@ def test_hasenbusch_ratio_factor_is_unbiased(even_odd):
     exact = (ld(w[k], U) - ld(w[h], U)) - (ld(w[k0], U) - ld(w[h0], U))
     ref = HasenbuschRatioFactor(w[k0], w[h0], even_odd=even_odd, tol=1e-11)
     tgt = HasenbuschRatioFactor(w[k], w[h], even_odd=even_odd, tol=1e-11)
-    z = reweight_z(tgt, ref, U, ref.heatbath(U, gen(9))[0], exact)
+    z = reweight_z(tgt, ref, U, ref.heatbath(U, gen(stat_seed(9)))[0], exact)
+    record_z("det ratio", z, 4.0)
     assert abs(z) < 4, z
 
 
-def test_nf2_container_is_unbiased_for_the_full_determinant():
+@pytest.mark.statistical
+def test_nf2_container_is_unbiased_for_the_full_determinant(record_z):
     """Two Hasenbusch factors telescope: the product estimates ``det(D^dag D) / det(D0^dag D0)``."""
     k0, k = 0.2, 0.212
     U = u1_links(links(10).expand(N_DRAWS, -1, -1, -1))
     ref = Nf2Pseudofermions(WilsonDirac(LAT, k0), hasenbusch_kappas=(0.1,), even_odd=True, tol=1e-11)
     tgt = Nf2Pseudofermions(WilsonDirac(LAT, k), hasenbusch_kappas=(0.11,), even_odd=True, tol=1e-11)
     exact = ld(WilsonDirac(LAT, k), U) - ld(WilsonDirac(LAT, k0), U)
-    z = reweight_z(tgt, ref, U, ref.heatbath(U, gen(11)), exact)
+    z = reweight_z(tgt, ref, U, ref.heatbath(U, gen(stat_seed(11))), exact)
+    record_z("det ratio", z, 4.0)
     assert abs(z) < 4, z
 
 
@@ -229,6 +245,20 @@ def test_complex64_runs():
     assert phis[0].dtype == torch.complex64 and s.dtype == torch.float32
     assert pf.force(theta, phis).dtype == torch.float32
     torch.testing.assert_close(pf.action(U, phis), s, rtol=1e-3, atol=0)
+
+
+def test_pf_hmc_hamiltonian_is_float64_for_float32_links():
+    """PF-HMC on float32 links accumulates ``H`` in float64 (as HMC does): ``delta_H`` is float64."""
+    from latflow.samplers import PseudofermionHMC
+    from latflow.theories.schwinger import SchwingerModel, SchwingerParams
+
+    theory = SchwingerModel(SchwingerParams(2.0, 0.2), LAT)
+    s = PseudofermionHMC.for_theory(theory, links(24, batch=3).float(), step_size=0.1, n_steps=3,
+                                    generator=gen(25), even_odd=True, tol=1e-6)
+    s.run(2)
+    assert s.x.dtype == torch.float32
+    assert s.last_run_delta_h.dtype == torch.float64 and s.last_run_delta_h.shape == (2, 3)
+    assert bool(torch.isfinite(s.last_run_delta_h).all())
 
 
 # --- parameters -------------------------------------------------------------------------------

@@ -216,11 +216,11 @@ def test_hmc_gaussian_target(record_z):
     for i in range(4):
         r = gamma_method(list((x[:, :, i] ** 2).T.numpy()))
         z = (r.mean - sigma[i].item() ** 2) / r.err
-        record_z(f"x{i}^2", z)
+        record_z(f"x{i}^2", z, 3.5)
         assert abs(z) < 3.5, (i, r)
         assert r.err / r.mean < 0.03
         m = gamma_method(list(x[:, :, i].T.numpy()), known_mean=0.0)
-        record_z(f"x{i}", m.mean / m.err)
+        record_z(f"x{i}", m.mean / m.err, 3.5)
         assert abs(m.mean) < 3.5 * m.err, (i, m)
 
 

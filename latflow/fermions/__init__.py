@@ -9,13 +9,13 @@
 - :mod:`.conditional`: gauge-covariant conditional pseudofermion flows ``phi = M(U) chi``.
 """
 
+from .conditional import ExactConditional, ScalarConditional, TriangularConditional
 from .dense import dense_matrix, logdet, logdet_normal
 from .evenodd import EvenOddWilson
 from .gamma import gamma5, gamma_matrices, spin_dim
+from .pseudofermions import HasenbuschRatioFactor, Nf2Pseudofermions, PseudofermionFactor, heatbath
 from .solvers import ConvergenceError, SolverResult, bicgstab, cg, cgnr
 from .wilson import DiracOperator, WilsonDirac, u1_links
-from .pseudofermions import HasenbuschRatioFactor, Nf2Pseudofermions, PseudofermionFactor, heatbath
-from .conditional import ExactConditional, ScalarConditional, TriangularConditional
 
 __all__ = [
     "spin_dim",

@@ -48,7 +48,8 @@ means heavy-tailed weights (infinite variance once ``lambda_min(M M^dag, K) < 1/
 acceptance).
 
 The operators of each factor (support, noise, exact draws, quadratic forms) are described by
-:class:`~latflow.fermions.pf_layout.FactorLayout`. Containers (:class:`ConditionalPseudofermions`) hold one map per factor, in the factor order
+:class:`~latflow.fermions.pf_layout.FactorLayout`. Containers (:class:`ConditionalPseudofermions`) hold one
+map per factor, in the factor order
 of :class:`~latflow.fermions.pseudofermions.Nf2Pseudofermions` (heaviest first):
 :class:`ExactConditional` (heatbath maps), :class:`TriangularConditional` (triangular map for the
 plain factor, scalars for Hasenbusch ratios) and :class:`ScalarConditional` (scalars only).
@@ -84,9 +85,19 @@ __all__ = [
     "ScalarConditional",
     "fit_to_heatbath",
     "covariance_ratio_spectrum",
+    "smallest_covariance_ratio",
+    "dispersion_for",
+    "DEFAULT_DISPERSION",
+    "FINITE_VARIANCE_LAMBDA",
 ]
 
 LOG_PI = math.log(math.pi)
+# M -> 1.1 M: lambda_min(M M^dag, K) of the triangular maps ~0.58 -> ~0.7 at kappa = 0.2 (4x4, 8x8), the
+# width at which the joint chain's exactness tests pass (finite-variance weights need > 1/2)
+DEFAULT_DISPERSION = 1.1
+# lambda_min above which the weights have a finite variance, and the margin a suggested dispersion aims at
+FINITE_VARIANCE_LAMBDA = 0.5
+SUGGESTED_LAMBDA = 0.7
 
 
 # ------------------------------------------------------------------------------------ maps
@@ -305,7 +316,7 @@ class TriangularMap(nn.Module):
         return x1 + x2, logdet + ld
 
     @classmethod
-    def for_factor(cls, layout: FactorLayout, *, nested: bool = True) -> "TriangularMap":
+    def for_factor(cls, layout: FactorLayout, *, nested: bool = True) -> TriangularMap:
         """The triangular conditional of a plain factor, initialised at the LDU structure of ``A^dag``.
 
         Full lattice: even / odd sites, ``k = 1``; the odd-site Schur complement ``M_2`` is (with
@@ -554,6 +565,25 @@ def covariance_ratio_spectrum(conditional: ConditionalPseudofermions, U: torch.T
         g = torch.linalg.solve(root, mm)
         out.append(torch.linalg.eigvalsh(g @ g.mH))
     return out
+
+
+def smallest_covariance_ratio(conditional: ConditionalPseudofermions, U: torch.Tensor) -> torch.Tensor:
+    """``lambda_min`` ``[B]`` of ``(M_f M_f^dag, K_f)`` over all factors (dense; small lattices).
+
+    The joint weights have a finite variance at links ``U`` iff this exceeds
+    :data:`FINITE_VARIANCE_LAMBDA` (:func:`covariance_ratio_spectrum`).
+    """
+    return torch.stack([lam[:, 0] for lam in covariance_ratio_spectrum(conditional, U)]).min(dim=0).values
+
+
+def dispersion_for(lambda_min: float, dispersion: float, target: float = SUGGESTED_LAMBDA) -> float:
+    """The dispersion (rounded up to 0.05) that moves ``lambda_min`` measured at ``dispersion`` to ``target``.
+
+    ``M -> c M`` scales every eigenvalue of ``(M M^dag, K)`` by ``c^2``.
+    """
+    if not (lambda_min > 0 and dispersion > 0):
+        raise ValueError(f"lambda_min and dispersion must be positive, got {lambda_min} and {dispersion}")
+    return math.ceil(20 * dispersion * math.sqrt(target / lambda_min) - 1e-9) / 20
 
 
 def fit_to_heatbath(

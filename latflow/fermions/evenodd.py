@@ -71,7 +71,7 @@ class EvenOddWilson:
     def __repr__(self) -> str:
         return f"EvenOddWilson({self.dirac!r})"
 
-    def with_kappa(self, kappa: float) -> "EvenOddWilson":
+    def with_kappa(self, kappa: float) -> EvenOddWilson:
         """The same preconditioned operator at another hopping parameter."""
         return EvenOddWilson(self.dirac.with_kappa(kappa), check_parity=self.check_parity)
 

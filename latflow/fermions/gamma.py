@@ -20,7 +20,7 @@ element-wise operations instead of small matrix products.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ def _even_gamma5(gammas: tuple[np.ndarray, ...]) -> np.ndarray:
     return prod if (d * (d - 1) // 2) % 2 == 0 else -1j * prod
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gammas_np(d: int) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
     """``(gamma_0, ..., gamma_{d-1}), gamma_5`` (``None`` for odd ``d``) as exact numpy arrays."""
     if d == 1:

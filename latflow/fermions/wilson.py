@@ -192,7 +192,7 @@ class WilsonDirac:
         bc = "antiperiodic" if self.antiperiodic_time else "periodic"
         return f"WilsonDirac(lattice={list(self.lattice.shape)}, kappa={self.kappa}, {group}, {bc} time)"
 
-    def with_kappa(self, kappa: float) -> "WilsonDirac":
+    def with_kappa(self, kappa: float) -> WilsonDirac:
         """The same operator with another hopping parameter (e.g. a Hasenbusch mass)."""
         return WilsonDirac(self.lattice, kappa, n_colors=self.n_colors, antiperiodic_time=self.antiperiodic_time)
 
@@ -271,7 +271,7 @@ class WilsonDirac:
         state = self._link_state(U)
         return state.uf, state.ub
 
-    def _link_state(self, U: torch.Tensor) -> "_Links":
+    def _link_state(self, U: torch.Tensor) -> _Links:
         cache = self._link_cache
         version = _version(U)
         if cache is not None and version is not None and cache.ref() is U and cache.version == version:
@@ -328,7 +328,7 @@ class WilsonDirac:
             self._work[key] = buf
         return buf
 
-    def _plan(self, links: "_Links", psi: torch.Tensor, dagger: bool) -> tuple:
+    def _plan(self, links: _Links, psi: torch.Tensor, dagger: bool) -> tuple:
         """Buffers and pre-sliced views of one U(1) hop (no grad): ``(A, R, proj, hopped, recon, muls)``
         with ``muls`` the ``(x, y, out)`` triples of ``torch.mul``. Kept with the prepared links."""
         key = (dagger, tuple(psi.shape), psi.dtype, psi.device, torch.is_inference_mode_enabled())

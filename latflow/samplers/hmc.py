@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -110,7 +111,9 @@ class HMC:
         return x, p
 
     @torch.no_grad()
-    def trajectory(self, step_size: float | None = None, n_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def trajectory(
+        self, step_size: float | None = None, n_steps: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One trajectory for all chains; returns ``(accepted [B], delta_H [B])``."""
         eps = self.step_size if step_size is None else step_size
         n = self.n_steps if n_steps is None else n_steps

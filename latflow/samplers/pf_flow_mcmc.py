@@ -28,13 +28,18 @@ conditional alone (freeze the flow) or of both.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from latflow.fermions.conditional import ConditionalPseudofermions, TriangularConditional, layout_of
+from latflow.fermions.conditional import (
+    DEFAULT_DISPERSION,
+    ConditionalPseudofermions,
+    TriangularConditional,
+    layout_of,
+)
 from latflow.fermions.pseudofermions import Nf2Pseudofermions
 from latflow.fermions.solvers import ConvergenceError
 from latflow.fermions.wilson import WilsonDirac, u1_links
@@ -65,7 +70,9 @@ class PseudofermionFlowMCMC(FlowMCMC):
     conditional
         ``r(phis | U)`` with ``sample(U, generator) -> (phis, log_r)`` and a ``layout`` matching the
         pseudofermion factors; default: an untrained
-        :class:`~latflow.fermions.conditional.TriangularConditional`.
+        :class:`~latflow.fermions.conditional.TriangularConditional` widened by
+        :data:`~latflow.fermions.conditional.DEFAULT_DISPERSION` (the validated choice; at width 1
+        its weights have an infinite variance near ``kappa_c``).
     even_odd, hasenbusch_kappas
         The pseudofermion factors, as for :class:`~latflow.fermions.pseudofermions.Nf2Pseudofermions`;
         ``None``: taken from ``conditional`` (or ``False`` / ``()`` without one).
@@ -132,7 +139,10 @@ class PseudofermionFlowMCMC(FlowMCMC):
         )
         if conditional is None:
             conditional = TriangularConditional(
-                dirac, even_odd=bool(even_odd), hasenbusch_kappas=tuple(hasenbusch_kappas)
+                dirac,
+                even_odd=bool(even_odd),
+                hasenbusch_kappas=tuple(hasenbusch_kappas),
+                dispersion=DEFAULT_DISPERSION,
             )
         if not conditional.matches(layout_of(self.pseudofermions)):
             raise ValueError(
@@ -158,7 +168,7 @@ class PseudofermionFlowMCMC(FlowMCMC):
         raise RuntimeError("the joint target depends on the pseudofermions; use joint_log_p(theta, phis)")
 
     @classmethod
-    def for_theory(cls, theory: Any, model: Any, **kwargs: Any) -> "PseudofermionFlowMCMC":
+    def for_theory(cls, theory: Any, model: Any, **kwargs: Any) -> PseudofermionFlowMCMC:
         """Build from a theory with ``gauge_action`` and ``dirac`` (e.g. the Schwinger model)."""
         return cls(model, theory.gauge_action, theory.dirac, **kwargs)
 

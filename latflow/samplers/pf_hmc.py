@@ -18,7 +18,8 @@ trajectories continues bit for bit.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -131,7 +132,7 @@ class PseudofermionHMC(HMC):
         self.last_run_delta_h: torch.Tensor | None = None
 
     @classmethod
-    def for_theory(cls, theory: Any, theta0: torch.Tensor, **kwargs: Any) -> "PseudofermionHMC":
+    def for_theory(cls, theory: Any, theta0: torch.Tensor, **kwargs: Any) -> PseudofermionHMC:
         """Build from a theory with ``gauge_action``, ``gauge_force`` and ``dirac`` (e.g. Schwinger)."""
         return cls(theory.gauge_action, theory.dirac, theta0, gauge_force=theory.gauge_force, **kwargs)
 

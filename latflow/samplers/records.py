@@ -56,7 +56,7 @@ class SampleBlock:
         }
 
     @staticmethod
-    def concat(blocks: list["SampleBlock"]) -> "SampleBlock":
+    def concat(blocks: list[SampleBlock]) -> SampleBlock:
         """Concatenate blocks along the row axis."""
         parts = {}
         for f in SampleBlock.__dataclass_fields__:
