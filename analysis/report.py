@@ -254,6 +254,7 @@ def analyze_ensemble(
 
         series: dict[str, list[np.ndarray]] = {}
         frozen: dict[str, int] = {}
+        centre: dict[str, float | None] = {}  # the known mean each series was analysed about
         for ds, cols in columns.items():
             for name, col in cols.items():
                 reps = replicas(np.asarray(col, dtype=np.float64))
@@ -265,6 +266,7 @@ def analyze_ensemble(
                     continue
                 series[name] = reps
                 frozen[name] = frozen_chains(reps)
+                centre[name] = mu
                 own = series_warnings(res, lengths, frozen=frozen[name], known_mean=mu)
                 result["observables"][name] = _entry(res, mu, overall, own)
 
@@ -278,7 +280,7 @@ def analyze_ensemble(
                     spec.func,
                     [series[i] for i in spec.inputs],
                     S=S,
-                    known_means=[known.get(i) for i in spec.inputs],
+                    known_means=[centre[i] for i in spec.inputs],
                 )
             except ValueError as exc:
                 warnings.append(f"derived {name!r} skipped: {exc}")

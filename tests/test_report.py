@@ -178,6 +178,13 @@ def test_rows_sorted_by_step_and_known_means(ensemble, tmp_path: Path) -> None:
     assert _numbers(res["observables"]["v[1]"]) == pytest.approx(
         gamma_method([ch["v"][:, 1] for ch in chains], known_mean=1.0, S=2.0).as_dict(), rel=1e-12
     )
+    # a derived observable takes its inputs' known means too, also those given for a whole dataset
+    var_x = DerivedObservable(("x", "v[0]"), lambda x, x2: x2 - x**2)
+    res = analyze_ensemble(path, derived={"var_x": var_x}, known_means={"v": 1.0})
+    ref = gamma_method_derived(
+        var_x.func, [[ch["x"] for ch in chains], [ch["v"][:, 0] for ch in chains]], known_means=[None, 1.0]
+    )
+    assert _numbers(res["derived"]["var_x"]) == pytest.approx(ref.as_dict(), rel=1e-10)
 
 
 def test_single_chain_without_markov_or_flow(tmp_path: Path) -> None:
