@@ -464,10 +464,11 @@ def dataset_attrs(theory: Any) -> dict[str, dict[str, Any]]:
         out.setdefault(f"observables/{name}", {})["description"] = str(text)
     info = getattr(theory, "observable_info", None)  # "exact: ..." / "stochastic: ..." by name
     for name, text in (info() if callable(info) else {}).items():
-        kind, sep, _ = str(text).partition(":")
+        kind, sep, rest = str(text).partition(":")
         entry = out.setdefault(f"observables/{name}", {})
         if sep and kind.strip() in ("exact", "stochastic"):
             entry["estimator"] = kind.strip()
+            text = rest.strip()
         entry.setdefault("description", str(text))
     extra = getattr(theory, "observable_attrs", None)
     for name, attrs in (extra() if callable(extra) else {}).items():

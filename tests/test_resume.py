@@ -109,7 +109,8 @@ def _crash_resume_and_compare(cli, d: Path, job: str, ref: Path, total: int, ste
     assert r.returncode == 0, str(r)
     assert f"resuming crash.h5 at {n2} committed rows" in r.stderr, r.stderr
     # the log counts the steps of this run, and says how many the file holds now
-    m = re.search(r"wrote crash\.h5: (\d+) steps x (\d+) chain\(s\) this run; (\d+) steps per chain in the file", r.stderr)
+    m = re.search(r"wrote crash\.h5: (\d+) steps x (\d+) chain\(s\) this run; (\d+) steps per chain in the file",
+                  r.stderr)
     assert m, r.stderr
     this_run, chains, in_file = map(int, m.groups())
     assert this_run * chains == total - n2 and in_file * chains == total, (m.group(0), n2, total)
@@ -203,7 +204,7 @@ def test_sigterm_keeps_the_committed_rows_and_says_how_to_resume(latflow_cli, ma
     out = tmp_path / "term.h5"
     args = ["sample", "hmc.toml", "--out", out.name]
     proc = latflow_cli.spawn(args, tmp_path)
-    _wait_for(lambda: WRITER_OPEN.search(proc.stderr_so_far()) or not proc.running(), 120, "the writer to open the file")
+    _wait_for(lambda: WRITER_OPEN.search(proc.stderr_so_far()) or not proc.running(), 120, "the writer to open it")
     _wait_for(lambda: _n_committed(out) >= total // 10 or not proc.running(), 120, "committed rows")
     proc.kill(signal.SIGTERM)
     r = proc.wait(120)
