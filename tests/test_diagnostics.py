@@ -264,6 +264,20 @@ def test_cli_truncated_file(hmc_ensemble, latflow_cli, tmp_path) -> None:
     assert r.stdout.startswith("DAMAGED cut.h5")
 
 
+def test_cli_damaged_group_index(hmc_ensemble, latflow_cli, tmp_path) -> None:
+    """A damaged group index hides the datasets under it: verify and analyze must not read that as an
+    ensemble without fields (it used to verify OK with "sha256 verified for no fields")."""
+    data = bytearray(hmc_ensemble.read_bytes())
+    i = data.find(b"SNOD")  # signature of an HDF5 symbol-table node (a group's index)
+    assert i > 0
+    data[i : i + 4] = b"XXXX"
+    (tmp_path / "idx.h5").write_bytes(bytes(data))
+    r = latflow_cli.run(["verify", "idx.h5"], tmp_path)
+    assert r.returncode == 1 and r.stdout.startswith("DAMAGED idx.h5"), str(r)
+    line = _one_line_error(latflow_cli.run(["analyze", "idx.h5"], tmp_path))
+    assert "idx.h5" in line and "damaged" in line
+
+
 def test_cli_checksum_mismatch(hmc_ensemble, latflow_cli, tmp_path) -> None:
     """analyze refuses a file whose fields do not match their sha256 unless told to go on."""
     shutil.copy2(hmc_ensemble, tmp_path / "bad.h5")

@@ -16,7 +16,8 @@ from .meta import EnsembleError, _one_line
 def verify(path: str | os.PathLike[str]) -> list[str]:
     """Check an ensemble file against the format; returns one-line problems (``[]``: intact).
 
-    Checks: the file opens as HDF5; every required root attribute is present and well-formed
+    Checks: the file opens as HDF5 and every group in it can be listed; every required root
+    attribute is present and well-formed
     (``format``, ``format_version`` = 1, JSON ``couplings``/``sampler`` with a ``kind``, integer
     ``lattice_shape``, ``seed``, ``n_committed``); every per-row dataset has at least
     ``n_committed`` rows; ``fields/phi`` / ``fields/links`` match ``lattice_shape``; every
@@ -47,6 +48,8 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
         except Exception as exc:
             return [_one_line(f"{path}: cannot read root attributes: {exc}")]
         problems += [f"{path}: {p}" for p in _root_problems(attrs)]
+        # walk every group first: a damaged group index would otherwise just hide its datasets
+        f.visit(lambda name: None)
         datasets = _row_datasets(f)
         n = attrs.get("n_committed")
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
