@@ -222,3 +222,25 @@ def test_sigterm_keeps_the_committed_rows_and_says_how_to_resume(latflow_cli, ma
     assert r.returncode == 0, str(r)
     _assert_rows_equal(out, ref, total)
     assert _row_datasets(out) == _row_datasets(ref)
+
+
+def test_sigterm_during_training_says_how_to_resume(latflow_cli, make_job, tmp_path):
+    from latflow import checkpoint
+
+    steps = 300
+    make_job(tmp_path, "flow", {"output.model": "model.pt", "train.steps": steps, "train.checkpoint_every": 10,
+                                "train.log_every": 1000})
+    model = tmp_path / "model.pt"
+    proc = latflow_cli.spawn(["train", "job.toml"], tmp_path)
+    _wait_for(lambda: model.exists() or not proc.running(), 120, "the first checkpoint")
+    proc.kill(signal.SIGTERM)
+    r = proc.wait(120)
+    assert r.returncode == 143, f"expected exit 143 after SIGTERM (training may have ended first):\n{r}"
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("latflow: terminated (SIGTERM)") and "--resume" in last, r.stderr
+    assert checkpoint.load(model)["complete"] is False
+    r = latflow_cli.run(["train", "job.toml", "--resume"], tmp_path)
+    assert r.returncode == 0, str(r)
+    state = checkpoint.load(model)
+    assert state["complete"] is True and state["step"] == steps
