@@ -206,10 +206,11 @@ def analyze_ensemble(
     -------
     dict
         JSON-serialisable: ``"observables"`` ``{name: {**GammaResult.as_dict(), "window",
-        "window_capped", "known_mean", "warnings"}}``, ``"derived"`` (the same and ``"inputs"``,
-        ``"description"``), ``"acceptance"`` (Gamma-method result of ``markov/accepted``, only if
-        present), ``"ess"`` (reweighting ESS per configuration of the flow proposals, from
-        ``weights/proposal_log_w``, only for flow proposals), ``"accepted_proposals"``
+        "window_capped", "known_mean", "warnings"}}`` (and ``"description"``, ``"estimator"`` where
+        the file records them), ``"derived"`` (the same and ``"inputs"``, ``"description"``),
+        ``"acceptance"`` (Gamma-method result of ``markov/accepted``, only if present), ``"ess"``
+        (reweighting ESS per configuration of the flow proposals, from ``weights/proposal_log_w``,
+        only for flow proposals), ``"accepted_proposals"``
         (``{"per_chain", "total"}``, independence samplers only), ``"pareto_khat"``
         (``{weights dataset: {"khat", "m_tail", "n"}}``, only for importance weights),
         ``"n_committed"``, ``"n_chains"``, ``"n_samples"``, ``"steps_per_chain"``,
@@ -256,6 +257,7 @@ def analyze_ensemble(
         frozen: dict[str, int] = {}
         centre: dict[str, float | None] = {}  # the known mean each series was analysed about
         for ds, cols in columns.items():
+            about = _observable_about(reader, ds)
             for name, col in cols.items():
                 reps = replicas(np.asarray(col, dtype=np.float64))
                 mu = known.get(name, known.get(ds))
@@ -268,7 +270,7 @@ def analyze_ensemble(
                 frozen[name] = frozen_chains(reps)
                 centre[name] = mu
                 own = series_warnings(res, lengths, frozen=frozen[name], known_mean=mu)
-                result["observables"][name] = _entry(res, mu, overall, own)
+                result["observables"][name] = {**_entry(res, mu, overall, own), **about}
 
         for name, spec in (derived or {}).items():
             missing = [i for i in spec.inputs if i not in series]
@@ -309,6 +311,12 @@ def analyze_ensemble(
                 warnings.append(f"ESS skipped: {exc}")
     result["warnings"] = overall + warnings
     return result
+
+
+def _observable_about(reader: EnsembleReader, ds: str) -> dict[str, str]:
+    """What the file says about an observable: ``description`` and ``estimator`` ("exact"/"stochastic")."""
+    attrs = reader.dataset_attrs(f"observables/{ds}")
+    return {k: str(attrs[k]) for k in ("description", "estimator") if isinstance(attrs.get(k), str)}
 
 
 def _entry(res: GammaResult, known_mean: float | None, overall: list[str], own: list[str]) -> dict:
@@ -382,7 +390,8 @@ def format_table(result: dict) -> str:
         acceptance, ESS, accepted proposals, Pareto k-hat, known means), then one row per
         observable and derived observable with columns observable | mean | error |
         value(error) | tau_int | tau_int err | W (window) | n | ``!`` (the row has warnings),
-        then the warnings: ensemble-wide ones once, then each row's own, prefixed by its name.
+        then the warnings: ensemble-wide ones once, then each row's own, prefixed by its name, then
+        a note naming the stochastic estimators.
     """
     couplings = ", ".join(f"{k}={v}" for k, v in result.get("couplings", {}).items())
     head = [f"theory: {result.get('theory', '?')}   couplings: {couplings or '-'}"]
@@ -427,4 +436,9 @@ def format_table(result: dict) -> str:
         out += [_row(k, r, width, flag[k]) for k, r in result["derived"].items()]
     out += [f"warning: {w}" for w in overall]
     out += [f"warning: {k}: {w}" for k, r in rows.items() for w in _own_warnings(r, overall)]
+    stochastic = [k for k, r in rows.items() if r.get("estimator") == "stochastic"]
+    if stochastic:
+        out.append(
+            f"note: stochastic estimates (noise sources; their noise is part of the error): {', '.join(stochastic)}"
+        )
     return "\n".join(out)

@@ -63,7 +63,9 @@ def _write_ensemble(path: Path, rows: dict[str, np.ndarray], *, n_committed: int
         raw = np.ascontiguousarray(phi[:n_committed]).astype(phi.dtype.newbyteorder("<"))
         phi.attrs["sha256"] = hashlib.sha256(raw.tobytes()).hexdigest()
         obs = f.require_group("observables")
-        _dataset(obs, "x", rows["x"])
+        x = _dataset(obs, "x", rows["x"])
+        x.attrs["description"] = "an AR(1) series"
+        x.attrs["estimator"] = "stochastic"
         _dataset(obs, "v", rows["v"])
         if with_markov:
             markov = f.require_group("markov")
@@ -157,6 +159,10 @@ def test_analyze_matches_gamma_method(ensemble) -> None:
     log_w = np.concatenate([ch["proposal_log_w"] for ch in chains])
     assert res["ess"] == pytest.approx(ess(log_w), rel=1e-12)
     assert res["warnings"] == []
+    # what the file says about an observable is carried along
+    assert res["observables"]["x"]["description"] == "an AR(1) series"
+    assert res["observables"]["x"]["estimator"] == "stochastic"
+    assert "estimator" not in res["observables"]["v[0]"]
 
 
 def test_rows_sorted_by_step_and_known_means(ensemble, tmp_path: Path) -> None:
@@ -215,3 +221,4 @@ def test_format_table(ensemble) -> None:
     lines = table.splitlines()
     body = [ln for ln in lines if ln.startswith(("x ", "v[", "chi"))]
     assert len(body) == 4 and len({len(ln) for ln in body}) == 1  # fixed width
+    assert lines[-1] == "note: stochastic estimates (noise sources; their noise is part of the error): x"

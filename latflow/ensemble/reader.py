@@ -82,6 +82,20 @@ class EnsembleReader:
         """Whether a dataset ``name`` (e.g. ``"fields/links"``) exists."""
         return isinstance(self._f().get(name.strip("/")), h5py.Dataset) if name.strip("/") else False
 
+    def dataset_attrs(self, name: str) -> dict[str, Any]:
+        """Every attribute of dataset ``name``, decoded (e.g. ``description``, ``estimator`` of an observable).
+
+        Raises
+        ------
+        EnsembleError
+            No such dataset.
+        """
+        key = name.strip("/")
+        obj = self._f().get(key) if key else None
+        if not isinstance(obj, h5py.Dataset):
+            raise EnsembleError(f"{self.path}: no dataset {key!r}")
+        return {k: _decode(v) for k, v in obj.attrs.items()}
+
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
         """Committed rows of dataset ``name``.
 
