@@ -365,3 +365,45 @@ def test_configurations_stored_every_few_steps(latflow_cli, make_job, tmp_path) 
     out = _json(latflow_cli.run(["analyze", "--json", "hmc.h5"], tmp_path))
     assert out["ensemble"]["complete"] is True and out["ensemble"]["steps_per_chain"] == [20] * 4
     assert out["ensemble"]["checksums"] == "verified" and out["phi2"]["n"] == 80
+
+
+# --- the exact means the theories declare are symmetries of their actions -----------------------
+
+
+@pytest.mark.parametrize(
+    ("theory", "couplings", "shape", "means"),
+    [
+        ("u1", {"beta": 2.0}, (6, 4), {"polyakov_loop": 0.0, "topological_charge": 0.0}),
+        ("u1", {"beta": 2.0}, (4, 3, 3), {"polyakov_loop": 0.0}),
+        ("schwinger", {"beta": 2.0, "kappa": 0.2}, (4, 4), {"topological_charge": 0.0}),
+    ],
+)
+def test_declared_exact_means_follow_from_symmetries(theory, couplings, shape, means) -> None:
+    """theta -> -theta leaves the action (with the fermion determinant) invariant and flips Q; the
+    centre transformation (links of one time slice times e^{i alpha}) leaves the pure-gauge action
+    invariant and rotates the Polyakov loop: both means vanish exactly, as the theories declare."""
+    import torch
+
+    from latflow.jobs.runner import exact_means_for
+    from latflow.lattice import Lattice
+    from latflow.theories import get_spec
+
+    assert exact_means_for(theory, couplings, shape) == means
+    spec = get_spec(theory)
+    model = spec.build(spec.params(**couplings), Lattice(shape))
+    gen = torch.Generator().manual_seed(5)
+    theta = (2 * torch.rand((3, len(shape), *shape), generator=gen, dtype=torch.float64) - 1) * np.pi
+    torch.testing.assert_close(model.action(-theta), model.action(theta), rtol=1e-10, atol=1e-9)
+    if "topological_charge" in means:
+        q, q_flip = model.observables(theta)["topological_charge"], model.observables(-theta)["topological_charge"]
+        torch.testing.assert_close(q_flip, -q, rtol=0, atol=1e-9)
+        assert q.abs().max() > 0.5  # not vacuous: some configuration has Q != 0
+    if "polyakov_loop" in means:
+        alpha = 0.7
+        rotated = theta.clone()
+        rotated[:, 0, 0] = rotated[:, 0, 0] + alpha  # every time-direction link leaving the slice x0 = 0
+        torch.testing.assert_close(model.action(rotated), model.action(theta), rtol=1e-10, atol=1e-9)
+        from latflow.gauge import u1_polyakov_loop
+
+        p, p_rot = u1_polyakov_loop(theta), u1_polyakov_loop(rotated)
+        torch.testing.assert_close(p_rot, p * np.exp(1j * alpha), rtol=1e-10, atol=1e-10)
