@@ -66,7 +66,8 @@ def make_parser() -> argparse.ArgumentParser:
                              description="Train (flow samplers), sample, and print the analysis table."),
               optional_job=True)
     a = sub.add_parser("analyze", help="observables with Gamma-method errors, acceptance and ESS",
-                       description="Analyse an ensemble: mean, error, tau_int of every observable (Gamma method).")
+                       description="Analyse an ensemble: mean, error, tau_int of every observable (Gamma method), "
+                       "with a warning wherever an error cannot be trusted. Refuses a damaged file.")
     a.add_argument("ensemble", help="HDF5 ensemble")
     a.add_argument("--json", action="store_true",
                    help="print JSON {observable: {mean, err, tau_int, tau_int_err, n, window, window_capped, "
