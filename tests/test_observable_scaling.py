@@ -21,6 +21,7 @@ import subprocess
 import sys
 import textwrap
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -128,4 +129,7 @@ def test_schwinger_job_at_L32_runs_in_bounded_memory(tmp_path) -> None:
         sigma = r.read("observables/chiral_condensate")
         measurement = r.meta.sampler["measurement"]
     assert measurement["estimator"] == "stochastic" and sigma.shape == (8,) and np.all(np.isfinite(sigma))
+    with h5py.File(tmp_path / "l32.h5", "r") as f:  # and on the dataset itself
+        attrs = dict(f["observables/chiral_condensate"].attrs)
+    assert attrs.get("estimator") == "stochastic" and int(attrs.get("n_noise")) == 4, attrs
     assert run["peak_mib"] - base < 250, (base, run["peak_mib"])

@@ -27,9 +27,12 @@ acceptance.
 
 Statistics: pseudofermion weights are heavy tailed (finite variance needs
 ``lambda_min(M M^dag, K) > 1/2``, see ``covariance_ratio_spectrum``), which makes Gamma-method errors of
-short chains somewhat optimistic. The chain lengths and the 10% widening of the even/odd conditionals
-were chosen from 8 seeds per case: all 72 z-scores within 2.2 (at the natural width, with 8000
-proposals, 2 of 48 even/odd z-scores exceeded 3).
+short chains somewhat optimistic. The triangular conditionals are widened by 10%
+(``DEFAULT_DISPERSION``, what jobs use: lambda_min ~0.58 -> ~0.7); at the natural width, with 8000
+proposals, 2 of 48 even/odd z-scores exceeded 3. Seeds come from ``stat_seed``.
+
+The job path: ``latflow run`` of a small pf-flow-mcmc job (default conditional and burn-in) against the
+same reference, and the finite-variance check of the run refusing an infinite-variance conditional.
 """
 
 from __future__ import annotations

@@ -399,6 +399,12 @@ class SchwingerModel:
             ),
         }
 
+    def observable_attrs(self) -> dict[str, dict[str, Any]]:
+        """Extra attributes of the observable datasets: the stochastic estimator's settings."""
+        if self.dense_observables:
+            return {}
+        return {"chiral_condensate": {"n_noise": self.n_noise, "noise": "z2", "cg_tol": NOISE_CG_TOL}}
+
     def measurement_settings(self) -> dict[str, Any]:
         """The observables' estimators as plain data (for the ensemble's metadata)."""
         return {
