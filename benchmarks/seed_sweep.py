@@ -237,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
           f"marker '{marker}', {wall:.0f} s wall; a test failing more than {limit} of {len(args.offsets)} is a defect")
     print(format_table(failures, rows, limit))
     defects = sorted(t for t, (n_fail, _) in failures.items() if n_fail > limit)
+    # exit 0: tests passed, 1: some failed, 5: nothing collected; anything else is a broken run
+    broken = [r.offset for r in runs if r.returncode not in (0, 1, 5)]
+    if broken:
+        print(f"runs that did not complete (crash, timeout, collection or usage error): offsets {broken}",
+              file=sys.stderr)
     if not failures:
         print("no statistical tests were selected", file=sys.stderr)
     if args.json is not None:
@@ -246,10 +251,13 @@ def main(argv: list[str] | None = None) -> int:
             "observables": [r.__dict__ for r in rows],
             "z": [z for r in runs for z in r.z],
             "defects": defects,
+            "broken_runs": broken,
         }
         args.json.write_text(json.dumps(payload, indent=1), encoding="utf-8")
     if defects:
         print("defects (fail more often than the bound allows): " + ", ".join(defects), file=sys.stderr)
+        return 1
+    if broken:
         return 1
     return 0 if failures else 2
 
