@@ -72,8 +72,9 @@ def inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.conj() * b).reshape(a.shape[0], -1).sum(1)
 
 
-def reference_dense(U: torch.Tensor, kappa: float, shape: tuple[int, ...], gammas: np.ndarray, n_colors: int,
-                    antiperiodic: bool = True) -> np.ndarray:
+def reference_dense(
+    U: torch.Tensor, kappa: float, shape: tuple[int, ...], gammas: np.ndarray, n_colors: int, antiperiodic: bool = True
+) -> np.ndarray:
     """Wilson matrix of one configuration, by explicit loops over sites and directions.
 
     Index order (site row-major, spin, colour), as the field layout ``[*L, Ns(, N)]``.
@@ -97,9 +98,12 @@ def reference_dense(U: torch.Tensor, kappa: float, shape: tuple[int, ...], gamma
             link_xm = u[(mu, *xm)] if nc > 1 else np.array([[u[(mu, *xm)]]])
             jp = np.ravel_multi_index(tuple(xp), shape)
             jm = np.ravel_multi_index(tuple(xm), shape)
-            mat[i * blk:(i + 1) * blk, jp * blk:(jp + 1) * blk] -= kappa * sign_p * np.kron(one - gammas[mu], link_x)
-            mat[i * blk:(i + 1) * blk, jm * blk:(jm + 1) * blk] -= kappa * sign_m * np.kron(
-                one + gammas[mu], link_xm.conj().T)
+            mat[i * blk : (i + 1) * blk, jp * blk : (jp + 1) * blk] -= (
+                kappa * sign_p * np.kron(one - gammas[mu], link_x)
+            )
+            mat[i * blk : (i + 1) * blk, jm * blk : (jm + 1) * blk] -= (
+                kappa * sign_m * np.kron(one + gammas[mu], link_xm.conj().T)
+            )
     return mat
 
 
@@ -188,8 +192,9 @@ def test_wilson_matches_site_loop_reference(shape, n_colors, kappa):
     # the boundary sign matters: periodic time gives another matrix, equal to its own reference
     per = WilsonDirac(Lattice(shape), kappa, n_colors=n_colors, antiperiodic_time=False)
     mat_p = dense_matrix(per.apply, U, per.field_shape)
-    np.testing.assert_allclose(mat_p[0].numpy(), reference_dense(U[0], kappa, shape, gammas, n_colors, False),
-                               rtol=0, atol=1e-14)
+    np.testing.assert_allclose(
+        mat_p[0].numpy(), reference_dense(U[0], kappa, shape, gammas, n_colors, False), rtol=0, atol=1e-14
+    )
     assert (mat_p - mat).abs().max() > 0.1
     # hop is (1 - D) / kappa
     psi = random_spinor(op, 2, g)
@@ -362,8 +367,9 @@ def test_with_kappa_and_helpers(record_z):
 
 
 # ---------------------------------------------------------------------------------- even/odd
-@pytest.mark.parametrize("shape,n_colors,kappa", [((4, 4), 1, 0.25), ((6, 6), 1, 0.27), ((2, 2, 2, 4), 1, 0.13),
-                                                  ((4, 2), 3, 0.22)])
+@pytest.mark.parametrize(
+    "shape,n_colors,kappa", [((4, 4), 1, 0.25), ((6, 6), 1, 0.27), ((2, 2, 2, 4), 1, 0.13), ((4, 2), 3, 0.22)]
+)
 def test_evenodd_determinant(shape, n_colors, kappa):
     g = gen(21)
     op = WilsonDirac(Lattice(shape), kappa, n_colors=n_colors)
@@ -470,15 +476,17 @@ def test_cg_batch_converges_independently():
     b = random_spinor(ops[0], 2, g)
 
     def A(v):
-        return torch.cat([ops[k].apply_normal(U[k:k + 1], v[k:k + 1]) for k in range(2)])
+        return torch.cat([ops[k].apply_normal(U[k : k + 1], v[k : k + 1]) for k in range(2)])
 
-    cond = [float(torch.linalg.cond(dense_matrix(ops[k].apply_normal, U[k:k + 1], ops[k].field_shape)[0]))
-            for k in range(2)]
+    cond = [
+        float(torch.linalg.cond(dense_matrix(ops[k].apply_normal, U[k : k + 1], ops[k].field_shape)[0]))
+        for k in range(2)
+    ]
     assert cond[1] > 20 * cond[0]
     res = cg(A, b, tol=1e-10)
     assert int(res.iterations[1]) > 3 * int(res.iterations[0]), res.iterations
     for k in range(2):
-        solo = cg(lambda v: ops[k].apply_normal(U[k:k + 1], v), b[k:k + 1], tol=1e-10)
+        solo = cg(lambda v: ops[k].apply_normal(U[k : k + 1], v), b[k : k + 1], tol=1e-10)
         assert int(solo.iterations[0]) == int(res.iterations[k])
         torch.testing.assert_close(solo.x[0], res.x[k], rtol=0, atol=1e-12)
     # a diagonal batch: the well-conditioned system stops early and stays put

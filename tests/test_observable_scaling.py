@@ -39,8 +39,14 @@ def gauge_configs(shape: tuple[int, int], n: int, seed: int) -> torch.Tensor:
     """``n`` link configurations ``[n, 2, *shape]`` from short pure-gauge HMC chains at beta = 2."""
     theory = SchwingerModel(SchwingerParams(2.0, 0.0), Lattice(shape))
     g = torch.Generator().manual_seed(seed)
-    hmc = HMC(theory.gauge_action, 0.3 * torch.randn((n, 2, *shape), generator=g, dtype=F64), step_size=0.2,
-              n_steps=5, generator=g, force=theory.gauge_force)
+    hmc = HMC(
+        theory.gauge_action,
+        0.3 * torch.randn((n, 2, *shape), generator=g, dtype=F64),
+        step_size=0.2,
+        n_steps=5,
+        generator=g,
+        force=theory.gauge_force,
+    )
     hmc.run(10)
     return hmc.x
 
@@ -53,8 +59,11 @@ def test_dense_below_and_stochastic_above_the_stated_volume() -> None:
     x_small, x_large = gauge_configs((10, 10), 2, 1), gauge_configs((12, 10), 2, 1)
     obs_small, obs_large = small.observables(x_small), large.observables(x_large)
     assert set(obs_small) == set(small.observable_info()) >= {"action", "fermion_logdet", "chiral_condensate"}
-    assert set(obs_large) == set(large.observable_info()) == {
-        "gauge_action", "plaquette", "topological_charge", "topological_charge_sq", "chiral_condensate"}
+    assert (
+        set(obs_large)
+        == set(large.observable_info())
+        == {"gauge_action", "plaquette", "topological_charge", "topological_charge_sq", "chiral_condensate"}
+    )
     torch.testing.assert_close(obs_small["chiral_condensate"], small.chiral_condensate(x_small), rtol=0, atol=1e-12)
     torch.testing.assert_close(obs_large["gauge_action"], large.gauge_action(x_large), rtol=0, atol=1e-10)
     settings = large.measurement_settings()
@@ -115,8 +124,18 @@ def test_schwinger_job_at_L32_runs_in_bounded_memory(tmp_path) -> None:
     job = {
         "theory": {"name": "schwinger", "beta": 2.0, "kappa": 0.2},
         "lattice": {"shape": [32, 32]},
-        "sampler": {"kind": "pf-hmc", "n_samples": 4, "thermalization": 0, "n_chains": 2, "step_size": 0.25,
-                    "n_steps": 2, "tune": False, "even_odd": True, "cg_tol": 1e-8, "commit_every": 4},
+        "sampler": {
+            "kind": "pf-hmc",
+            "n_samples": 4,
+            "thermalization": 0,
+            "n_chains": 2,
+            "step_size": 0.25,
+            "n_steps": 2,
+            "tune": False,
+            "even_odd": True,
+            "cg_tol": 1e-8,
+            "commit_every": 4,
+        },
         "output": {"path": "l32.h5"},
         "run": {"seed": 5},
     }

@@ -401,8 +401,11 @@ def test_reverse_kl_training_on_the_joint_target() -> None:
     before = [p.detach().clone() for p in cond.parameters()]
     flow_before = [p.detach().clone() for p in model.parameters()]
     trainer = ReverseKLTrainer(
-        JointProposal(model, cond), JointTarget(theory.gauge_action, sampler.pseudofermions),
-        batch_size=8, lr=1e-2, generator=gen(16),
+        JointProposal(model, cond),
+        JointTarget(theory.gauge_action, sampler.pseudofermions),
+        batch_size=8,
+        lr=1e-2,
+        generator=gen(16),
     )
     metrics = [trainer.train_step() for _ in range(3)]
     assert all(math.isfinite(m.loss) for m in metrics)
@@ -543,8 +546,11 @@ def test_joint_chain_reproduces_exact_determinant_values(name: str, record_z) ->
         z[k] = (mean - ref) / math.hypot(err, ref_err)
         report[k] = f"{mean:.4f}({err:.4f}) ref {ref:.4f} z={z[k]:+.2f}"
         record_z(k, z[k])
-    print(f"{name} kappa={kappa}: acceptance {acceptance:.3f}, CG/proposal {cg / N_CHAINS:.0f}, "
-          f"{time.perf_counter() - t0:.1f} s", report)
+    print(
+        f"{name} kappa={kappa}: acceptance {acceptance:.3f}, CG/proposal {cg / N_CHAINS:.0f}, "
+        f"{time.perf_counter() - t0:.1f} s",
+        report,
+    )
     assert acceptance > 0.03, acceptance  # else the check would have no power
     assert all(abs(v) < 3 for v in z.values()), report
 
@@ -556,8 +562,14 @@ PF_FLOW_JOB = {
     "model": {"kind": "u1-equivariant", "n_layers": 8, "hidden": [8], "inner": "spline"},
     "train": {"steps": 200, "batch_size": 64, "lr": 0.01, "checkpoint_every": 200, "log_every": 50},
     # the sampler keys a user writes: the conditional is the default one
-    "sampler": {"kind": "pf-flow-mcmc", "n_samples": 30000, "batch_size": 2000, "even_odd": True,
-                "commit_every": 10000, "log_every": 10000},
+    "sampler": {
+        "kind": "pf-flow-mcmc",
+        "n_samples": 30000,
+        "batch_size": 2000,
+        "even_odd": True,
+        "commit_every": 10000,
+        "log_every": 10000,
+    },
     "output": {"path": "ens.h5"},
 }
 
@@ -585,7 +597,10 @@ def test_latflow_run_pf_flow_mcmc_reproduces_exact_determinant_values(tmp_path, 
         accepted = r.read("markov/accepted")
         step = r.read("markov/step")
     assert (sampler["conditional"], sampler["conditional_dispersion"], sampler["conditional_nested"]) == (
-        "triangular", DEFAULT_DISPERSION, True)
+        "triangular",
+        DEFAULT_DISPERSION,
+        True,
+    )
     assert sampler["thermalization"] == 2000 and step[0] == 2000  # default burn-in: one proposal batch
     assert sampler["measurement"]["estimator"] == "exact"
     acceptance = float(accepted.mean())
@@ -600,9 +615,20 @@ def test_latflow_run_pf_flow_mcmc_reproduces_exact_determinant_values(tmp_path, 
     print(f"acceptance {acceptance:.3f}", report)
     assert all(abs(float(v.split("z=")[1])) < 3 for v in report.values()), report
 
-    heavy = ["--out", "k25.h5", "--set", "output.model=ens.model.pt", "--set", "theory.kappa=0.25",
-             "--set", "sampler.even_odd=false", "--set", "sampler.conditional_dispersion=1.0",
-             "--set", "sampler.n_samples=200"]
+    heavy = [
+        "--out",
+        "k25.h5",
+        "--set",
+        "output.model=ens.model.pt",
+        "--set",
+        "theory.kappa=0.25",
+        "--set",
+        "sampler.even_odd=false",
+        "--set",
+        "sampler.conditional_dispersion=1.0",
+        "--set",
+        "sampler.n_samples=200",
+    ]
     res = latflow_cli.run(["sample", "job.toml", *heavy], tmp_path)
     assert res.returncode == 2, res
     last = res.stderr.strip().splitlines()[-1]

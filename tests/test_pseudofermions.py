@@ -253,8 +253,9 @@ def test_pf_hmc_hamiltonian_is_float64_for_float32_links():
     from latflow.theories.schwinger import SchwingerModel, SchwingerParams
 
     theory = SchwingerModel(SchwingerParams(2.0, 0.2), LAT)
-    s = PseudofermionHMC.for_theory(theory, links(24, batch=3).float(), step_size=0.1, n_steps=3,
-                                    generator=gen(25), even_odd=True, tol=1e-6)
+    s = PseudofermionHMC.for_theory(
+        theory, links(24, batch=3).float(), step_size=0.1, n_steps=3, generator=gen(25), even_odd=True, tol=1e-6
+    )
     s.run(2)
     assert s.x.dtype == torch.float32
     assert s.last_run_delta_h.dtype == torch.float64 and s.last_run_delta_h.shape == (2, 3)

@@ -208,8 +208,15 @@ def test_hmc_gaussian_target(record_z):
     sigma = torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=F64)
     b = 128
     x0 = torch.zeros(b, 4, dtype=F64)
-    hmc = HMC(lambda x: 0.5 * ((x / sigma) ** 2).sum(1), x0, step_size=0.25, n_steps=8,
-              generator=make_generator(stat_seed(32)), integrator="leapfrog", step_jitter=0.2)
+    hmc = HMC(
+        lambda x: 0.5 * ((x / sigma) ** 2).sum(1),
+        x0,
+        step_size=0.25,
+        n_steps=8,
+        generator=make_generator(stat_seed(32)),
+        integrator="leapfrog",
+        step_jitter=0.2,
+    )
     hmc.run(20)
     rows = hmc.run(150)
     x = rows.x.reshape(150, b, 4)
@@ -302,8 +309,9 @@ def test_tune_reaches_the_target_acceptance(start, target):
     """From a step size 4x too small or 2x too large (60 tuning trajectories; from 10x off the
     Robbins-Monro gain needs ~200). ``n_steps`` is an integer, so the acceptance is quantised."""
     theory = phi4((6, 6), m2=-1.0, lam=0.8)
-    hmc = make_hmc(theory, 39, b=32, step_size=start, n_steps=max(1, round(1.0 / start)),
-                   integrator="leapfrog", step_jitter=0.1)
+    hmc = make_hmc(
+        theory, 39, b=32, step_size=start, n_steps=max(1, round(1.0 / start)), integrator="leapfrog", step_jitter=0.1
+    )
     hmc.run(10)
     eps = hmc.tune(60, target)
     assert eps == hmc.step_size and hmc.n_steps * eps == pytest.approx(start * max(1, round(1.0 / start)))

@@ -58,6 +58,7 @@ __all__ = [
     "hop_derivative",
 ]
 
+
 def complex_gaussian(
     shape: tuple[int, ...],
     generator: torch.Generator,

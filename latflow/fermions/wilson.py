@@ -166,9 +166,7 @@ class WilsonDirac:
         gammas, g5 = _gammas_np(d)
         # terms[dagger][mu] = (forward terms of (1 - s gamma_mu), backward terms of (1 + s gamma_mu)), s = -1 if dagger
         self._terms = {
-            dag: [
-                (_spin_terms(g, -1 if not dag else 1), _spin_terms(g, 1 if not dag else -1)) for g in gammas
-            ]
+            dag: [(_spin_terms(g, -1 if not dag else 1), _spin_terms(g, 1 if not dag else -1)) for g in gammas]
             for dag in (False, True)
         }
         self._g5_diag = None if g5 is None else [float(g5[s, s].real) for s in range(self.n_spin)]
@@ -204,8 +202,7 @@ class WilsonDirac:
         if tuple(U.shape[1:]) != self.link_shape or U.dim() != len(self.link_shape) + 1:
             layout = "[B, d, L0, ..., L{d-1}]" if self.n_colors == 1 else "[B, d, L0, ..., L{d-1}, N, N]"
             raise ValueError(
-                f"{self!r} expects links {layout} = [B, {', '.join(map(str, self.link_shape))}], "
-                f"got {list(U.shape)}"
+                f"{self!r} expects links {layout} = [B, {', '.join(map(str, self.link_shape))}], got {list(U.shape)}"
             )
         if not U.is_complex():
             hint = " (use u1_links(theta) for U(1) angles)" if self.n_colors == 1 else ""

@@ -100,9 +100,14 @@ class PseudofermionHMC(HMC):
         step_jitter: float = 0.0,
         chain_offset: int = 0,
     ) -> None:
-        if theta0.is_complex() or theta0.dim() != 2 + dirac.lattice.dim or tuple(theta0.shape[1:]) != (
-            dirac.lattice.dim,
-            *dirac.lattice.shape,
+        if (
+            theta0.is_complex()
+            or theta0.dim() != 2 + dirac.lattice.dim
+            or tuple(theta0.shape[1:])
+            != (
+                dirac.lattice.dim,
+                *dirac.lattice.shape,
+            )
         ):
             raise ValueError(
                 f"theta0 must be real link angles [B, {dirac.lattice.dim}, {', '.join(map(str, dirac.lattice.shape))}],"
