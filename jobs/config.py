@@ -93,7 +93,8 @@ class SamplerConfig:
 
     ``thermalization``: steps discarded before the first recorded row. Default: one proposal batch
     (``batch_size`` steps) for flow-MCMC, whose chains start from an importance-resampled proposal;
-    0 for HMC, whose ``n_tune`` tuning trajectories come first (:attr:`burn_in`).
+    0 for HMC, whose ``n_tune`` tuning trajectories come first, and ``n_tune`` untuned trajectories
+    for HMC with ``tune = false`` (:attr:`burn_in`).
     """
 
     kind: Literal["flow-mcmc", "hmc", "pf-hmc", "pf-flow-mcmc"] = "flow-mcmc"
@@ -123,7 +124,10 @@ class SamplerConfig:
         """``thermalization``, or its default for the kind (see the class notes)."""
         if self.thermalization is not None:
             return self.thermalization
-        return self.batch_size if self.kind in ("flow-mcmc", "pf-flow-mcmc") else 0
+        if self.kind in ("flow-mcmc", "pf-flow-mcmc"):
+            return self.batch_size
+        # HMC: the n_tune tuning trajectories are the warm-up; without tuning, as many plain ones
+        return 0 if (self.tune and self.n_tune) else self.n_tune
 
 
 @dataclass(frozen=True)
