@@ -450,10 +450,11 @@ def test_haar_samples_reproduce_beta_zero_exactly(record_z) -> None:
 # --- the exact independent sampler of the 2D torus --------------------------------------
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("shape", [(4, 4), (5, 3), (8, 8)])
-def test_links_with_given_plaquettes(shape: tuple[int, int]) -> None:
+def test_links_with_given_plaquettes(shape: tuple[int, int], record_z) -> None:
     """u1_links_with_plaquettes reproduces the plaquettes it is given, with uniform holonomies."""
-    g = gen(30)
+    g = gen(stat_seed(30))
     n = 4000
     plaq = sample_plaquettes_2d(0.7, shape, n, g)
     assert plaq.shape == (n, *shape) and plaq.dtype == F64
@@ -466,13 +467,17 @@ def test_links_with_given_plaquettes(shape: tuple[int, int]) -> None:
     assert torch.allclose(wrap_angle(got - plaq), torch.zeros_like(plaq), atol=1e-12)
     assert torch.equal(topological_charge(theta).round(), q.round())
     assert len(set(q.round().tolist())) >= 3  # several sectors: the check is not vacuous
-    # Polyakov loops in both directions are uniform phases given the plaquettes: E exp(i P) = 0
+    # Polyakov loops in both directions are uniform phases given the plaquettes, E exp(i P) = 0, and
+    # the gauge is random: single links are uniform as well (variance 1/2 each; 5 z-scores, |z| < 4)
+    z = {}
     for axis in (0, 1):
         loop = theta[:, axis].sum(dim=1 + axis)[:, 0]  # the loop along `axis` through the origin
-        for part in (torch.cos(loop), torch.sin(loop)):
-            assert abs(part.mean().item()) < 5 / math.sqrt(2 * n)
-    # the gauge is random: single links are uniform as well
-    assert abs(torch.cos(theta[:, 0, 0, 0]).mean().item()) < 5 / math.sqrt(2 * n)
+        z[f"cos polyakov_{axis}"] = torch.cos(loop).mean().item() * math.sqrt(2 * n)
+        z[f"sin polyakov_{axis}"] = torch.sin(loop).mean().item() * math.sqrt(2 * n)
+    z["cos link"] = torch.cos(theta[:, 0, 0, 0]).mean().item() * math.sqrt(2 * n)
+    for name, value in z.items():
+        record_z(name, value, 4.0)
+    assert all(abs(v) < 4 for v in z.values()), z
     with pytest.raises(ValueError):
         u1_links_with_plaquettes(plaq[0], g)
     with pytest.raises(ValueError):
