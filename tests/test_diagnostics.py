@@ -229,16 +229,18 @@ def test_cli_warnings_in_table_and_json(hmc_ensemble, latflow_cli, tmp_path) -> 
 
 
 def test_cli_mean_option(hmc_ensemble, latflow_cli, tmp_path) -> None:
+    """--mean overrides the theory's exact mean (phi^4 declares <M> = 0) and reproduces gamma_method."""
     free = _json(latflow_cli.run(["analyze", "--json", str(hmc_ensemble)], tmp_path))
-    out = _json(latflow_cli.run(["analyze", "--json", "--mean", "magnetization=0", str(hmc_ensemble)], tmp_path))
-    assert out["magnetization"]["known_mean"] == 0.0 and free["magnetization"]["known_mean"] is None
-    assert out["ensemble"]["known_means"] == {"magnetization": 0.0}
+    out = _json(latflow_cli.run(["analyze", "--json", "--mean", "magnetization=0.05", str(hmc_ensemble)], tmp_path))
+    assert out["magnetization"]["known_mean"] == 0.05 and free["magnetization"]["known_mean"] == 0.0
+    assert out["ensemble"]["known_means"] == {"magnetization": 0.05}
+    assert free["abs_magnetization"]["known_mean"] is None
     assert out["magnetization"]["mean"] == free["magnetization"]["mean"]  # still the sample mean
     with h5py.File(hmc_ensemble, "r") as f:
         chain, step = f["markov/chain"][:], f["markov/step"][:]
         m = f["observables/magnetization"][:]
     reps = [m[chain == c][np.argsort(step[chain == c])] for c in np.unique(chain)]
-    ref = gamma_method(reps, known_mean=0.0)
+    ref = gamma_method(reps, known_mean=0.05)
     assert out["magnetization"]["err"] == pytest.approx(ref.err, rel=1e-12)
     assert out["magnetization"]["tau_int"] == pytest.approx(ref.tau_int, rel=1e-12)
     assert out["phi2"] == free["phi2"]  # the others are untouched
