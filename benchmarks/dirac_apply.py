@@ -82,16 +82,27 @@ def u1_ensemble(L: int, n_configs: int, n_traj: int, seed: int) -> torch.Tensor:
     action = U1GaugeAction(U1Params(beta=2.0), Lattice((L, L)))
     g = make_generator(seed, 100 + L)
     x0 = math.pi * (2 * torch.rand((n_configs, 2, L, L), generator=g, dtype=torch.float64) - 1)
-    hmc = HMC(action.action, x0, step_size=0.2, n_steps=5, generator=g, integrator="omelyan",
-              force=action.force, project=action.project, step_jitter=0.1)
+    hmc = HMC(
+        action.action,
+        x0,
+        step_size=0.2,
+        n_steps=5,
+        generator=g,
+        integrator="omelyan",
+        force=action.force,
+        project=action.project,
+        step_jitter=0.1,
+    )
     acc = []
     for _ in range(n_traj):
         a, _ = hmc.trajectory()
         acc.append(float(a.float().mean()))
     plaq = action.observables(hmc.x)["plaquette"]
     err = float(plaq.std()) / math.sqrt(n_configs) if n_configs > 1 else float("nan")
-    print(f"#   L={L}: {n_configs} chains x {n_traj} trajectories, acceptance {sum(acc) / len(acc):.2f}, "
-          f"plaquette {float(plaq.mean()):.4f} +- {err:.4f} (exact {exact_plaquette(2.0, (L, L)):.4f})")
+    print(
+        f"#   L={L}: {n_configs} chains x {n_traj} trajectories, acceptance {sum(acc) / len(acc):.2f}, "
+        f"plaquette {float(plaq.mean()):.4f} +- {err:.4f} (exact {exact_plaquette(2.0, (L, L)):.4f})"
+    )
     return hmc.x
 
 
@@ -127,8 +138,10 @@ def main() -> None:
         bw_bytes, repeats = 32 * 2**20, 2
     all_threads = torch.get_num_threads()
     threads = args.threads if args.threads else all_threads
-    print(f"# {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{threads} torch thread(s) for (b), (c)")
+    print(
+        f"# {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{threads} torch thread(s) for (b), (c)"
+    )
 
     print(f"\n## (a) streaming bandwidth, {bw_bytes // 2**20} MB float64 arrays, best of {repeats}")
     print(f"{'threads':>8} {'copy GB/s':>10} {'triad GB/s':>11}")
@@ -143,18 +156,23 @@ def main() -> None:
         print(f"{threads:>8} {bws[threads]['copy']:>10.1f} {bws[threads]['triad']:>11.1f}")
     ref = bws[threads]["triad"]
 
-    print(f"\n## (b) WilsonDirac.apply, 2D U(1), B = {args.batch}, {threads} thread(s); "
-          f"minimal bytes = read psi + read U + write D psi")
+    print(
+        f"\n## (b) WilsonDirac.apply, 2D U(1), B = {args.batch}, {threads} thread(s); "
+        f"minimal bytes = read psi + read U + write D psi"
+    )
     print(f"{'L':>4} {'dtype':>10} {'ms/apply':>9} {'ns/site':>8} {'MB moved':>9} {'eff GB/s':>9} {'of triad':>9}")
     for dtype in (torch.complex128, torch.complex64):
         for L in args.sizes:
             t, n_bytes = apply_throughput(L, args.batch, dtype, repeats, args.seed)
             sites = args.batch * L * L
-            print(f"{L:>4} {str(dtype).split('.')[-1]:>10} {1e3 * t:>9.3f} {1e9 * t / sites:>8.2f} "
-                  f"{n_bytes / 1e6:>9.2f} {n_bytes / t / 1e9:>9.2f} {n_bytes / t / 1e9 / ref:>8.1%}")
+            print(
+                f"{L:>4} {str(dtype).split('.')[-1]:>10} {1e3 * t:>9.3f} {1e9 * t / sites:>8.2f} "
+                f"{n_bytes / 1e6:>9.2f} {n_bytes / t / 1e9:>9.2f} {n_bytes / t / 1e9 / ref:>8.1%}"
+            )
 
-    print(f"\n## (c) CG iterations to |r|/|b| < 1e-10, beta = 2 U(1) HMC configurations, complex128, "
-          f"{threads} thread(s)")
+    print(
+        f"\n## (c) CG iterations to |r|/|b| < 1e-10, beta = 2 U(1) HMC configurations, complex128, {threads} thread(s)"
+    )
     print("# plain: CG on D^dag D (full lattice); even/odd: CG on M_hat^dag M_hat (even sites);")
     print("# mean / max over configurations, ms per batched solve of all configurations; * = some did not converge")
     for L in args.cg_sizes:
@@ -163,8 +181,9 @@ def main() -> None:
         g = make_generator(args.seed, 200 + L)
         op0 = WilsonDirac(Lattice((L, L)), KAPPAS[0])
         b = op0.gaussian(args.configs, g)
-        print(f"{'L':>4} {'kappa':>6} | {'plain mean':>10} {'max':>5} {'ms':>10} "
-              f"| {'eo mean':>9} {'max':>6} {'ms':>10}")
+        print(
+            f"{'L':>4} {'kappa':>6} | {'plain mean':>10} {'max':>5} {'ms':>10} | {'eo mean':>9} {'max':>6} {'ms':>10}"
+        )
         for kappa in KAPPAS:
             op = WilsonDirac(Lattice((L, L)), kappa)
             eo = EvenOddWilson(op, check_parity=False)

@@ -68,7 +68,9 @@ def run_flow(theory: Phi4Theory, args: argparse.Namespace, seed: int) -> tuple[R
     while trainer.step < args.train_steps and time.perf_counter() - t0 < args.train_seconds:
         trainer.train_step()
     t_train = time.perf_counter() - t0
-    sampler = FlowMCMC(model, lambda x: -theory.action(x), batch_size=args.flow_batch, generator=make_generator(seed, 1))
+    sampler = FlowMCMC(
+        model, lambda x: -theory.action(x), batch_size=args.flow_batch, generator=make_generator(seed, 1)
+    )
     sampler.run(args.flow_batch)  # warm-up (first proposal is accepted)
     t0 = time.perf_counter()
     block = sampler.run(args.flow_samples)
@@ -121,23 +123,32 @@ def main() -> None:
         args.hmc_chains, args.hmc_tune, args.hmc_therm, args.hmc_traj = 8, 20, 20, 100
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, float64")
+    print(
+        f"# machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, float64"
+    )
     for L in args.sizes:
         m2, lam = POINTS[L]
         theory = Phi4Theory(Phi4Params(m2, lam), Lattice((L, L)))
         flow, t_train, steps = run_flow(theory, args, args.seed)
         hmc = run_hmc(theory, args, args.seed)
-        print(f"\n## L={L}, m2={m2}, lam={lam}; flow: {args.layers} affine layers, hidden {args.hidden}, "
-              f"trained {steps} steps in {t_train:.1f} s")
-        print(f"{'sampler':<10} {'ms/step/chain':>14} {'acc':>6} " + " ".join(
-            f"{'tau_int ' + k:>24} {'ms/indep ' + k:>24}" for k in OBSERVABLES) + "  notes")
+        print(
+            f"\n## L={L}, m2={m2}, lam={lam}; flow: {args.layers} affine layers, hidden {args.hidden}, "
+            f"trained {steps} steps in {t_train:.1f} s"
+        )
+        print(
+            f"{'sampler':<10} {'ms/step/chain':>14} {'acc':>6} "
+            + " ".join(f"{'tau_int ' + k:>24} {'ms/indep ' + k:>24}" for k in OBSERVABLES)
+            + "  notes"
+        )
         for r in (flow, hmc):
             cols = " ".join(f"{r.tau[k]:>24.2f} {1e3 * r.cost(k):>24.4f}" for k in OBSERVABLES)
             print(f"{r.sampler:<10} {1e3 * r.seconds_per_step:>14.4f} {r.acceptance:>6.3f} {cols}  {r.extra}")
         for k in OBSERVABLES:
             ratio = hmc.cost(k) / flow.cost(k)
             breakeven = t_train / max(hmc.cost(k) - flow.cost(k), 1e-30) if ratio > 1 else float("inf")
-            print(f"cost ratio HMC/flow for {k}: {ratio:.2f}; training pays off after {breakeven:.3g} independent samples")
+            print(
+                f"cost ratio HMC/flow for {k}: {ratio:.2f}; training pays off after {breakeven:.3g} independent samples"
+            )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import platform
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from latflow.analysis import gamma_method
@@ -84,8 +83,12 @@ def train_flow(kappa: float, args: argparse.Namespace) -> tuple[dict, float, int
     full = SchwingerModel(SchwingerParams(BETA, kappa), lat)
     target = {"f": gauge.action}
     trainer = ReverseKLTrainer(
-        model, lambda x: -target["f"](x), batch_size=args.train_batch, lr=args.lr,
-        generator=make_generator(args.seed, 1), grad_clip=100.0,
+        model,
+        lambda x: -target["f"](x),
+        batch_size=args.train_batch,
+        lr=args.lr,
+        generator=make_generator(args.seed, 1),
+        grad_clip=100.0,
     )
     t0 = time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < args.train_seconds:
@@ -95,8 +98,7 @@ def train_flow(kappa: float, args: argparse.Namespace) -> tuple[dict, float, int
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, time.perf_counter() - t0, trainer.step
 
 
-def analyse(name: str, theory: SchwingerModel, x: torch.Tensor, acc: float, dt: float, cg: float,
-            n_chains: int) -> Row:
+def analyse(name: str, theory: SchwingerModel, x: torch.Tensor, acc: float, dt: float, cg: float, n_chains: int) -> Row:
     obs = theory.gauge.observables(x)
     plaq = obs["plaquette"].numpy().reshape(-1, n_chains)
     q = obs["topological_charge"].round().numpy().reshape(-1, n_chains)
@@ -106,7 +108,7 @@ def analyse(name: str, theory: SchwingerModel, x: torch.Tensor, acc: float, dt: 
     tp, tq, bounded = rp.tau_int, rq.tau_int, False
     n_acc = acc * plaq.size
     if n_chains == 1 and n_acc < 30:  # too few accepted proposals to estimate tau_int
-        tp = tq = (1 / max(acc, 1 / plaq.size) - 0.5)
+        tp = tq = 1 / max(acc, 1 / plaq.size) - 0.5
         bounded = True
     return Row(name, acc, 1e3 * dt, tp, tq, bounded, cg, (rp.mean, rp.err), (rq2.mean, rq2.err))
 
@@ -117,17 +119,30 @@ def run_flow_samplers(theory: SchwingerModel, state: dict, args: argparse.Namesp
     rows = []
     n = args.flow_samples[str(L)]
     # exact determinant
-    s = FlowMCMC(model, lambda th: -theory.action(th), batch_size=args.flow_batch, generator=make_generator(args.seed, 2))
+    s = FlowMCMC(
+        model, lambda th: -theory.action(th), batch_size=args.flow_batch, generator=make_generator(args.seed, 2)
+    )
     s.run(args.flow_batch)
     t0 = time.perf_counter()
     b = s.run(n)
-    rows.append(analyse("flow, exact det", theory, b.x, b.accepted.double().mean().item(),
-                        (time.perf_counter() - t0) / n, 0.0, 1))
-    for name, eo, hb in (("flow, pf plain", False, ()), ("flow, pf e/o", True, ()),
-                         ("flow, pf e/o + Hasenbusch", True, (args.hasenbusch,))):
+    rows.append(
+        analyse(
+            "flow, exact det", theory, b.x, b.accepted.double().mean().item(), (time.perf_counter() - t0) / n, 0.0, 1
+        )
+    )
+    for name, eo, hb in (
+        ("flow, pf plain", False, ()),
+        ("flow, pf e/o", True, ()),
+        ("flow, pf e/o + Hasenbusch", True, (args.hasenbusch,)),
+    ):
         s = PseudofermionFlowMCMC.for_theory(
-            theory, model, batch_size=args.flow_batch, generator=make_generator(args.seed, 3),
-            even_odd=eo, hasenbusch_kappas=hb, tol=1e-8,
+            theory,
+            model,
+            batch_size=args.flow_batch,
+            generator=make_generator(args.seed, 3),
+            even_odd=eo,
+            hasenbusch_kappas=hb,
+            tol=1e-8,
         )
         s.run(args.flow_batch)
         t0 = time.perf_counter()
@@ -145,8 +160,15 @@ def run_pf_hmc(theory: SchwingerModel, args: argparse.Namespace, L: int) -> list
         gen = make_generator(args.seed, 4)
         x0, _ = UniformU1Prior(theory.lattice, dtype=torch.float64).sample(chains, gen)
         hmc = PseudofermionHMC.for_theory(
-            theory, 0.3 * x0, step_size=1.0 / args.hmc_steps, n_steps=args.hmc_steps, generator=gen,
-            even_odd=eo, hasenbusch_kappas=hb, tol=1e-10, step_jitter=0.1,
+            theory,
+            0.3 * x0,
+            step_size=1.0 / args.hmc_steps,
+            n_steps=args.hmc_steps,
+            generator=gen,
+            even_odd=eo,
+            hasenbusch_kappas=hb,
+            tol=1e-10,
+            step_jitter=0.1,
         )
         hmc.run(args.hmc_therm)
         t0 = time.perf_counter()
@@ -184,23 +206,35 @@ def main() -> None:
         args.flow_samples, args.hmc_chains, args.hmc_traj, args.hmc_therm = {"4": 400}, {"4": 8}, {"4": 20}, 5
         args.train_L = 4
     torch.set_num_threads(args.threads)
-    print(f"# machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, float64")
-    print(f"# beta = {BETA}; flow: {args.layers} NCP couplings, hidden {args.hidden}; Hasenbusch kappa' = {args.hasenbusch}")
+    print(
+        f"# machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, float64"
+    )
+    print(
+        f"# beta = {BETA}; flow: {args.layers} NCP couplings, hidden {args.hidden};"
+        f" Hasenbusch kappa' = {args.hasenbusch}"
+    )
     for kappa in args.kappas:
         state, t_train, steps = train_flow(kappa, args)
-        print(f"\n# kappa = {kappa}: flow trained {steps} steps in {t_train:.0f} s on {args.train_L}^2"
-              f" ({args.pure_gauge_fraction:.0%} of the time on the pure-gauge action, then the exact effective action)")
+        print(
+            f"\n# kappa = {kappa}: flow trained {steps} steps in {t_train:.0f} s on {args.train_L}^2"
+            f" ({args.pure_gauge_fraction:.0%} of the time on the pure-gauge action, then the exact effective action)"
+        )
         for L in args.sizes:
             theory = SchwingerModel(SchwingerParams(BETA, kappa), Lattice((L, L)))
             rows = run_flow_samplers(theory, state, args, L) + run_pf_hmc(theory, args, L)
             print(f"\n## L = {L}, beta = {BETA}, kappa = {kappa}")
-            print(f"{'sampler':<27} {'acc':>7} {'ms/step':>9} {'tau plaq':>9} {'tau Q':>8} {'ms/indep':>10}"
-                  f" {'CG its':>7}  plaquette         <Q^2>")
+            print(
+                f"{'sampler':<27} {'acc':>7} {'ms/step':>9} {'tau plaq':>9} {'tau Q':>8} {'ms/indep':>10}"
+                f" {'CG its':>7}  plaquette         <Q^2>"
+            )
             for r in rows:
                 star = "*" if r.bounded else " "
-                print(f"{r.sampler:<27} {r.acceptance:>7.4f} {r.ms_per_step:>9.3f} {r.tau_plaq:>8.1f}{star}"
-                      f" {r.tau_q:>8.1f} {r.ms_per_indep:>10.1f} {r.cg:>7.0f}  {r.plaquette[0]:.4f}({1e4 * r.plaquette[1]:.0f})"
-                      f"  {r.q2[0]:.3f}({1e3 * r.q2[1]:.0f})")
+                print(
+                    f"{r.sampler:<27} {r.acceptance:>7.4f} {r.ms_per_step:>9.3f} {r.tau_plaq:>8.1f}{star}"
+                    f" {r.tau_q:>8.1f} {r.ms_per_indep:>10.1f} {r.cg:>7.0f}"
+                    f"  {r.plaquette[0]:.4f}({1e4 * r.plaquette[1]:.0f})"
+                    f"  {r.q2[0]:.3f}({1e3 * r.q2[1]:.0f})"
+                )
             hmc = rows[-2]
             for r in rows[:4]:
                 print(f"cost ratio PF-HMC plain / {r.sampler}: {hmc.ms_per_indep / r.ms_per_indep:.3g}")

@@ -83,7 +83,7 @@ def _node_id(case: ET.Element, root: Path) -> str:
             if (root / candidate).exists():
                 return "::".join([candidate, *parts[k:], name])
         return f"{classname}::{name}"
-    return "::".join([file, *parts[len(Path(file).with_suffix("").parts):], name])
+    return "::".join([file, *parts[len(Path(file).with_suffix("").parts) :], name])
 
 
 def read_junit(path: Path, root: Path) -> dict[str, str]:
@@ -108,10 +108,27 @@ def run_offset(
     """Run the selected statistical tests once with ``--seed-offset offset``."""
     z_log = workdir / f"z_{offset}.jsonl"
     junit = workdir / f"junit_{offset}.xml"
-    env = dict(os.environ, LATFLOW_Z_LOG=str(z_log), LATFLOW_SEED_OFFSET=str(offset),
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker,
-           f"--seed-offset={offset}", f"--junitxml={junit}", "-o", "junit_family=xunit1", *pytest_args]
+    env = dict(
+        os.environ,
+        LATFLOW_Z_LOG=str(z_log),
+        LATFLOW_SEED_OFFSET=str(offset),
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        marker,
+        f"--seed-offset={offset}",
+        f"--junitxml={junit}",
+        "-o",
+        "junit_family=xunit1",
+        *pytest_args,
+    ]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
@@ -163,20 +180,24 @@ def summarise(runs: list[RunResult]) -> tuple[dict[str, tuple[int, int]], list[R
         zs = [v for v, _ in values]
         finite = [v for v in zs if math.isfinite(v)]
         bound = max(b for _, b in values)
-        rows.append(Row(
-            test, obs, len(zs),
-            sum(1 for v, b in values if not abs(v) < b),
-            max((abs(v) for v in zs), default=float("nan")) if len(finite) == len(zs) else float("inf"),
-            sum(finite) / len(finite) if finite else float("nan"),
-            math.sqrt(sum(v * v for v in finite) / len(finite)) if finite else float("nan"),
-            bound,
-        ))
+        rows.append(
+            Row(
+                test,
+                obs,
+                len(zs),
+                sum(1 for v, b in values if not abs(v) < b),
+                max((abs(v) for v in zs), default=float("nan")) if len(finite) == len(zs) else float("inf"),
+                sum(finite) / len(finite) if finite else float("nan"),
+                math.sqrt(sum(v * v for v in finite) / len(finite)) if finite else float("nan"),
+                bound,
+            )
+        )
     return failures, rows
 
 
 def _short(test: str, width: int) -> str:
     test = test.removeprefix("tests/")
-    return test if len(test) <= width else "..." + test[-(width - 3):]
+    return test if len(test) <= width else "..." + test[-(width - 3) :]
 
 
 def format_table(failures: dict[str, tuple[int, int]], rows: list[Row], limit: int) -> str:
@@ -190,22 +211,32 @@ def format_table(failures: dict[str, tuple[int, int]], rows: list[Row], limit: i
     wo = max([len(r.observable) for r in rows] + [10])
     lines.append(f"{'test':<{w}s}  {'observable':<{wo}s}  bound  |z|>bound/n  max|z|  mean z  rms z")
     for r in rows:
-        lines.append(f"{_short(r.test, w):<{w}s}  {r.observable:<{wo}s}  {r.bound:5.1f}  {r.over:5d}/{r.n:<5d}"
-                     f"  {r.max_abs:6.2f}  {r.mean:+6.2f}  {r.rms:5.2f}")
+        lines.append(
+            f"{_short(r.test, w):<{w}s}  {r.observable:<{wo}s}  {r.bound:5.1f}  {r.over:5d}/{r.n:<5d}"
+            f"  {r.max_abs:6.2f}  {r.mean:+6.2f}  {r.rms:5.2f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", help="test files or node ids (default: the whole suite)")
-    parser.add_argument("--offsets", type=parse_offsets, default=parse_offsets("20"),
-                        help="a count N (offsets 1..N), a range A-B or a comma-separated list (default 20)")
+    parser.add_argument(
+        "--offsets",
+        type=parse_offsets,
+        default=parse_offsets("20"),
+        help="a count N (offsets 1..N), a range A-B or a comma-separated list (default 20)",
+    )
     parser.add_argument("-k", dest="keyword", default=None, help="pytest -k expression")
     parser.add_argument("--include-slow", action="store_true", help="also run statistical tests marked slow")
     parser.add_argument("--jobs", type=int, default=1, help="offsets run at the same time (default 1)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run (default 3600)")
-    parser.add_argument("--max-fail-fraction", type=float, default=0.1,
-                        help="a test failing in more than this fraction of runs is a defect (default 0.1)")
+    parser.add_argument(
+        "--max-fail-fraction",
+        type=float,
+        default=0.1,
+        help="a test failing in more than this fraction of runs is a defect (default 0.1)",
+    )
     parser.add_argument("--root", type=Path, default=ROOT, help="directory to run pytest in (default: this project)")
     parser.add_argument("--json", type=Path, default=None, help="also write the table and all z-scores here")
     args = parser.parse_args(argv)
@@ -222,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         def one(offset: int) -> RunResult:
             r = run_offset(offset, pytest_args, marker, work, args.timeout, args.root.resolve())
             n_fail = sum(1 for o in r.outcomes.values() if o == "failed")
-            print(f"offset {offset:3d}: exit {r.returncode}, {len(r.outcomes)} tests, {n_fail} failed, "
-                  f"{r.seconds:.0f} s", flush=True)
+            print(
+                f"offset {offset:3d}: exit {r.returncode}, {len(r.outcomes)} tests, {n_fail} failed, {r.seconds:.0f} s",
+                flush=True,
+            )
             if r.returncode not in (0, 1):
                 print(r.tail, file=sys.stderr)
             return r
@@ -233,20 +266,26 @@ def main(argv: list[str] | None = None) -> int:
     failures, rows = summarise(runs)
     wall = time.perf_counter() - t0
     print()
-    print(f"seed sweep: offsets {args.offsets[0]}..{args.offsets[-1]} ({len(args.offsets)} runs), "
-          f"marker '{marker}', {wall:.0f} s wall; a test failing more than {limit} of {len(args.offsets)} is a defect")
+    print(
+        f"seed sweep: offsets {args.offsets[0]}..{args.offsets[-1]} ({len(args.offsets)} runs), "
+        f"marker '{marker}', {wall:.0f} s wall; a test failing more than {limit} of {len(args.offsets)} is a defect"
+    )
     print(format_table(failures, rows, limit))
     defects = sorted(t for t, (n_fail, _) in failures.items() if n_fail > limit)
     # exit 0: tests passed, 1: some failed, 5: nothing collected; anything else is a broken run
     broken = [r.offset for r in runs if r.returncode not in (0, 1, 5)]
     if broken:
-        print(f"runs that did not complete (crash, timeout, collection or usage error): offsets {broken}",
-              file=sys.stderr)
+        print(
+            f"runs that did not complete (crash, timeout, collection or usage error): offsets {broken}", file=sys.stderr
+        )
     if not failures:
         print("no statistical tests were selected", file=sys.stderr)
     if args.json is not None:
         payload = {
-            "offsets": args.offsets, "marker": marker, "seconds": wall, "limit": limit,
+            "offsets": args.offsets,
+            "marker": marker,
+            "seconds": wall,
+            "limit": limit,
             "failures": {t: {"failed": f, "runs": n} for t, (f, n) in failures.items()},
             "observables": [r.__dict__ for r in rows],
             "z": [z for r in runs for z in r.z],

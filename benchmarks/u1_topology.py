@@ -107,8 +107,17 @@ def choose_integrator(theory: U1GaugeAction, args: argparse.Namespace, seed: int
     """
     gen = make_generator(seed, 12)
     x, _ = UniformU1Prior(theory.lattice, dtype=torch.float64).sample(args.hmc_chains, gen)
-    hmc = HMC(theory.action, x, step_size=0.2, n_steps=5, generator=gen, integrator="omelyan",
-              force=theory.force, project=wrap_angle, step_jitter=0.1)
+    hmc = HMC(
+        theory.action,
+        x,
+        step_size=0.2,
+        n_steps=5,
+        generator=gen,
+        integrator="omelyan",
+        force=theory.force,
+        project=wrap_angle,
+        step_jitter=0.1,
+    )
     hmc.run(args.hmc_therm)
     for n in (3, 4, 5):
         hmc.step_size, hmc.n_steps = 1.0 / n, n
@@ -121,13 +130,21 @@ def choose_integrator(theory: U1GaugeAction, args: argparse.Namespace, seed: int
 def time_hmc(
     theory: U1GaugeAction, x_therm: torch.Tensor, n_steps: int, dtype: torch.dtype, args: argparse.Namespace
 ) -> tuple[float, float]:
-    """Seconds per trajectory per chain with ``--hmc-time-chains`` chains (copies of thermalised ones), and acceptance."""
+    """Seconds per trajectory per chain with ``--hmc-time-chains`` chains (copies of thermalised ones),
+    and acceptance."""
     gen = make_generator(args.seed, 10, int(theory.beta * 10))
     reps = -(-args.hmc_time_chains // x_therm.shape[0])
     x0 = x_therm.repeat(reps, 1, 1, 1)[: args.hmc_time_chains].to(dtype)
     hmc = HMC(
-        theory.action, x0, step_size=1.0 / n_steps, n_steps=n_steps, generator=gen, integrator="omelyan",
-        force=theory.force, project=wrap_angle, step_jitter=0.1,
+        theory.action,
+        x0,
+        step_size=1.0 / n_steps,
+        n_steps=n_steps,
+        generator=gen,
+        integrator="omelyan",
+        force=theory.force,
+        project=wrap_angle,
+        step_jitter=0.1,
     )
     hmc.run(5)
     t0 = time.perf_counter()
@@ -146,8 +163,15 @@ def hmc_run(beta: float, args: argparse.Namespace) -> HMCResult:
     # long float64 chains for tau_int(Q), with the step size tuned above
     gen = make_generator(args.seed, 11, int(beta * 10))
     hmc = HMC(
-        theory.action, x_therm, step_size=eps, n_steps=n_steps, generator=gen, integrator="omelyan",
-        force=theory.force, project=wrap_angle, step_jitter=0.1,
+        theory.action,
+        x_therm,
+        step_size=eps,
+        n_steps=n_steps,
+        generator=gen,
+        integrator="omelyan",
+        force=theory.force,
+        project=wrap_angle,
+        step_jitter=0.1,
     )
     n_traj = args.hmc_traj if args.hmc_traj else int(min(max(20 * TAU_GUESS[beta], 2000), args.hmc_traj_max))
     hmc.run(n_traj // 20)  # further thermalisation in the tuned setting
@@ -168,16 +192,35 @@ def hmc_run(beta: float, args: argparse.Namespace) -> HMCResult:
     rp = gamma_method([pa[:, c] for c in range(pa.shape[1])])
     rq2 = gamma_method([qa[:, c] ** 2 for c in range(qa.shape[1])])
     return HMCResult(
-        beta, 1e3 * ms64, args.hmc_time_chains, eps, n_steps, float(np.mean(acc)), rq.tau_int, rq.tau_int_err,
-        rq_sub.tau_int, n_traj, args.hmc_chains, rp.mean, rp.err, rq2.mean, rq2.err, 1e3 * ms32,
+        beta,
+        1e3 * ms64,
+        args.hmc_time_chains,
+        eps,
+        n_steps,
+        float(np.mean(acc)),
+        rq.tau_int,
+        rq.tau_int_err,
+        rq_sub.tau_int,
+        n_traj,
+        args.hmc_chains,
+        rp.mean,
+        rp.err,
+        rq2.mean,
+        rq2.err,
+        1e3 * ms32,
         qa[:, 0].tolist(),
     )
 
 
 def build_flow(L: int, args: argparse.Namespace) -> torch.nn.Module:
     return make_u1_equivariant_flow(
-        Lattice((L, L)), args.layers, "ncp", hidden=tuple(args.hidden), n_mix=args.n_mix,
-        zero_init=True, dtype=torch.float32,
+        Lattice((L, L)),
+        args.layers,
+        "ncp",
+        hidden=tuple(args.hidden),
+        n_mix=args.n_mix,
+        zero_init=True,
+        dtype=torch.float32,
     )
 
 
@@ -198,8 +241,12 @@ def train_flow(
         theory = lambda b: U1GaugeAction(U1Params(b), Lattice((L, L)))  # noqa: E731
         th = {"t": theory(current[0])}
         trainer = ReverseKLTrainer(
-            model, lambda x: -th["t"].action(x), batch_size=args.train_batch, lr=args.lr,
-            generator=make_generator(args.seed, 20, int(beta * 10), L), grad_clip=args.grad_clip,
+            model,
+            lambda x: -th["t"].action(x),
+            batch_size=args.train_batch,
+            lr=args.lr,
+            generator=make_generator(args.seed, 20, int(beta * 10), L),
+            grad_clip=args.grad_clip,
         )
         budget = share * seconds
         t0 = time.perf_counter()
@@ -221,7 +268,10 @@ def flow_run(state: dict, beta: float, train_s: float, steps: int, loss: float, 
     model = build_flow(args.L, args)
     model.load_state_dict(state)
     sampler = FlowMCMC(
-        model, lambda x: -theory.action(x), batch_size=args.flow_batch, generator=make_generator(args.seed, 30, int(beta))
+        model,
+        lambda x: -theory.action(x),
+        batch_size=args.flow_batch,
+        generator=make_generator(args.seed, 30, int(beta)),
     )
     sampler.run(args.flow_batch)  # warm-up: the first proposal is always accepted
     t0 = time.perf_counter()
@@ -233,9 +283,21 @@ def flow_run(state: dict, beta: float, train_s: float, steps: int, loss: float, 
     rp = gamma_method([obs["plaquette"].numpy()])
     rq2 = gamma_method([q**2])
     return FlowResult(
-        beta, train_s, steps, loss, 1e3 * dt, float(block.accepted.float().mean()),
-        ess(block.proposal_log_w.double().numpy()), rq.tau_int, rq.tau_int_err, args.flow_samples,
-        rp.mean, rp.err, rq2.mean, rq2.err, q.tolist(),
+        beta,
+        train_s,
+        steps,
+        loss,
+        1e3 * dt,
+        float(block.accepted.float().mean()),
+        ess(block.proposal_log_w.double().numpy()),
+        rq.tau_int,
+        rq.tau_int_err,
+        args.flow_samples,
+        rp.mean,
+        rp.err,
+        rq2.mean,
+        rq2.err,
+        q.tolist(),
     )
 
 
@@ -243,25 +305,34 @@ def report(hmc: HMCResult, flow: FlowResult | None, args: argparse.Namespace) ->
     shape = (args.L, args.L)
     ep, eq = exact_plaquette(hmc.beta, shape), exact_q2(hmc.beta, shape)
     print(f"\n## beta = {hmc.beta:g}, L = {args.L} (exact plaquette {ep:.6f}, <Q^2> {eq:.4f})")
-    print(f"HMC : {hmc.ms_per_traj:.4f} ms/traj/chain (B={hmc.time_chains}, float64; float32 {hmc.ms_per_traj_float32:.4f}),"
-          f" eps={hmc.step_size:.3f} x {hmc.n_steps}, acc {hmc.acceptance:.3f}, tau_int(Q) {hmc.tau_q:.1f}({hmc.tau_q_err:.1f})"
-          f" [{hmc.tau_q_mean_subtracted:.1f} with per-chain mean subtracted], {hmc.n_chains} x {hmc.n_traj} traj;"
-          f" plaquette {hmc.plaquette:.6f}({1e6 * hmc.plaquette_err:.0f}e-6), <Q^2> {hmc.q2:.4f}({hmc.q2_err:.4f})")
+    print(
+        f"HMC : {hmc.ms_per_traj:.4f} ms/traj/chain (B={hmc.time_chains}, float64;"
+        f" float32 {hmc.ms_per_traj_float32:.4f}),"
+        f" eps={hmc.step_size:.3f} x {hmc.n_steps}, acc {hmc.acceptance:.3f},"
+        f" tau_int(Q) {hmc.tau_q:.1f}({hmc.tau_q_err:.1f})"
+        f" [{hmc.tau_q_mean_subtracted:.1f} with per-chain mean subtracted], {hmc.n_chains} x {hmc.n_traj} traj;"
+        f" plaquette {hmc.plaquette:.6f}({1e6 * hmc.plaquette_err:.0f}e-6), <Q^2> {hmc.q2:.4f}({hmc.q2_err:.4f})"
+    )
     print(f"HMC cost per independent Q: {hmc.ms_per_indep:.3f} ms")
     if flow is None:
         return
-    print(f"flow: {flow.ms_per_proposal:.4f} ms/proposal, acc {flow.acceptance:.4f}, ESS {flow.ess:.2e},"
-          f" tau_int(Q) {flow.tau_q:.1f}({flow.tau_q_err:.1f}), {flow.n_samples} steps; trained {flow.train_steps} steps (cumulative),"
-          f" {flow.train_seconds:.0f} s (cumulative), final loss {flow.loss:.2f};"
-          f" plaquette {flow.plaquette:.6f}({1e6 * flow.plaquette_err:.0f}e-6), <Q^2> {flow.q2:.4f}({flow.q2_err:.4f})")
+    print(
+        f"flow: {flow.ms_per_proposal:.4f} ms/proposal, acc {flow.acceptance:.4f}, ESS {flow.ess:.2e},"
+        f" tau_int(Q) {flow.tau_q:.1f}({flow.tau_q_err:.1f}), {flow.n_samples} steps;"
+        f" trained {flow.train_steps} steps (cumulative),"
+        f" {flow.train_seconds:.0f} s (cumulative), final loss {flow.loss:.2f};"
+        f" plaquette {flow.plaquette:.6f}({1e6 * flow.plaquette_err:.0f}e-6), <Q^2> {flow.q2:.4f}({flow.q2_err:.4f})"
+    )
     amort = 1e3 * flow.train_seconds / args.amortise
     flow_total = flow.ms_per_indep + amort
     ratio = hmc.ms_per_indep / flow_total
     gain = hmc.ms_per_indep - flow.ms_per_indep
     breakeven = 1e3 * flow.train_seconds / gain if gain > 0 else float("inf")
-    print(f"cost per independent Q: HMC {hmc.ms_per_indep:.3f} ms | flow {flow.ms_per_indep:.3f} ms sampling"
-          f" + {amort:.3f} ms training (amortised over {args.amortise:.0e}) = {flow_total:.3f} ms"
-          f" | HMC/flow = {ratio:.3g}; break-even after {breakeven:.3g} independent Q")
+    print(
+        f"cost per independent Q: HMC {hmc.ms_per_indep:.3f} ms | flow {flow.ms_per_indep:.3f} ms sampling"
+        f" + {amort:.3f} ms training (amortised over {args.amortise:.0e}) = {flow_total:.3f} ms"
+        f" | HMC/flow = {ratio:.3g}; break-even after {breakeven:.3g} independent Q"
+    )
 
 
 def plot(pairs: list[tuple[HMCResult, FlowResult]], path: Path) -> None:
@@ -307,7 +378,9 @@ def timing_only(args: argparse.Namespace) -> None:
                 x, log_q = model.sample(args.flow_batch, gen)
                 theory.action(x)
         flow_ms = 1e3 * (time.perf_counter() - t0) / (4 * args.flow_batch)
-        print(f"{beta:>5g} {row[0]:>11.4f} {row[1]:>11.4f} {1 / n_steps:>6.3f} x {n_steps} {acc:>6.3f} {flow_ms:>13.3f}")
+        print(
+            f"{beta:>5g} {row[0]:>11.4f} {row[1]:>11.4f} {1 / n_steps:>6.3f} x {n_steps} {acc:>6.3f} {flow_ms:>13.3f}"
+        )
 
 
 def main() -> None:
@@ -350,14 +423,18 @@ def main() -> None:
         args.plot = Path("u1_topology_quick.png")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# machine: {platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} torch threads,"
-          f" torch {torch.__version__}")
+    print(
+        f"# machine: {platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} torch threads,"
+        f" torch {torch.__version__}"
+    )
     if args.timing_only:
         timing_only(args)
         return
-    print(f"# flow: {args.layers} NCP couplings (n_mix {args.n_mix}), hidden {args.hidden}, float32; training"
-          f" {args.train_seconds:.0f} s per beta ({1 - args.fine_tune:.0%} on {args.train_L}^2, rest on {args.L}^2),"
-          f" batch {args.train_batch}, lr {args.lr}")
+    print(
+        f"# flow: {args.layers} NCP couplings (n_mix {args.n_mix}), hidden {args.hidden}, float32; training"
+        f" {args.train_seconds:.0f} s per beta ({1 - args.fine_tune:.0%} on {args.train_L}^2, rest on {args.L}^2),"
+        f" batch {args.train_batch}, lr {args.lr}"
+    )
     pairs, state, prev_beta, train_total, steps_total = [], None, 1.0, 0.0, 0
     for beta in args.betas:
         flow = None

@@ -40,8 +40,14 @@ def _job_args(p: argparse.ArgumentParser, optional_job: bool = False) -> None:
         p.add_argument("job", nargs="?", help=f"job file (TOML); default: the built-in example {DEFAULT_EXAMPLE}")
     else:
         p.add_argument("job", help="job file (TOML)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a job key, e.g. --set lattice.shape=[6,6] --set theory.lam=0.5 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job key, e.g. --set lattice.shape=[6,6] --set theory.lam=0.5 (repeatable)",
+    )
     p.add_argument("--out", help="ensemble path (replaces output.path)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="replaces run.device (default cpu)")
     g = p.add_mutually_exclusive_group()
@@ -56,31 +62,64 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"latflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _job_args(sub.add_parser("train", help="train the job's flow (reverse KL); writes the model checkpoint",
-                             description="Train the flow of a job by reverse-KL self-training. "
-                             "Under mpiexec, gradients are averaged over ranks every step."))
-    _job_args(sub.add_parser("sample", help="sample an ensemble (flow-MCMC or HMC); writes the HDF5 ensemble",
-                             description="Sample the job's ensemble. Under mpiexec each rank runs its own chain; "
-                             "all chains land in one file (markov/chain)."))
-    _job_args(sub.add_parser("run", help="train, sample and analyse in one go",
-                             description="Train (flow samplers), sample, and print the analysis table."),
-              optional_job=True)
-    a = sub.add_parser("analyze", help="observables with Gamma-method errors, acceptance and ESS",
-                       description="Analyse an ensemble: mean, error, tau_int of every observable (Gamma method), "
-                       "with a warning wherever an error cannot be trusted. Refuses a damaged file.")
+    _job_args(
+        sub.add_parser(
+            "train",
+            help="train the job's flow (reverse KL); writes the model checkpoint",
+            description="Train the flow of a job by reverse-KL self-training. "
+            "Under mpiexec, gradients are averaged over ranks every step.",
+        )
+    )
+    _job_args(
+        sub.add_parser(
+            "sample",
+            help="sample an ensemble (flow-MCMC or HMC); writes the HDF5 ensemble",
+            description="Sample the job's ensemble. Under mpiexec each rank runs its own chain; "
+            "all chains land in one file (markov/chain).",
+        )
+    )
+    _job_args(
+        sub.add_parser(
+            "run",
+            help="train, sample and analyse in one go",
+            description="Train (flow samplers), sample, and print the analysis table.",
+        ),
+        optional_job=True,
+    )
+    a = sub.add_parser(
+        "analyze",
+        help="observables with Gamma-method errors, acceptance and ESS",
+        description="Analyse an ensemble: mean, error, tau_int of every observable (Gamma method), "
+        "with a warning wherever an error cannot be trusted. Refuses a damaged file.",
+    )
     a.add_argument("ensemble", help="HDF5 ensemble")
-    a.add_argument("--json", action="store_true",
-                   help="print JSON {observable: {mean, err, tau_int, tau_int_err, n, window, window_capped, "
-                   "known_mean, warnings}, acceptance, ess, ensemble: {...}}")
-    a.add_argument("--mean", dest="means", action="append", default=[], metavar="NAME=VALUE",
-                   help="exact mean of an observable, e.g. --mean topological_charge=0: fluctuations are taken "
-                   "about it (a frozen chain then shows a large error); overrides the theory's exact means "
-                   "(repeatable)")
-    a.add_argument("--ignore-checksums", action="store_true",
-                   help="analyse a file whose checksums do not verify (refused by default), with a warning")
-    v = sub.add_parser("verify", help="check an ensemble's format, checksums and completeness",
-                       description="Check format, committed rows and sha256 of every fields/* dataset; exit 1 on "
-                       "damage. A consistent ensemble with fewer steps than its run asked for is INCOMPLETE (exit 0).")
+    a.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON {observable: {mean, err, tau_int, tau_int_err, n, window, window_capped, "
+        "known_mean, warnings}, acceptance, ess, ensemble: {...}}",
+    )
+    a.add_argument(
+        "--mean",
+        dest="means",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="exact mean of an observable, e.g. --mean topological_charge=0: fluctuations are taken "
+        "about it (a frozen chain then shows a large error); overrides the theory's exact means "
+        "(repeatable)",
+    )
+    a.add_argument(
+        "--ignore-checksums",
+        action="store_true",
+        help="analyse a file whose checksums do not verify (refused by default), with a warning",
+    )
+    v = sub.add_parser(
+        "verify",
+        help="check an ensemble's format, checksums and completeness",
+        description="Check format, committed rows and sha256 of every fields/* dataset; exit 1 on "
+        "damage. A consistent ensemble with fewer steps than its run asked for is INCOMPLETE (exit 0).",
+    )
     v.add_argument("ensemble", help="HDF5 ensemble")
     return parser
 

@@ -12,7 +12,7 @@ import math
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -269,7 +269,9 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is tuple:
         inner = typing.get_args(tp)[0]
-        return "a list of " + {int: "integers", float: "numbers", bool: "booleans", str: "strings"}.get(inner, str(inner))
+        return "a list of " + {int: "integers", float: "numbers", bool: "booleans", str: "strings"}.get(
+            inner, str(inner)
+        )
     if origin in (typing.Union, types.UnionType):  # optional keys: describe what may be written
         return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
@@ -424,7 +426,7 @@ def load_job(
             raise JobError(f"{source}: is a directory, not a job file (TOML)") from None
         except UnicodeDecodeError:
             raise JobError(f"{source}: not a TOML job file (not UTF-8 text)") from None
-        except (OSError, UnicodeDecodeError) as exc:
+        except OSError as exc:
             raise JobError(f"{source}: cannot read job file ({exc.__class__.__name__})") from None
     try:
         raw = tomllib.loads(text)
@@ -454,7 +456,11 @@ def load_job(
             raise JobError(f"{source}: missing section [{section}]; it needs {needs}")
     theory = _theory(raw["theory"], source)
     lattice = _lattice(raw["lattice"], source)
-    built = {name: build_dataclass(cls, raw.get(name, {}), name, source) for name, cls in SECTIONS.items() if name != "lattice"}
+    built = {
+        name: build_dataclass(cls, raw.get(name, {}), name, source)
+        for name, cls in SECTIONS.items()
+        if name != "lattice"
+    }
     changes = [f"--set {o}" for o in overrides]
     if out is not None:
         changes.append(f"--out {out}")
@@ -531,7 +537,9 @@ def _check_consistency(job: JobConfig) -> None:
                 for offset in range(4):
                     u1_masks(lat, mu, offset)
         except (ValueError, NotImplementedError) as exc:
-            raise JobError(f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: model.kind 'u1-equivariant': {exc}") from None
+            raise JobError(
+                f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: model.kind 'u1-equivariant': {exc}"
+            ) from None
     if job.output.model and Path(job.output.model).resolve() == Path(job.output.path).resolve():
         raise JobError(f"{src}: 'output.model' must differ from 'output.path'")
 

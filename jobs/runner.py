@@ -78,7 +78,14 @@ def build_model(job: JobConfig, device: torch.device) -> FlowModel:
             model = make_affine_flow(lattice, m.n_layers, m.hidden, m.kernel_size, m.prior_sigma, dtype=torch.float64)
         else:
             model = make_u1_equivariant_flow(
-                lattice, m.n_layers, m.inner, m.hidden, m.kernel_size, n_mix=m.n_mix, n_bins=m.n_bins, dtype=torch.float64
+                lattice,
+                m.n_layers,
+                m.inner,
+                m.hidden,
+                m.kernel_size,
+                n_mix=m.n_mix,
+                n_bins=m.n_bins,
+                dtype=torch.float64,
             )
     return model.to(device=device, dtype=torch_dtype(job))
 
@@ -220,7 +227,9 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
 
     before = _file_identity(path)
     try:
-        history = trainer.train(t.steps, checkpoint_path=path, checkpoint_every=t.checkpoint_every, callback=report, extra=extra)
+        history = trainer.train(
+            t.steps, checkpoint_path=path, checkpoint_every=t.checkpoint_every, callback=report, extra=extra
+        )
     except TrainingDivergedError as exc:
         # the trainer says "the last good checkpoint is kept"; say which one there really is
         after = _file_identity(path)
@@ -228,7 +237,9 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
         if after is None:
             raise TrainingDivergedError(f"{what}; no checkpoint was written ({path})") from None
         if after == before and not resume:
-            raise TrainingDivergedError(f"{what}; {path} was not replaced and is from an earlier training run") from None
+            raise TrainingDivergedError(
+                f"{what}; {path} was not replaced and is from an earlier training run"
+            ) from None
         raise
     finally:
         bar.close()
@@ -236,7 +247,11 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
     if n:
         log.info(
             "trained %d steps on %d rank(s): loss %.4f, batch ESS %.3f (mean of last %d steps)",
-            trainer.step, comm.size, float(np.mean(history.loss[-n:])), float(np.mean(history.ess[-n:])), n,
+            trainer.step,
+            comm.size,
+            float(np.mean(history.loss[-n:])),
+            float(np.mean(history.ess[-n:])),
+            n,
         )
     return path
 
@@ -341,7 +356,8 @@ def check_weight_variance(
             "pf-flow-mcmc: cannot check that the pseudofermion weights have a finite variance at volume %d "
             "(dense check up to %d sites); heavy-tailed weights make errors meaningless: check the weights' "
             "tail diagnostic in 'latflow analyze' and widen sampler.conditional_dispersion if it warns",
-            volume, WEIGHT_CHECK_MAX_VOLUME,
+            volume,
+            WEIGHT_CHECK_MAX_VOLUME,
         )
         return None
     gen = make_generator(job.run.seed, STREAM_CHECK, device=device)
@@ -360,7 +376,8 @@ def check_weight_variance(
         log.warning(
             "pf-flow-mcmc: the pseudofermion weights have a finite but heavy-tailed variance (smallest eigenvalue "
             "of (M M^dag, K) %.3f, finite above 0.5); sampler.conditional_dispersion = %s would make it ~0.7",
-            lam, dispersion_for(lam, d),
+            lam,
+            dispersion_for(lam, d),
         )
     else:
         log.info("pf-flow-mcmc: finite-variance check passed (smallest eigenvalue of (M M^dag, K) %.3f > 0.5)", lam)
@@ -603,7 +620,11 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
         total = f"; {recorded} steps per chain in the file" if first else ""
         log.info(
             "wrote %s: %d steps x %d chain(s) this run%s, acceptance %.3f this run",
-            path, recorded - first, chains, total, n_acc / max(n_rows, 1),
+            path,
+            recorded - first,
+            chains,
+            total,
+            n_acc / max(n_rows, 1),
         )
     return path
 
@@ -620,7 +641,8 @@ def derived_for(theory_name: str, couplings: dict, lattice_shape: tuple[int, ...
     except (KeyError, TypeError, ValueError):
         return {}
     return {
-        name: DerivedObservable(tuple(d.inputs), d.func, d.description) for name, d in theory.derived_observables().items()
+        name: DerivedObservable(tuple(d.inputs), d.func, d.description)
+        for name, d in theory.derived_observables().items()
     }
 
 
@@ -641,7 +663,9 @@ def analyze(path: str | Path, *, means: dict[str, float] | None = None, check_ch
     with EnsembleReader(path) as r:
         derived = derived_for(r.theory, r.couplings, tuple(r.lattice_shape))
         present = set(r.names("observables"))
-        known = {k: v for k, v in exact_means_for(r.theory, r.couplings, tuple(r.lattice_shape)).items() if k in present}
+        known = {
+            k: v for k, v in exact_means_for(r.theory, r.couplings, tuple(r.lattice_shape)).items() if k in present
+        }
     known.update(means or {})
     return analyze_ensemble(path, derived=derived, known_means=known, check_checksums=check_checksums)
 

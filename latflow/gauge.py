@@ -45,9 +45,7 @@ _TWO_PI = 2.0 * math.pi
 def _check_links(theta: torch.Tensor) -> int:
     """Lattice dimension d of links ``[B, d, L0, ..., L{d-1}]``; ``ValueError`` otherwise."""
     if theta.dim() < 4 or theta.shape[1] != theta.dim() - 2:
-        raise ValueError(
-            f"U(1) links must have shape [B, d, L0, ..., L{{d-1}}] with d >= 2, got {list(theta.shape)}"
-        )
+        raise ValueError(f"U(1) links must have shape [B, d, L0, ..., L{{d-1}}] with d >= 2, got {list(theta.shape)}")
     if theta.is_complex():
         raise ValueError("U(1) links are real angles, got a complex tensor")
     return theta.shape[1]

@@ -8,7 +8,8 @@ absence is a clear error instead of K processes silently doing the same work.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -95,7 +95,7 @@ from pathlib import Path as _Path
 
 import pytest as _pytest
 
-_CLI_SERVER_SRC = r'''
+_CLI_SERVER_SRC = r"""
 import io, json, os, sys, traceback
 
 import torch
@@ -160,7 +160,7 @@ for line in channel_in:
         reply = {"error": f"unknown op {req['op']!r}"}
     channel_out.write(json.dumps(reply) + "\n")
     channel_out.flush()
-'''
+"""
 
 
 @_dataclass
@@ -257,8 +257,14 @@ class _ForkServer:
         return _json.loads(line)
 
     def spawn(self, args, cwd, env, out, err):
-        req = {"op": "spawn", "argv": [str(a) for a in args], "cwd": str(cwd), "env": env,
-               "stdout": str(out), "stderr": str(err)}
+        req = {
+            "op": "spawn",
+            "argv": [str(a) for a in args],
+            "cwd": str(cwd),
+            "env": env,
+            "stdout": str(out),
+            "stderr": str(err),
+        }
         return self._call_reply(req, timeout=60)["pid"]
 
     def _wait(self, p, timeout):
@@ -282,8 +288,14 @@ class _ForkServer:
 class _Subprocesses:
     def spawn(self, args, cwd, env, out, err):
         with open(out, "wb") as fo, open(err, "wb") as fe:
-            h = _subprocess.Popen([_sys.executable, "-m", "latflow.jobs.cli", *map(str, args)],
-                                  cwd=cwd, env=env, stdin=_subprocess.DEVNULL, stdout=fo, stderr=fe)
+            h = _subprocess.Popen(
+                [_sys.executable, "-m", "latflow.jobs.cli", *map(str, args)],
+                cwd=cwd,
+                env=env,
+                stdin=_subprocess.DEVNULL,
+                stdout=fo,
+                stderr=fe,
+            )
         return h
 
     def _wait(self, p, timeout):
@@ -304,8 +316,11 @@ class LatflowCli:
     def __init__(self, log_dir: _Path, mode: str):
         self.log_dir = log_dir
         self.mode = mode
-        self.env = {k: v for k, v in _os.environ.items()
-                    if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MPI_LOCALNRANKS", "SLURM_"))}
+        self.env = {
+            k: v
+            for k, v in _os.environ.items()
+            if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MPI_LOCALNRANKS", "SLURM_"))
+        }
         self.env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
         self._backend = _Subprocesses() if mode == "subprocess" else _ForkServer(self.env)
         self._count = 0
@@ -360,8 +375,17 @@ TINY_FLOW_JOB = {
 TINY_HMC_JOB = {
     "theory": {"name": "phi4", "m2": -4.0, "lam": 6.975},
     "lattice": {"shape": [4, 4]},
-    "sampler": {"kind": "hmc", "n_samples": 40, "thermalization": 5, "n_chains": 4, "step_size": 0.1,
-                "n_steps": 4, "n_tune": 10, "commit_every": 10, "log_every": 20},
+    "sampler": {
+        "kind": "hmc",
+        "n_samples": 40,
+        "thermalization": 5,
+        "n_chains": 4,
+        "step_size": 0.1,
+        "n_steps": 4,
+        "n_tune": 10,
+        "commit_every": 10,
+        "log_every": 20,
+    },
     "output": {"path": "hmc.h5"},
     "run": {"seed": 7},
 }
@@ -472,7 +496,9 @@ _SEED_STRIDE = 1_000_003  # a prime far above every base seed, so offsets never 
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--seed-offset", type=int, default=None,
+        "--seed-offset",
+        type=int,
+        default=None,
         help=f"offset added to the seed of every statistical test (default: ${SEED_OFFSET_ENV} or 0)",
     )
 
@@ -512,8 +538,13 @@ def record_z(request):
     def record(observable: str, z: float, bound: float = 3.0) -> None:
         path = _os.environ.get(Z_LOG_ENV)
         if path:
-            line = {"test": request.node.nodeid, "observable": str(observable), "z": float(z),
-                    "bound": float(bound), "offset": seed_offset()}
+            line = {
+                "test": request.node.nodeid,
+                "observable": str(observable),
+                "z": float(z),
+                "bound": float(bound),
+                "offset": seed_offset(),
+            }
             with open(path, "a", encoding="utf-8") as f:
                 f.write(_json.dumps(line) + "\n")
 

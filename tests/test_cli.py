@@ -89,8 +89,14 @@ def test_console_script_help(tmp_path):
     exe = shutil.which("latflow") or str(Path(sys.executable).with_name("latflow"))
     if not Path(exe).exists():
         pytest.skip("console script `latflow` is not installed")
-    p = subprocess.run([exe, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p = subprocess.run(
+        [exe, "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("usage: latflow")
 
@@ -310,8 +316,17 @@ def test_missing_model_hint_is_a_command_that_works(latflow_cli, make_job, tmp_p
 U1_HMC = {
     "theory": {"name": "u1", "beta": 2.0},
     "lattice": {"shape": [8, 8]},
-    "sampler": {"kind": "hmc", "n_samples": 200, "thermalization": 10, "n_chains": 4, "step_size": 0.25,
-                "n_steps": 4, "n_tune": 20, "commit_every": 25, "log_every": 1000},
+    "sampler": {
+        "kind": "hmc",
+        "n_samples": 200,
+        "thermalization": 10,
+        "n_chains": 4,
+        "step_size": 0.25,
+        "n_steps": 4,
+        "n_tune": 20,
+        "commit_every": 25,
+        "log_every": 1000,
+    },
     "output": {"path": "full.h5"},
     "run": {"seed": 5},
 }
@@ -325,8 +340,16 @@ def test_save_every_keeps_every_observable_and_shrinks_the_file(latflow_cli, tmp
 
     (tmp_path / "u1.toml").write_text(job_toml(U1_HMC), encoding="utf-8")
     _ok(latflow_cli.run(["sample", "u1.toml"], tmp_path))
-    thin_args = ["sample", "u1.toml", "--out", "thin.h5", "--set", "output.save_every=10",
-                 "--set", 'output.compression="gzip"']
+    thin_args = [
+        "sample",
+        "u1.toml",
+        "--out",
+        "thin.h5",
+        "--set",
+        "output.save_every=10",
+        "--set",
+        'output.compression="gzip"',
+    ]
     _ok(latflow_cli.run(thin_args, tmp_path))
     for name in ("full.h5", "thin.h5"):
         r = latflow_cli.run(["verify", name], tmp_path)

@@ -97,8 +97,18 @@ def test_schwinger_pf_hmc_example_runs_and_resumes(tmp_path, monkeypatch, capsys
 
     example = next(p for p in EXAMPLES if p.name == "schwinger_pf_hmc.toml")
     monkeypatch.chdir(tmp_path)
-    small = ["--set", "lattice.shape=[4, 4]", "--set", "sampler.n_chains=4", "--set", "sampler.n_tune=10",
-             "--set", "sampler.thermalization=5", "--set", "sampler.commit_every=10"]
+    small = [
+        "--set",
+        "lattice.shape=[4, 4]",
+        "--set",
+        "sampler.n_chains=4",
+        "--set",
+        "sampler.n_tune=10",
+        "--set",
+        "sampler.thermalization=5",
+        "--set",
+        "sampler.commit_every=10",
+    ]
     assert cli.main(["run", str(example), *small, "--set", "sampler.n_samples=20", "--out", "a.h5"]) == 0
     assert cli.main(["run", str(example), *small, "--set", "sampler.n_samples=10", "--out", "b.h5"]) == 0
     assert cli.main(["sample", str(example), *small, "--set", "sampler.n_samples=20", "--out", "b.h5", "--resume"]) == 0
@@ -125,10 +135,39 @@ def test_schwinger_pf_flow_example_trains_samples_and_resumes(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     small = ["--set", "train.steps=40", "--set", "sampler.commit_every=500", "--set", "sampler.batch_size=250"]
     assert cli.main(["run", str(example), *small, "--set", "sampler.n_samples=1500", "--out", "a.h5"]) == 0
-    assert cli.main(["sample", str(example), *small, "--set", "sampler.n_samples=500", "--out", "b.h5",
-                     "--set", "output.model=a.model.pt"]) == 0
-    assert cli.main(["sample", str(example), *small, "--set", "sampler.n_samples=1500", "--out", "b.h5",
-                     "--set", "output.model=a.model.pt", "--resume"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                str(example),
+                *small,
+                "--set",
+                "sampler.n_samples=500",
+                "--out",
+                "b.h5",
+                "--set",
+                "output.model=a.model.pt",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "sample",
+                str(example),
+                *small,
+                "--set",
+                "sampler.n_samples=1500",
+                "--out",
+                "b.h5",
+                "--set",
+                "output.model=a.model.pt",
+                "--resume",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     with h5py.File("a.h5", "r") as a, h5py.File("b.h5", "r") as b:
         sampler = json.loads(a.attrs["sampler"])

@@ -248,8 +248,11 @@ def test_frozen_rectangles_do_not_move(mu):
     layer = make_layer("ncp", mu, 1, ("plaq", "2x1"), lat, seed=0)
     theta = UniformU1Prior(lat).sample(2, gen(22))[0]
     eps = (0.1 + torch.rand(theta.shape, generator=gen(23), dtype=F64)) * layer.link_mask
-    loops = [lambda t: u1_plaquette_angles(t)[:, 0], lambda t: u1_wilson_loops(t, 0, 1, 2, 1),
-             lambda t: u1_wilson_loops(t, 0, 1, 1, 2)]
+    loops = [
+        lambda t: u1_plaquette_angles(t)[:, 0],
+        lambda t: u1_wilson_loops(t, 0, 1, 2, 1),
+        lambda t: u1_wilson_loops(t, 0, 1, 1, 2),
+    ]
     for k, fn in enumerate(loops):
         mask = layer.cond_mask[k]
         assert bool(mask.any())
@@ -373,9 +376,7 @@ def test_layer_only_moves_updated_links_and_plaquettes_as_documented():
 
 def make_model(inner: str, seed: int, lattice: Lattice | None = None, n_layers: int = 8) -> FlowModel:
     lattice = Lattice((4, 4)) if lattice is None else lattice
-    model = make_u1_equivariant_flow(
-        lattice, n_layers, inner, hidden=(6,), n_mix=3, n_bins=5, loops=("plaq", "2x1")
-    )
+    model = make_u1_equivariant_flow(lattice, n_layers, inner, hidden=(6,), n_mix=3, n_bins=5, loops=("plaq", "2x1"))
     randomize_(model, seed, scale=0.15)
     return model
 

@@ -48,7 +48,9 @@ lam = 6.975
 shape = [4, 4]
 """
 
-FLOW_JOB = PHI4_4X4 + """
+FLOW_JOB = (
+    PHI4_4X4
+    + """
 [model]
 n_layers = 2
 hidden = [4]
@@ -74,8 +76,11 @@ model = "flow.model.pt"
 [run]
 seed = 31
 """
+)
 
-HMC_JOB = PHI4_4X4 + """
+HMC_JOB = (
+    PHI4_4X4
+    + """
 [sampler]
 kind = "hmc"
 n_samples = 12
@@ -93,6 +98,7 @@ path = "hmc.h5"
 [run]
 seed = 11
 """
+)
 
 ROW_GROUPS = ("fields", "markov", "weights", "observables")
 
@@ -109,7 +115,9 @@ def _env(*, serial: bool = False) -> dict[str, str]:
 
 
 def _check(proc: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"{what} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    assert proc.returncode == 0, (
+        f"{what} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    )
     return proc
 
 
@@ -170,7 +178,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_gradients_are_averaged_over_ranks(tmp_path: Path) -> None:
     proc = subprocess.run(
         [shutil.which("mpiexec"), "-n", str(NP), sys.executable, str(SCRIPTS / "grad_average.py")],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
     _check(proc, "grad_average.py")
     for rank in range(NP):
@@ -230,7 +242,9 @@ def test_hmc_chain_ids_per_rank(tmp_path: Path) -> None:
     for c, idx in chains.items():
         assert len(idx) == n_samples
         steps = r["markov/step"][idx]
-        np.testing.assert_array_equal(steps, np.arange(thermalization, thermalization + n_samples), err_msg=f"chain {c}")
+        np.testing.assert_array_equal(
+            steps, np.arange(thermalization, thermalization + n_samples), err_msg=f"chain {c}"
+        )
     phi = r["fields/phi"]
     last = np.stack([phi[idx[-1]] for idx in chains.values()])
     assert len({x.tobytes() for x in last}) == NP * n_chains, "chains ended in the same configuration"
@@ -243,7 +257,9 @@ def test_resume_under_mpi_is_bit_identical(trained: Path) -> None:
     # A is a multiple of commit_every (20), so both runs draw the same blocks
     a, b = 40, 70
     short = mpirun_bg("latflow", "sample", "job.toml", "--out", "resumed.h5", "--set", f"sampler.n_samples={a}", cwd=d)
-    straight = mpirun_bg("latflow", "sample", "job.toml", "--out", "straight.h5", "--set", f"sampler.n_samples={b}", cwd=d)
+    straight = mpirun_bg(
+        "latflow", "sample", "job.toml", "--out", "straight.h5", "--set", f"sampler.n_samples={b}", cwd=d
+    )
     wait(short, "first part")
     wait(straight, "straight run")
     assert int(rows(d / "resumed.h5")["n_committed"]) == NP * a
@@ -262,7 +278,15 @@ def test_resume_under_mpi_is_bit_identical(trained: Path) -> None:
 def test_failure_on_one_rank_ends_the_job(tmp_path: Path) -> None:
     """Rank 0 fails while rank 1 waits for it in a collective: the job must stop, not hang."""
     (tmp_path / "job.toml").write_text(HMC_JOB)
-    cmd = [shutil.which("mpiexec"), "-n", str(NP), sys.executable, str(SCRIPTS / "fail_on_root.py"), "sample", "job.toml"]
+    cmd = [
+        shutil.which("mpiexec"),
+        "-n",
+        str(NP),
+        sys.executable,
+        str(SCRIPTS / "fail_on_root.py"),
+        "sample",
+        "job.toml",
+    ]
     try:
         proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=90)
     except subprocess.TimeoutExpired:
@@ -286,7 +310,12 @@ def test_single_process_never_imports_mpi4py(tmp_path: Path) -> None:
         """
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=_env(serial=True), capture_output=True, text=True, timeout=TIMEOUT
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=_env(serial=True),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
     _check(proc, "single-process run")
     assert "MPI4PY_IMPORTED False" in proc.stdout, proc.stdout

@@ -124,8 +124,7 @@ def test_free_field_formulas_reproduce_the_table(L, m2):
     assert free_ising_energy((L, L), m2) == pytest.approx(energy, abs=5e-9)
 
 
-@pytest.mark.parametrize("shape, m2", [((8, 8), 1.25), ((4, 6), 0.7), ((2, 4, 4), 2.0)],
-                         ids=["8x8", "4x6", "2x4x4"])
+@pytest.mark.parametrize("shape, m2", [((8, 8), 1.25), ((4, 6), 0.7), ((2, 4, 4), 2.0)], ids=["8x8", "4x6", "2x4x4"])
 def test_free_field_formulas_against_the_inverse_hessian(shape, m2):
     """S = phi^T H phi / 2 for lam = 0, so <phi_x phi_y> = (H^-1)_xy with H the autograd Hessian."""
     theory = Phi4Theory(Phi4Params(m2, 0.0), Lattice(shape))
@@ -180,8 +179,10 @@ def report(label: str, res: dict[str, GammaResult], ref: dict) -> dict[str, floa
     z = {k: zscore(res[k], ref[k]) for k in res}
     for k, r in res.items():
         other = ref[k].mean if isinstance(ref[k], GammaResult) else ref[k]
-        print(f"{label:>22s} {k:>17s}: {r.mean:.6f} +- {r.err:.6f} (tau_int {r.tau_int:5.2f}) "
-              f"vs {other:.6f}  z = {z[k]:+.2f}")
+        print(
+            f"{label:>22s} {k:>17s}: {r.mean:.6f} +- {r.err:.6f} (tau_int {r.tau_int:5.2f}) "
+            f"vs {other:.6f}  z = {z[k]:+.2f}"
+        )
     return z
 
 
@@ -202,8 +203,9 @@ def torch_seed(seed: int):
 def run_hmc(theory, *, n_chains, n_therm, n_traj, step_size, n_steps, seed) -> tuple[SampleBlock, float]:
     g = make_generator(seed)
     x0 = 0.3 * torch.randn((n_chains, *theory.lattice.shape), generator=make_generator(seed, 1), dtype=F64)
-    hmc = HMC(theory.action, x0, step_size=step_size, n_steps=n_steps, generator=g,
-              integrator="omelyan", step_jitter=0.3)
+    hmc = HMC(
+        theory.action, x0, step_size=step_size, n_steps=n_steps, generator=g, integrator="omelyan", step_jitter=0.3
+    )
     hmc.run(n_therm)  # thermalisation, not recorded
     rows = hmc.run(n_traj)
     return rows, rows.accepted.double().mean().item()
@@ -217,8 +219,9 @@ def train_flow(theory_for_training, lattice, *, n_layers, hidden, prior_sigma, s
     """
     with torch_seed(seed):
         model = make_affine_flow(lattice, n_layers, hidden, prior_sigma=prior_sigma, dtype=torch.float32)
-    trainer = ReverseKLTrainer(model, lambda x: -theory_for_training.action(x), batch_size=64, lr=1e-2,
-                               generator=make_generator(seed, 2))
+    trainer = ReverseKLTrainer(
+        model, lambda x: -theory_for_training.action(x), batch_size=64, lr=1e-2, generator=make_generator(seed, 2)
+    )
     trainer.train(steps)
     return model
 
@@ -233,8 +236,17 @@ def run_flow_mcmc(model, theory, *, n_chains, n_per_chain, seed, starts=None) ->
             x0 = starts[c : c + 1].to(torch.float32)
             with torch.no_grad():
                 log_p0, log_q0 = -theory.action(x0)[0], model.log_prob(x0)[0]
-            sampler.load_state_dict({"kind": sampler.kind, "step": 0, "chain_id": c, "generator": g.get_state(),
-                                     "x": x0[0], "log_p": log_p0, "log_q": log_q0})
+            sampler.load_state_dict(
+                {
+                    "kind": sampler.kind,
+                    "step": 0,
+                    "chain_id": c,
+                    "generator": g.get_state(),
+                    "x": x0[0],
+                    "log_p": log_p0,
+                    "log_q": log_q0,
+                }
+            )
         blocks.append(sampler.run(n_per_chain))
     rows = SampleBlock.concat(blocks)
     return rows, rows.accepted.double().mean().item()
@@ -301,8 +313,9 @@ def free_theory() -> Phi4Theory:
 @pytest.fixture(scope="module")
 def free_hmc(free_theory) -> dict[str, GammaResult]:
     # 256 chains x 150 trajectories of length ~1 (3 Omelyan steps of 0.33 +- 30%), after 30 for thermalisation
-    rows, acc = run_hmc(free_theory, n_chains=256, n_therm=30, n_traj=150, step_size=0.33, n_steps=3,
-                        seed=stat_seed(54))
+    rows, acc = run_hmc(
+        free_theory, n_chains=256, n_therm=30, n_traj=150, step_size=0.33, n_steps=3, seed=stat_seed(54)
+    )
     assert 0.85 < acc < 1.0
     return analyse(free_theory, rows, FREE_OBS)
 
@@ -423,8 +436,9 @@ def test_interacting_point_flow_mcmc_agrees_with_hmc(record_z):
     # exceeded the 5% resolution asked for below at 4 of 20.)
     # The chain is exact for any q.
     model = train_flow(theory, theory.lattice, n_layers=4, hidden=(16,), prior_sigma=0.4, steps=800, seed=stat_seed(62))
-    rows, acc = run_flow_mcmc(DefensiveZ2Proposal(model), theory, n_chains=128, n_per_chain=1000, seed=stat_seed(63),
-                              starts=equilibrium)
+    rows, acc = run_flow_mcmc(
+        DefensiveZ2Proposal(model), theory, n_chains=128, n_per_chain=1000, seed=stat_seed(63), starts=equilibrium
+    )
     assert 0.15 < acc < 0.9
     flow = chain_mean_results(theory, rows, INT_OBS)
     z = report("flow-MCMC vs HMC", flow, hmc)
@@ -444,8 +458,16 @@ def test_interacting_reference_is_reproducible(record_z):
     theory = interacting_theory()
     seed = stat_seed(2025)
     x0 = 0.4 * torch.randn((512, INT_L, INT_L), generator=make_generator(seed, 1), dtype=F64)
-    hmc = HMC(theory.action, x0, step_size=0.1, n_steps=10, generator=make_generator(seed, 0),
-              integrator="leapfrog", step_jitter=0.5, force=analytic_force)
+    hmc = HMC(
+        theory.action,
+        x0,
+        step_size=0.1,
+        n_steps=10,
+        generator=make_generator(seed, 0),
+        integrator="leapfrog",
+        step_jitter=0.5,
+        force=analytic_force,
+    )
     hmc.run(200)
     res = analyse(theory, hmc.run(500), INT_OBS)
     z = report("short vs long run", res, reference_results())

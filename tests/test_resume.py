@@ -44,9 +44,7 @@ def _row_datasets(path: Path) -> dict[str, tuple]:
     """Stored dtype, full stored shape and sha256 attribute of every per-row dataset."""
     with h5py.File(path, "r") as f:
         return {
-            f"{g}/{name}": (ds.dtype, ds.shape, ds.attrs.get("sha256"))
-            for g in ROW_GROUPS
-            for name, ds in f[g].items()
+            f"{g}/{name}": (ds.dtype, ds.shape, ds.attrs.get("sha256")) for g in ROW_GROUPS for name, ds in f[g].items()
         }
 
 
@@ -56,8 +54,15 @@ def _assert_rows_equal(path: Path, ref: Path, n: int) -> None:
     with EnsembleReader(path) as a, EnsembleReader(ref) as b:
         names = [f"{g}/{x}" for g in ROW_GROUPS for x in b.names(g)]
         assert names == [f"{g}/{x}" for g in ROW_GROUPS for x in a.names(g)]
-        assert {"fields/phi", "markov/chain", "markov/step", "markov/accepted", "weights/log_p",
-                "weights/log_q", "weights/log_w"} <= set(names)
+        assert {
+            "fields/phi",
+            "markov/chain",
+            "markov/step",
+            "markov/accepted",
+            "weights/log_p",
+            "weights/log_q",
+            "weights/log_w",
+        } <= set(names)
         assert any(x.startswith("observables/") for x in names)
         # configurations stored every save_every steps: those of the first n rows
         m = int(np.count_nonzero(b.read("fields/row") < n)) if "fields/row" in names else n
@@ -79,7 +84,9 @@ def _kill_when(proc, ens: Path, rows: int, total: int, delay: float = 0.0) -> in
     lock at the instant the writer opens the file makes the writer fail ("unable to lock file").
     While the writer holds the file, the reader falls back to opening without a lock.
     """
-    _wait_for(lambda: WRITER_OPEN.search(proc.stderr_so_far()) or not proc.running(), 120, "the writer to open the file")
+    _wait_for(
+        lambda: WRITER_OPEN.search(proc.stderr_so_far()) or not proc.running(), 120, "the writer to open the file"
+    )
     _wait_for(lambda: _n_committed(ens) >= rows or not proc.running(), 120, f"{rows} committed rows in {ens}")
     time.sleep(delay)  # 0: most likely while the next block is computed; > 0: anywhere, a commit included
     proc.kill(signal.SIGKILL)
@@ -109,8 +116,9 @@ def _crash_resume_and_compare(cli, d: Path, job: str, ref: Path, total: int, ste
     assert r.returncode == 0, str(r)
     assert f"resuming crash.h5 at {n2} committed rows" in r.stderr, r.stderr
     # the log counts the steps of this run, and says how many the file holds now
-    m = re.search(r"wrote crash\.h5: (\d+) steps x (\d+) chain\(s\) this run; (\d+) steps per chain in the file",
-                  r.stderr)
+    m = re.search(
+        r"wrote crash\.h5: (\d+) steps x (\d+) chain\(s\) this run; (\d+) steps per chain in the file", r.stderr
+    )
     assert m, r.stderr
     this_run, chains, in_file = map(int, m.groups())
     assert this_run * chains == total - n2 and in_file * chains == total, (m.group(0), n2, total)
@@ -136,8 +144,17 @@ def trained_flow(tmp_path_factory, latflow_cli, make_job) -> Path:
     """A folder with a flow job (2000 flow-MCMC steps, a commit every 20) and its trained model."""
     d = tmp_path_factory.mktemp("resume-flow")
     # output.model is fixed, so that --out other.h5 samples with the same model
-    make_job(d, "flow", {"output.model": "model.pt", "sampler.n_samples": FLOW_ROWS, "sampler.commit_every": 20,
-                         "sampler.batch_size": 100, "sampler.log_every": 20})
+    make_job(
+        d,
+        "flow",
+        {
+            "output.model": "model.pt",
+            "sampler.n_samples": FLOW_ROWS,
+            "sampler.commit_every": 20,
+            "sampler.batch_size": 100,
+            "sampler.log_every": 20,
+        },
+    )
     r = latflow_cli.run(["train", "job.toml"], d)
     assert r.returncode == 0, str(r)
     return d
@@ -148,14 +165,27 @@ def test_flow_sample_killed_and_resumed(latflow_cli, trained_flow):
     _crash_resume_and_compare(latflow_cli, trained_flow, "job.toml", ref, FLOW_ROWS, step=20)
 
 
-@pytest.mark.parametrize("storage", [{}, {"output.save_every": 3, "output.compression": "gzip"}],
-                         ids=["every-configuration", "every-3rd-gzip"])
+@pytest.mark.parametrize(
+    "storage",
+    [{}, {"output.save_every": 3, "output.compression": "gzip"}],
+    ids=["every-configuration", "every-3rd-gzip"],
+)
 def test_hmc_sample_killed_and_resumed(latflow_cli, make_job, tmp_path, storage):
     """With save_every = 3 the commits (4 steps) cut through the save pattern: resumed files still equal."""
     n_traj, n_chains = 200, 4
     total = n_traj * n_chains
-    make_job(tmp_path, "hmc", {"sampler.n_samples": n_traj, "sampler.n_chains": n_chains,
-                               "sampler.commit_every": 4, "sampler.log_every": 4, **storage}, name="hmc.toml")
+    make_job(
+        tmp_path,
+        "hmc",
+        {
+            "sampler.n_samples": n_traj,
+            "sampler.n_chains": n_chains,
+            "sampler.commit_every": 4,
+            "sampler.log_every": 4,
+            **storage,
+        },
+        name="hmc.toml",
+    )
     ref = _reference(latflow_cli, tmp_path, "hmc.toml")
     _crash_resume_and_compare(latflow_cli, tmp_path, "hmc.toml", ref, total, step=4 * n_chains)
 
@@ -164,8 +194,11 @@ def test_training_killed_and_resumed(latflow_cli, make_job, tmp_path):
     from latflow import checkpoint
 
     steps = 300
-    make_job(tmp_path, "flow", {"output.model": "model.pt", "train.steps": steps, "train.checkpoint_every": 10,
-                                "train.log_every": 1000})
+    make_job(
+        tmp_path,
+        "flow",
+        {"output.model": "model.pt", "train.steps": steps, "train.checkpoint_every": 10, "train.log_every": 1000},
+    )
     model = tmp_path / "model.pt"
     proc = latflow_cli.spawn(["train", "job.toml"], tmp_path)
     _wait_for(lambda: model.exists() or not proc.running(), 120, "the first checkpoint")
@@ -198,8 +231,12 @@ def test_sigterm_keeps_the_committed_rows_and_says_how_to_resume(latflow_cli, ma
     resumes to the same ensemble as an uninterrupted run."""
     n_traj, n_chains = 200, 4
     total = n_traj * n_chains
-    make_job(tmp_path, "hmc", {"sampler.n_samples": n_traj, "sampler.n_chains": n_chains,
-                               "sampler.commit_every": 4, "sampler.log_every": 4}, name="hmc.toml")
+    make_job(
+        tmp_path,
+        "hmc",
+        {"sampler.n_samples": n_traj, "sampler.n_chains": n_chains, "sampler.commit_every": 4, "sampler.log_every": 4},
+        name="hmc.toml",
+    )
     ref = _reference(latflow_cli, tmp_path, "hmc.toml")
     out = tmp_path / "term.h5"
     args = ["sample", "hmc.toml", "--out", out.name]
@@ -228,8 +265,11 @@ def test_sigterm_during_training_says_how_to_resume(latflow_cli, make_job, tmp_p
     from latflow import checkpoint
 
     steps = 300
-    make_job(tmp_path, "flow", {"output.model": "model.pt", "train.steps": steps, "train.checkpoint_every": 10,
-                                "train.log_every": 1000})
+    make_job(
+        tmp_path,
+        "flow",
+        {"output.model": "model.pt", "train.steps": steps, "train.checkpoint_every": 10, "train.log_every": 1000},
+    )
     model = tmp_path / "model.pt"
     proc = latflow_cli.spawn(["train", "job.toml"], tmp_path)
     _wait_for(lambda: model.exists() or not proc.running(), 120, "the first checkpoint")

@@ -71,8 +71,15 @@ def z_of(a, b) -> float:
 
 @pytest.mark.parametrize(
     "beta, kappa",
-    [(-1.0, 0.2), (float("nan"), 0.2), (float("inf"), 0.2), (2.0, -0.01), (2.0, 0.5), (2.0, float("nan")),
-     (2.0, "0.2")],
+    [
+        (-1.0, 0.2),
+        (float("nan"), 0.2),
+        (float("inf"), 0.2),
+        (2.0, -0.01),
+        (2.0, 0.5),
+        (2.0, float("nan")),
+        (2.0, "0.2"),
+    ],
 )
 def test_bad_couplings_raise(beta, kappa):
     with pytest.raises(ValueError):
@@ -278,8 +285,16 @@ def test_pf_hmc_matches_exact_determinant(opts, exact_reference, dynamical_start
     m = model()
     opts = dict(opts)
     n_steps = opts.pop("n_steps")
-    s = PseudofermionHMC.for_theory(m, dynamical_start, step_size=1.0 / n_steps, n_steps=n_steps,
-                                    generator=gen(stat_seed(303)), tol=1e-8, step_jitter=0.2, **opts)
+    s = PseudofermionHMC.for_theory(
+        m,
+        dynamical_start,
+        step_size=1.0 / n_steps,
+        n_steps=n_steps,
+        generator=gen(stat_seed(303)),
+        tol=1e-8,
+        step_jitter=0.2,
+        **opts,
+    )
     s.run(N_THERM)
     rows = s.run(N_MEAS)
     acc = rows.accepted.double().mean().item()
@@ -290,9 +305,11 @@ def test_pf_hmc_matches_exact_determinant(opts, exact_reference, dynamical_start
     for name in OBSERVABLES:
         r = gamma_method(per_chain(obs[name], N_MEAS))
         z[name], z_quenched = z_of(r, ref[name]), z_of(quenched[name], ref[name])
-        report.append(f"{name}: {r.mean:.4f} +- {r.err:.4f} (tau_int {r.tau_int:.1f}, window {r.window}) vs "
-                      f"exact {ref[name].mean:.4f} +- {ref[name].err:.4f}: z = {z[name]:+.2f} "
-                      f"(quenched z = {z_quenched:+.1f})")
+        report.append(
+            f"{name}: {r.mean:.4f} +- {r.err:.4f} (tau_int {r.tau_int:.1f}, window {r.window}) vs "
+            f"exact {ref[name].mean:.4f} +- {ref[name].err:.4f}: z = {z[name]:+.2f} "
+            f"(quenched z = {z_quenched:+.1f})"
+        )
         record_z(name, z[name])
         assert r.window < N_MEAS // 2, report  # an honest window, not the cap
         # the comparison can see the determinant: the quenched values are far off
@@ -308,8 +325,9 @@ def test_pf_hmc_at_tiny_kappa_is_pure_u1(record_z):
     m = model(kappa=0.005)
     g = gen(stat_seed(404))
     start = sample_exact_2d(BETA, (4, 4), N_CHAINS_PF, g)
-    s = PseudofermionHMC.for_theory(m, start, step_size=1 / 3, n_steps=3, generator=g,
-                                    even_odd=True, tol=1e-10, step_jitter=0.2)
+    s = PseudofermionHMC.for_theory(
+        m, start, step_size=1 / 3, n_steps=3, generator=g, even_odd=True, tol=1e-10, step_jitter=0.2
+    )
     s.run(5)
     n_meas = 30
     rows = s.run(n_meas)
@@ -319,8 +337,10 @@ def test_pf_hmc_at_tiny_kappa_is_pure_u1(record_z):
     for name, exact in exact_values.items():
         r = gamma_method(per_chain(obs[name], n_meas))
         z[name] = (r.mean - exact) / r.err
-        print(f"kappa = 0.005 PF-HMC {name}: {r.mean:.4f} +- {r.err:.4f} (tau_int {r.tau_int:.1f}), "
-              f"exact pure U(1) {exact:.4f}, z = {z[name]:+.2f}")
+        print(
+            f"kappa = 0.005 PF-HMC {name}: {r.mean:.4f} +- {r.err:.4f} (tau_int {r.tau_int:.1f}), "
+            f"exact pure U(1) {exact:.4f}, z = {z[name]:+.2f}"
+        )
         record_z(name, z[name])
         assert r.window < n_meas // 2
     assert all(abs(v) < 3 for v in z.values()), z
@@ -377,8 +397,13 @@ def test_pf_hmc_rejects_foreign_states_and_bad_parameters():
         hmc.load_state_dict(s.state_dict())
     with pytest.raises(ValueError):
         make_pf_hmc(22, theta0, hasenbusch_kappas=(0.1,)).load_state_dict(s.state_dict())  # another algorithm
-    bad_options = (dict(step_size=0.0), dict(n_steps=0), dict(hasenbusch_kappas=(0.2,)), dict(tol=-1.0),
-                   dict(step_jitter=1.0))
+    bad_options = (
+        dict(step_size=0.0),
+        dict(n_steps=0),
+        dict(hasenbusch_kappas=(0.2,)),
+        dict(tol=-1.0),
+        dict(step_jitter=1.0),
+    )
     for kw in bad_options:
         with pytest.raises(ValueError):
             make_pf_hmc(23, theta0, **kw)

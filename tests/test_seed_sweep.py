@@ -22,7 +22,7 @@ seed_sweep = importlib.util.module_from_spec(_spec)
 sys.modules["seed_sweep"] = seed_sweep  # dataclasses look their module up there
 _spec.loader.exec_module(seed_sweep)
 
-SYNTHETIC = '''
+SYNTHETIC = """
 import random
 
 import pytest
@@ -52,7 +52,7 @@ def test_slow_one(record_z):
 
 def test_not_statistical():
     assert False, "the sweep runs only statistical tests"
-'''
+"""
 
 
 def test_parse_offsets():

@@ -143,8 +143,13 @@ def test_j_integrals_against_adaptive_quadrature(beta: float) -> None:
         for m, value in zip(n, jk):
             ref = integrate.quad(  # QAWO: adaptive rule for oscillatory weights
                 lambda t: t**k * math.exp(beta * (math.cos(t) - 1)),
-                -math.pi, math.pi, weight="cos" if k % 2 == 0 else "sin", wvar=float(m),
-                epsabs=1e-14, epsrel=1e-12, limit=200,
+                -math.pi,
+                math.pi,
+                weight="cos" if k % 2 == 0 else "sin",
+                wvar=float(m),
+                epsabs=1e-14,
+                epsrel=1e-12,
+                limit=200,
             )[0] / (2 * math.pi)
             assert value == pytest.approx(ref, abs=1e-13)
 
@@ -277,9 +282,7 @@ def test_wilson_loops_obey_stokes(shape: tuple[int, ...]) -> None:
         for R, T in [(1, 1), (1, 2), (2, 1), (2, 3), (3, 2)]:
             loop = u1_wilson_loops(theta, mu, nu, R, T)
             assert loop.shape == (2, *shape)
-            ref = sum(
-                torch.roll(p, shifts=(-a, -b), dims=(1 + mu, 1 + nu)) for a in range(R) for b in range(T)
-            )
+            ref = sum(torch.roll(p, shifts=(-a, -b), dims=(1 + mu, 1 + nu)) for a in range(R) for b in range(T))
             assert torch.allclose(loop, ref, atol=1e-12)
             # the reversed loop
             assert torch.allclose(u1_wilson_loops(theta, nu, mu, T, R), -loop, atol=1e-12)
@@ -312,8 +315,11 @@ def test_gauge_transform_definition() -> None:
         assert out[b, mu, t, x].item() == pytest.approx(ref.item(), abs=1e-14)
     # a global (constant) transformation does nothing; an unbatched alpha broadcasts
     assert torch.allclose(u1_gauge_transform(theta, torch.full(shape, 0.7, dtype=F64)), theta, atol=1e-14)
-    assert torch.allclose(u1_gauge_transform(theta, alpha[0]), torch.stack(
-        [u1_gauge_transform(theta[i : i + 1], alpha[0:1])[0] for i in range(2)]), atol=1e-14)
+    assert torch.allclose(
+        u1_gauge_transform(theta, alpha[0]),
+        torch.stack([u1_gauge_transform(theta[i : i + 1], alpha[0:1])[0] for i in range(2)]),
+        atol=1e-14,
+    )
 
 
 def test_gauge_invariance_2d() -> None:
@@ -528,8 +534,15 @@ def test_theory_contract_and_registry() -> None:
     theta = haar((6, 4), 5, seed=16)
     obs = theory.observables(theta)
     expected = {
-        "action", "plaquette", "wilson_loop_1x1", "wilson_loop_1x2", "wilson_loop_2x2",
-        "polyakov_loop", "polyakov_loop_abs", "topological_charge", "topological_charge_sq",
+        "action",
+        "plaquette",
+        "wilson_loop_1x1",
+        "wilson_loop_1x2",
+        "wilson_loop_2x2",
+        "polyakov_loop",
+        "polyakov_loop_abs",
+        "topological_charge",
+        "topological_charge_sq",
     }
     assert set(obs) == expected
     for value in obs.values():
@@ -572,8 +585,15 @@ def test_hmc_reproduces_exact_torus_values(record_z) -> None:
     g = gen(stat_seed(2024))
     x0, _ = UniformU1Prior(theory.lattice, dtype=F64).sample(n_chains, g)
     hmc = HMC(
-        theory.action, x0, step_size=0.25, n_steps=4, generator=g, integrator="omelyan",
-        force=theory.force, project=wrap_angle, step_jitter=0.2,
+        theory.action,
+        x0,
+        step_size=0.25,
+        n_steps=4,
+        generator=g,
+        integrator="omelyan",
+        force=theory.force,
+        project=wrap_angle,
+        step_jitter=0.2,
     )
     hmc.run(60)  # thermalisation from a hot start
     block = hmc.run(n_traj)
@@ -624,8 +644,17 @@ def _hmc_from_exact_starts(
     g = gen(seed)
 
     def hmc(x0: torch.Tensor, step_size: float, n_steps: int) -> HMC:
-        return HMC(theory.action, x0, step_size=step_size, n_steps=n_steps, generator=g, integrator="omelyan",
-                   force=theory.force, project=wrap_angle, step_jitter=0.2)
+        return HMC(
+            theory.action,
+            x0,
+            step_size=step_size,
+            n_steps=n_steps,
+            generator=g,
+            integrator="omelyan",
+            force=theory.force,
+            project=wrap_angle,
+            step_jitter=0.2,
+        )
 
     tuner = hmc(sample_exact_2d(beta, shape, 64, g), 0.25, 4)
     tuner.tune(30, target_acceptance=0.9)

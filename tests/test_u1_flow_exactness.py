@@ -63,8 +63,17 @@ def run_chains(shape: tuple[int, int], beta: float, seed: int) -> tuple[dict[str
         g = make_generator(seed, 1 + c)
         sampler = FlowMCMC(model, log_p, batch_size=N_STEPS, generator=g, chain_id=c)
         # the chain's state: the exact start (a resumed chain, in the sampler's own state format)
-        sampler.load_state_dict({"kind": sampler.kind, "step": 0, "chain_id": c, "generator": g.get_state(),
-                                 "x": starts[c], "log_p": start_log_p[c], "log_q": start_log_q[c]})
+        sampler.load_state_dict(
+            {
+                "kind": sampler.kind,
+                "step": 0,
+                "chain_id": c,
+                "generator": g.get_state(),
+                "x": starts[c],
+                "log_p": start_log_p[c],
+                "log_q": start_log_q[c],
+            }
+        )
         block = sampler.run(N_STEPS)
         accepted += int(block.accepted.sum())
         for name, values in theory.observables(block.x).items():

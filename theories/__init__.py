@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Derived, Theory, TheorySpec
 from . import phi4, schwinger, u1
+from .base import Derived, Theory, TheorySpec
 
 REGISTRY: dict[str, TheorySpec] = {spec.name: spec for spec in (phi4.SPEC, u1.SPEC, schwinger.SPEC)}
 

@@ -197,9 +197,7 @@ class U1GaugeAction:
             return {}
         v = self.lattice.volume
         return {
-            "topological_susceptibility": Derived(
-                ("topological_charge_sq",), lambda q2: q2 / v, "<Q^2> / V (per site)"
-            )
+            "topological_susceptibility": Derived(("topological_charge_sq",), lambda q2: q2 / v, "<Q^2> / V (per site)")
         }
 
     def exact_means(self) -> dict[str, float]:

@@ -123,9 +123,7 @@ def ncp_forward(x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return y, s - torch.log(denom)
 
 
-def _ncp_mixture_eval(
-    x: torch.Tensor, s: torch.Tensor, log_w: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _ncp_mixture_eval(x: torch.Tensor, s: torch.Tensor, log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixture value ``[...]`` and log-derivative ``[...]`` at ``x`` (no rotation)."""
     y_k, logd_k = ncp_forward(x.unsqueeze(-1), s)
     w = torch.exp(log_w)
@@ -267,9 +265,7 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(t, -1, idx.unsqueeze(-1)).squeeze(-1)
 
 
-def _bin_geometry(
-    xk: torch.Tensor, yk: torch.Tensor, d: torch.Tensor, idx: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
+def _bin_geometry(xk: torch.Tensor, yk: torch.Tensor, d: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """For the bins ``idx`` ``[...]``: left knot ``(x0, y0)``, knot derivatives ``d0, d1``, width, height."""
     x0, y0 = _gather(xk, idx), _gather(yk, idx)
     w = _gather(xk, idx + 1) - x0
@@ -438,9 +434,7 @@ class NCPMixture:
     def __repr__(self) -> str:
         return f"NCPMixture(n_mix={self.n_mix}, rotate={self.rotate}, s_max={self.s_max})"
 
-    def _split(
-        self, x: torch.Tensor, params: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _split(self, x: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         _check_params(x, params, self.n_params, "NCPMixture")
         k = self.n_mix
         s = params[..., :k]

@@ -77,10 +77,7 @@ def make_affine_flow(
     hidden
         Hidden channel counts of each coupling's convolutional net.
     """
-    layers = [
-        AffineCoupling(lattice.checkerboard(i % 2), tuple(hidden), kernel_size)
-        for i in range(n_layers)
-    ]
+    layers = [AffineCoupling(lattice.checkerboard(i % 2), tuple(hidden), kernel_size) for i in range(n_layers)]
     prior = NormalPrior(lattice.shape, prior_sigma, dtype=dtype, device=device)
     return FlowModel(prior, layers).to(dtype=dtype, device=device)
 

@@ -78,8 +78,10 @@ def main() -> None:
     comm.allreduce_mean_([a, b])
     mean_factor = sum(r + 1 for r in range(size)) / size
     check(torch.equal(a, mean_factor * base64), f"allreduce_mean_ float64 wrong: {a}")
-    check(b.dtype == torch.float32 and torch.equal(b, (mean_factor * base32.double()).float()),
-          f"allreduce_mean_ float32 wrong: {b}")
+    check(
+        b.dtype == torch.float32 and torch.equal(b, (mean_factor * base32.double()).float()),
+        f"allreduce_mean_ float32 wrong: {b}",
+    )
     check(comm.allreduce_sum(rank + 1) == size * (size + 1) / 2, "allreduce_sum wrong")
 
     # 2. parameters start different on every rank; the trainer broadcasts rank 0's
@@ -109,10 +111,15 @@ def main() -> None:
         check(len(got) == len(expected), "parameter count changed")
         check(same_everywhere(world, flat(got)), f"step {step}: averaged gradient differs across ranks")
         for i, (g, e) in enumerate(zip(got, expected)):
-            check(torch.equal(g, e), f"step {step}, parameter {i}: gradient is not the mean of the ranks' "
-                  f"local gradients (max diff {(g - e).abs().max().item():.3g})")
-            check(not torch.equal(g, grads[rank][i]) or all(torch.equal(gr[i], grads[0][i]) for gr in grads),
-                  f"step {step}, parameter {i}: gradient is this rank's local one, not the average")
+            check(
+                torch.equal(g, e),
+                f"step {step}, parameter {i}: gradient is not the mean of the ranks' "
+                f"local gradients (max diff {(g - e).abs().max().item():.3g})",
+            )
+            check(
+                not torch.equal(g, grads[rank][i]) or all(torch.equal(gr[i], grads[0][i]) for gr in grads),
+                f"step {step}, parameter {i}: gradient is this rank's local one, not the average",
+            )
         check(same_everywhere(world, flat(model.parameters())), f"step {step}: parameters diverged across ranks")
         check(same_everywhere(world, np.array([m.loss, m.loss_std])), f"step {step}: loss is not averaged")
         n_checked += 1
