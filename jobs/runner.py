@@ -632,13 +632,20 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
 # --- analysis -----------------------------------------------------------------
 
 
-def derived_for(theory_name: str, couplings: dict, lattice_shape: tuple[int, ...]) -> dict[str, DerivedObservable]:
-    """Derived observables the theory defines, for the analysis of an ensemble."""
+def _theory_of_ensemble(theory_name: str, couplings: dict, lattice_shape: tuple[int, ...]) -> Any | None:
+    """The theory an ensemble was made for, or None if this version cannot build it (unknown name or couplings)."""
     try:
         spec = get_spec(theory_name)
         fields = {f.name for f in dataclasses.fields(spec.params)}
-        theory = spec.build(spec.params(**{k: v for k, v in couplings.items() if k in fields}), Lattice(lattice_shape))
+        return spec.build(spec.params(**{k: v for k, v in couplings.items() if k in fields}), Lattice(lattice_shape))
     except (KeyError, TypeError, ValueError):
+        return None
+
+
+def derived_for(theory_name: str, couplings: dict, lattice_shape: tuple[int, ...]) -> dict[str, DerivedObservable]:
+    """Derived observables the theory defines, for the analysis of an ensemble."""
+    theory = _theory_of_ensemble(theory_name, couplings, lattice_shape)
+    if theory is None:
         return {}
     return {
         name: DerivedObservable(tuple(d.inputs), d.func, d.description)
@@ -648,12 +655,7 @@ def derived_for(theory_name: str, couplings: dict, lattice_shape: tuple[int, ...
 
 def exact_means_for(theory_name: str, couplings: dict, lattice_shape: tuple[int, ...]) -> dict[str, float]:
     """Exact means the theory declares (``exact_means()``, e.g. ``<Q> = 0`` by symmetry), for the analysis."""
-    try:
-        spec = get_spec(theory_name)
-        fields = {f.name for f in dataclasses.fields(spec.params)}
-        theory = spec.build(spec.params(**{k: v for k, v in couplings.items() if k in fields}), Lattice(lattice_shape))
-    except (KeyError, TypeError, ValueError):
-        return {}
+    theory = _theory_of_ensemble(theory_name, couplings, lattice_shape)
     means = getattr(theory, "exact_means", None)
     return {k: float(v) for k, v in means().items()} if callable(means) else {}
 
