@@ -43,7 +43,7 @@ def _dataset(group: h5py.Group, name: str, data: np.ndarray) -> h5py.Dataset:
 
 
 def _write_ensemble(path: Path, rows: dict[str, np.ndarray], *, n_committed: int, with_markov: bool = True) -> None:
-    """Write an ensemble following shared/ENSEMBLE_FORMAT.md (version 1)."""
+    """Write an ensemble following ENSEMBLE_FORMAT.md (version 1)."""
     n_stored = len(rows["x"])
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
