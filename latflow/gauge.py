@@ -1,6 +1,6 @@
 """U(1) lattice gauge fields stored as link angles, in any dimension d >= 2.
 
-Layout (shared/DESIGN.md): links ``theta`` of shape ``[B, d, L0, ..., L{d-1}]``,
+Layout (docs/DESIGN.md): links ``theta`` of shape ``[B, d, L0, ..., L{d-1}]``,
 real, with ``U_mu(x) = exp(i theta[:, mu, x])`` living on the link from ``x`` to
 ``x + mu``. Axis 0 of the lattice is time. Nothing here knows an action: these
 are the group-level pieces (wrapping, plaquettes, staples, gauge transformations,

@@ -1,6 +1,6 @@
 """Shared test helpers.
 
-- ``layer_contract``: the flow-layer contract of shared/DESIGN.md (fixture returning
+- ``layer_contract``: the flow-layer contract of docs/DESIGN.md (fixture returning
   :func:`assert_layer_contract`), for every flow layer;
 - end-to-end CLI helpers (below).
 """
@@ -21,7 +21,7 @@ def assert_layer_contract(
     n_jacobian: int = 2,
     nontrivial: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check the flow-layer contract of shared/DESIGN.md on real fields ``x`` ``[B, ...]`` (float64).
+    """Check the flow-layer contract of docs/DESIGN.md on real fields ``x`` ``[B, ...]`` (float64).
 
     1. ``forward(x) -> (y, logJ_f)`` and ``reverse(y) -> (x', logJ_r)`` with ``logJ`` of shape ``[B]``;
     2. round trips ``reverse(forward(x)) == x`` and ``forward(reverse(x)) == x``;

@@ -2,7 +2,7 @@
 
 - the action against a plain loop over sites (non-square 2D and 3D fields), symmetries, and the
   observables on a hand-made field;
-- the exact free-field formulas against the table of shared/REFERENCES.md and against the inverse
+- the exact free-field formulas against the table of docs/REFERENCES.md and against the inverse
   Hessian of the action (an independent route to the same propagator);
 - free field L = 8, m2 = 1.25: HMC (batched chains, Omelyan, jittered step) and flow-MCMC (a small
   affine flow trained for 200 steps) each reproduce <phi^2>, chi_2 and E within 3 sigma, sigma from
@@ -121,7 +121,7 @@ def test_observables_on_a_hand_made_field():
 
 # --- exact free field --------------------------------------------------------------------------
 
-# shared/REFERENCES.md, phi^4 free field: (L, m2) -> (<phi^2>, chi_2, E)
+# docs/REFERENCES.md, phi^4 free field: (L, m2) -> (<phi^2>, chi_2, E)
 TABLE = {(8, 1.25): (0.11698350, 0.4, 0.02854084), (14, 1.0): (0.12702506, 0.5, 0.03378133)}
 
 
@@ -385,7 +385,7 @@ def test_free_field_checks_have_power(free_hmc, free_flow):
 INT_PARAMS, INT_L = Phi4Params(-4.0, 6.975), 6
 INT_OBS = ("abs_magnetization", "chi2", "ising_energy")
 
-# There is no exact value here (shared/REFERENCES.md: compare with a long HMC chain). A long run with
+# There is no exact value here (docs/REFERENCES.md: compare with a long HMC chain). A long run with
 # another integrator and step size than the tests below: leapfrog, step 0.1 +- 50%, 10 steps,
 # analytic force, 512 chains x 3000 trajectories after 200 (seed 2024); regenerated at lower
 # statistics by test_interacting_reference_is_reproducible (slow). (mean, error) pairs:

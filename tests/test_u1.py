@@ -1,6 +1,6 @@
 """U(1) gauge utilities (latflow.gauge) and the U(1) Wilson theory (latflow.theories.u1).
 
-Exact torus formulas against shared/REFERENCES.md, geometry against explicit loops over
+Exact torus formulas against docs/REFERENCES.md, geometry against explicit loops over
 sites, gauge invariance, integer topological charge, Haar prior, staples, the analytic
 force, the exact independent sampler of the 2D torus, and seeded statistical checks (Haar
 sampling at beta = 0, the exact sampler, HMC at beta = 1 to 6) against the exact finite-volume
@@ -64,7 +64,7 @@ def haar(shape: tuple[int, ...], batch: int, seed: int) -> torch.Tensor:
     return UniformU1Prior(Lattice(shape), dtype=F64).sample(batch, gen(seed))[0]
 
 
-# --- exact results: shared/REFERENCES.md, 2D U(1) ----------------------------
+# --- exact results: docs/REFERENCES.md, 2D U(1) ----------------------------
 
 # (beta, <cos theta_p> L=16, <Q^2> L=16) as printed in REFERENCES.md
 REFERENCE_TABLE = [

@@ -21,7 +21,7 @@ Design choice: ``Q^2`` is stored as a primary observable because derived observa
 are functions of *means* of primaries, and ``<Q^2>`` is not a function of ``<Q>``.
 Derived (d = 2): ``topological_susceptibility = <Q^2> / V``.
 
-Exact results on the 2D torus (shared/REFERENCES.md, "2D U(1)"): the product of all
+Exact results on the 2D torus (docs/REFERENCES.md, "2D U(1)"): the product of all
 ``P = L0 L1`` plaquettes is 1, so ``Z = sum_n I_n(beta)^P``. See :func:`exact_plaquette`,
 :func:`exact_wilson_loop`, :func:`exact_q2` and their infinite-volume limits.
 """

@@ -1,6 +1,6 @@
 """Gauge-equivariant coupling layers for U(1) links (Kanwar et al. 2020, arXiv:2003.06413).
 
-Links are angles ``theta`` ``[B, d, L0, ..., L{d-1}]`` (shared/DESIGN.md); only
+Links are angles ``theta`` ``[B, d, L0, ..., L{d-1}]`` (docs/DESIGN.md); only
 ``d = 2`` is implemented (``[B, 2, L0, L1]``, one plaquette plane ``(0, 1)``).
 
 How a layer works
