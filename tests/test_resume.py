@@ -190,10 +190,9 @@ def test_hmc_sample_killed_and_resumed(latflow_cli, make_job, tmp_path, storage)
     _crash_resume_and_compare(latflow_cli, tmp_path, "hmc.toml", ref, total, step=4 * n_chains)
 
 
-def test_training_killed_and_resumed(latflow_cli, make_job, tmp_path):
-    from latflow import checkpoint
-
-    steps = 300
+def _signal_training_after_first_checkpoint(latflow_cli, make_job, tmp_path, sig, steps):
+    """Start a flow training job checkpointing every 10 steps into model.pt, send `sig` once the
+    first checkpoint exists, and return (the finished process's result, the checkpoint path)."""
     make_job(
         tmp_path,
         "flow",
@@ -202,8 +201,15 @@ def test_training_killed_and_resumed(latflow_cli, make_job, tmp_path):
     model = tmp_path / "model.pt"
     proc = latflow_cli.spawn(["train", "job.toml"], tmp_path)
     _wait_for(lambda: model.exists() or not proc.running(), 120, "the first checkpoint")
-    proc.kill(signal.SIGKILL)
-    r = proc.wait(120)
+    proc.kill(sig)
+    return proc.wait(120), model
+
+
+def test_training_killed_and_resumed(latflow_cli, make_job, tmp_path):
+    from latflow import checkpoint
+
+    steps = 300
+    r, model = _signal_training_after_first_checkpoint(latflow_cli, make_job, tmp_path, signal.SIGKILL, steps)
     assert r.returncode == -signal.SIGKILL, f"training ended before it was killed (make it longer):\n{r}"
     state = checkpoint.load(model)
     assert state["complete"] is False and 10 <= state["step"] < steps
@@ -265,16 +271,7 @@ def test_sigterm_during_training_says_how_to_resume(latflow_cli, make_job, tmp_p
     from latflow import checkpoint
 
     steps = 300
-    make_job(
-        tmp_path,
-        "flow",
-        {"output.model": "model.pt", "train.steps": steps, "train.checkpoint_every": 10, "train.log_every": 1000},
-    )
-    model = tmp_path / "model.pt"
-    proc = latflow_cli.spawn(["train", "job.toml"], tmp_path)
-    _wait_for(lambda: model.exists() or not proc.running(), 120, "the first checkpoint")
-    proc.kill(signal.SIGTERM)
-    r = proc.wait(120)
+    r, model = _signal_training_after_first_checkpoint(latflow_cli, make_job, tmp_path, signal.SIGTERM, steps)
     assert r.returncode == 143, f"expected exit 143 after SIGTERM (training may have ended first):\n{r}"
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
