@@ -334,14 +334,15 @@ _KILL_CHILD = textwrap.dedent(
 )
 
 
-def test_sigkill_at_random_moments(tmp_path: Path) -> None:
-    """A writer killed with SIGKILL leaves an intact ensemble that resumes (three kills)."""
+def _kill_writer_repeatedly(tmp_path: Path, child: str, delays: tuple[float, ...], check) -> None:
+    """Run the writer script `child` on one file, SIGKILL it after each delay (seconds) and check that
+    the file verifies, grew, passes `check(reader, n_committed)` and resumes with the committed state."""
     script = tmp_path / "child.py"
-    script.write_text(_KILL_CHILD)
+    script.write_text(child)
     path = tmp_path / "killed.h5"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(latflow.__file__).parents[1]), *sys.path]))
     last_n = 0
-    for delay in (0.83, 1.07, 1.31):
+    for delay in delays:
         proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, env=env)
         try:
             assert proc.stdout is not None
@@ -355,11 +356,16 @@ def test_sigkill_at_random_moments(tmp_path: Path) -> None:
         assert verify(path) == []
         with EnsembleReader(path) as r:
             assert r.n_committed > last_n
-            check_rows(r, r.n_committed)
+            check(r, r.n_committed)
             last_n = r.n_committed
         w, state = EnsembleWriter.resume(path)
         w.close()
         assert state == (b"s%d;" % last_n) * (last_n % 5 + 1)
+
+
+def test_sigkill_at_random_moments(tmp_path: Path) -> None:
+    """A writer killed with SIGKILL leaves an intact ensemble that resumes (three kills)."""
+    _kill_writer_repeatedly(tmp_path, _KILL_CHILD, (0.83, 1.07, 1.31), check_rows)
 
 
 def test_checksum_detects_flipped_byte(tmp_path: Path) -> None:
@@ -649,29 +655,7 @@ _KILL_THINNED_CHILD = _KILL_CHILD.replace(
 def test_thinned_compressed_writer_survives_sigkill(tmp_path: Path) -> None:
     """With fields/row and gzip'd one-configuration chunks, SIGKILL at any moment leaves an intact file."""
     assert "fields/row" in _KILL_THINNED_CHILD and "gzip" in _KILL_THINNED_CHILD
-    script = tmp_path / "child.py"
-    script.write_text(_KILL_THINNED_CHILD)
-    path = tmp_path / "killed.h5"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(latflow.__file__).parents[1]), *sys.path]))
-    last_n = 0
-    for delay in (0.71, 0.97):
-        proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, env=env)
-        try:
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == b"ready"
-            time.sleep(delay)
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        assert proc.returncode == -signal.SIGKILL
-        assert verify(path) == []
-        with EnsembleReader(path) as r:
-            assert r.n_committed > last_n
-            check_thinned(r, r.n_committed)
-            last_n = r.n_committed
-        w, state = EnsembleWriter.resume(path)
-        w.close()
-        assert state == (b"s%d;" % last_n) * (last_n % 5 + 1)
+    _kill_writer_repeatedly(tmp_path, _KILL_THINNED_CHILD, (0.71, 0.97), check_thinned)
 
 
 def test_the_format_document_describes_what_the_writer_stores(tmp_path: Path) -> None:
