@@ -642,9 +642,8 @@ def _theory_of_ensemble(theory_name: str, couplings: dict, lattice_shape: tuple[
         return None
 
 
-def derived_for(theory_name: str, couplings: dict, lattice_shape: tuple[int, ...]) -> dict[str, DerivedObservable]:
-    """Derived observables the theory defines, for the analysis of an ensemble."""
-    theory = _theory_of_ensemble(theory_name, couplings, lattice_shape)
+def _derived_of(theory: Any | None) -> dict[str, DerivedObservable]:
+    """Derived observables the theory defines (none for ``None``), for the analysis of an ensemble."""
     if theory is None:
         return {}
     return {
@@ -653,21 +652,24 @@ def derived_for(theory_name: str, couplings: dict, lattice_shape: tuple[int, ...
     }
 
 
-def exact_means_for(theory_name: str, couplings: dict, lattice_shape: tuple[int, ...]) -> dict[str, float]:
-    """Exact means the theory declares (``exact_means()``, e.g. ``<Q> = 0`` by symmetry), for the analysis."""
-    theory = _theory_of_ensemble(theory_name, couplings, lattice_shape)
+def _exact_means_of(theory: Any | None) -> dict[str, float]:
+    """Exact means the theory declares (``exact_means()``, e.g. ``<Q> = 0`` by symmetry); none for ``None``."""
     means = getattr(theory, "exact_means", None)
     return {k: float(v) for k, v in means().items()} if callable(means) else {}
+
+
+def exact_means_for(theory_name: str, couplings: dict, lattice_shape: tuple[int, ...]) -> dict[str, float]:
+    """Exact means the theory of an ensemble declares, for the analysis."""
+    return _exact_means_of(_theory_of_ensemble(theory_name, couplings, lattice_shape))
 
 
 def analyze(path: str | Path, *, means: dict[str, float] | None = None, check_checksums: bool = True) -> dict[str, Any]:
     """Analyse an ensemble: the theory's derived observables and exact means, ``means`` overriding the latter."""
     with EnsembleReader(path) as r:
-        derived = derived_for(r.theory, r.couplings, tuple(r.lattice_shape))
+        theory = _theory_of_ensemble(r.theory, r.couplings, tuple(r.lattice_shape))
         present = set(r.names("observables"))
-        known = {
-            k: v for k, v in exact_means_for(r.theory, r.couplings, tuple(r.lattice_shape)).items() if k in present
-        }
+    derived = _derived_of(theory)
+    known = {k: v for k, v in _exact_means_of(theory).items() if k in present}
     known.update(means or {})
     return analyze_ensemble(path, derived=derived, known_means=known, check_checksums=check_checksums)
 
