@@ -100,6 +100,22 @@ class FlowResult:
         return self.ms_per_proposal * 2 * self.tau_q
 
 
+def omelyan_hmc(theory: U1GaugeAction, x0: torch.Tensor, step_size: float, n_steps: int, gen: torch.Generator) -> HMC:
+    """The benchmark's HMC kernel: Omelyan integrator, analytic force, wrapped angles, 10% step jitter.
+    ``x0``: links ``[chains, 2, L, L]``."""
+    return HMC(
+        theory.action,
+        x0,
+        step_size=step_size,
+        n_steps=n_steps,
+        generator=gen,
+        integrator="omelyan",
+        force=theory.force,
+        project=wrap_angle,
+        step_jitter=0.1,
+    )
+
+
 def choose_integrator(theory: U1GaugeAction, args: argparse.Namespace, seed: int) -> tuple[torch.Tensor, int, float]:
     """Thermalise a hot start, then take the fewest Omelyan steps per unit trajectory (3, 4 or 5) reaching 85%.
 
@@ -107,17 +123,7 @@ def choose_integrator(theory: U1GaugeAction, args: argparse.Namespace, seed: int
     """
     gen = make_generator(seed, 12)
     x, _ = UniformU1Prior(theory.lattice, dtype=torch.float64).sample(args.hmc_chains, gen)
-    hmc = HMC(
-        theory.action,
-        x,
-        step_size=0.2,
-        n_steps=5,
-        generator=gen,
-        integrator="omelyan",
-        force=theory.force,
-        project=wrap_angle,
-        step_jitter=0.1,
-    )
+    hmc = omelyan_hmc(theory, x, 0.2, 5, gen)
     hmc.run(args.hmc_therm)
     for n in (3, 4, 5):
         hmc.step_size, hmc.n_steps = 1.0 / n, n
@@ -135,17 +141,7 @@ def time_hmc(
     gen = make_generator(args.seed, 10, int(theory.beta * 10))
     reps = -(-args.hmc_time_chains // x_therm.shape[0])
     x0 = x_therm.repeat(reps, 1, 1, 1)[: args.hmc_time_chains].to(dtype)
-    hmc = HMC(
-        theory.action,
-        x0,
-        step_size=1.0 / n_steps,
-        n_steps=n_steps,
-        generator=gen,
-        integrator="omelyan",
-        force=theory.force,
-        project=wrap_angle,
-        step_jitter=0.1,
-    )
+    hmc = omelyan_hmc(theory, x0, 1.0 / n_steps, n_steps, gen)
     hmc.run(5)
     t0 = time.perf_counter()
     block = hmc.run(args.hmc_time_traj)
@@ -162,17 +158,7 @@ def hmc_run(beta: float, args: argparse.Namespace) -> HMCResult:
 
     # long float64 chains for tau_int(Q), with the step size tuned above
     gen = make_generator(args.seed, 11, int(beta * 10))
-    hmc = HMC(
-        theory.action,
-        x_therm,
-        step_size=eps,
-        n_steps=n_steps,
-        generator=gen,
-        integrator="omelyan",
-        force=theory.force,
-        project=wrap_angle,
-        step_jitter=0.1,
-    )
+    hmc = omelyan_hmc(theory, x_therm, eps, n_steps, gen)
     n_traj = args.hmc_traj if args.hmc_traj else int(min(max(20 * TAU_GUESS[beta], 2000), args.hmc_traj_max))
     hmc.run(n_traj // 20)  # further thermalisation in the tuned setting
     q, plaq, acc = [], [], []
