@@ -280,14 +280,9 @@ def _verify(args: argparse.Namespace) -> int:
         fields = ", ".join(f"fields/{n}" for n in r.names("fields")) or "no fields"
         done = completeness(r)
         n_committed = r.n_committed
-    if not done.complete:
-        # consistent but short (interrupted, or still being written): not damage, so exit 0
-        print(
-            f"INCOMPLETE {path}: {done.describe()}, {n_committed} rows in all; sha256 verified for {fields}; "
-            "continue the run with --resume"
-        )
-        return 0
-    print(f"OK {path}: {done.describe()}, {n_committed} rows in all; sha256 verified for {fields}")
+    # consistent but short (interrupted, or still being written): not damage, so exit 0 as well
+    status, hint = ("OK", "") if done.complete else ("INCOMPLETE", "; continue the run with --resume")
+    print(f"{status} {path}: {done.describe()}, {n_committed} rows in all; sha256 verified for {fields}{hint}")
     return 0
 
 
