@@ -410,7 +410,7 @@ class SchwingerModel:
         return {
             "dense_max_volume": self.dense_max_volume,
             "estimator": "exact" if self.dense_observables else "stochastic",
-            **({} if self.dense_observables else {"n_noise": self.n_noise, "noise": "z2", "cg_tol": NOISE_CG_TOL}),
+            **self.observable_attrs().get("chiral_condensate", {}),
             "observables": self.observable_info(),
         }
 
