@@ -413,6 +413,7 @@ def analytic_force(phi: torch.Tensor) -> torch.Tensor:
     return f
 
 
+@pytest.fixture(scope="module")
 def interacting_hmc() -> tuple[dict[str, GammaResult], torch.Tensor]:
     """Gamma-method results of 128 HMC chains and the last configuration of every chain ``[128, L, L]``."""
     theory = interacting_theory()
@@ -422,8 +423,8 @@ def interacting_hmc() -> tuple[dict[str, GammaResult], torch.Tensor]:
 
 
 @pytest.mark.statistical
-def test_interacting_point_hmc_agrees_with_the_reference(record_z):
-    hmc, _ = interacting_hmc()
+def test_interacting_point_hmc_agrees_with_the_reference(interacting_hmc, record_z):
+    hmc, _ = interacting_hmc
     z = report("HMC vs long run", hmc, reference_results())
     record_all(record_z, z)
     assert all(abs(v) < 3 for v in z.values()), z
@@ -432,10 +433,10 @@ def test_interacting_point_hmc_agrees_with_the_reference(record_z):
 
 
 @pytest.mark.statistical
-def test_interacting_point_flow_mcmc_agrees_with_hmc(record_z):
+def test_interacting_point_flow_mcmc_agrees_with_hmc(interacting_hmc, record_z):
     """The longest test of the default run: flow-MCMC from equilibrium starts against HMC and the long run."""
     theory = interacting_theory()
-    hmc, equilibrium = interacting_hmc()
+    hmc, equilibrium = interacting_hmc
     # Flow-MCMC is exact for any q, but the errors below (the spread of independent chain means) are
     # only honest when the importance weights p/q have a finite variance. An affine flow trained
     # briefly inside this test (800 steps of 64 draws) had heavy-tailed weights (Pareto k-hat
