@@ -132,13 +132,16 @@ def _ensemble_checks(reader: EnsembleReader, path: Path, check_checksums: bool, 
     return warnings
 
 
-def _sampler_checks(reader: EnsembleReader, chains: list[np.ndarray], n: int, result: dict) -> list[str]:
-    """Accepted proposals of independence samplers and the tail of the importance weights."""
+def _sampler_checks(
+    reader: EnsembleReader, chains: list[np.ndarray], accepted: np.ndarray | None, n: int, result: dict
+) -> list[str]:
+    """Accepted proposals of independence samplers (``accepted``: ``markov/accepted`` ``(n,)``, or None
+    where absent) and the tail of the importance weights."""
     warnings: list[str] = []
     if n == 0:
         return warnings
-    if _independence_sampler(reader) and reader.has("markov/accepted"):
-        acc = np.asarray(reader.read("markov/accepted")).reshape(-1).astype(bool)
+    if _independence_sampler(reader) and accepted is not None:
+        acc = accepted.astype(bool)
         per_chain = [int(acc[idx].sum()) for idx in chains]
         steps = [int(idx.size) for idx in chains]
         result["accepted_proposals"] = {"per_chain": per_chain, "total": int(sum(per_chain))}
@@ -241,7 +244,10 @@ def analyze_ensemble(
             n_chains=len(chains),
         )
         overall = _ensemble_checks(reader, Path(path), check_checksums, result)
-        overall += _sampler_checks(reader, chains, n, result)
+        accepted = (
+            np.asarray(reader.read("markov/accepted")).reshape(-1) if n and reader.has("markov/accepted") else None
+        )
+        overall += _sampler_checks(reader, chains, accepted, n, result)
 
         def replicas(series: np.ndarray) -> list[np.ndarray]:
             return [series[idx] for idx in chains]
@@ -293,10 +299,9 @@ def analyze_ensemble(
             entry.update(inputs=list(spec.inputs), description=spec.description)
             result["derived"][name] = entry
 
-        if reader.has("markov/accepted") and n > 0:
-            acc = np.asarray(reader.read("markov/accepted")).reshape(-1).astype(np.float64)
+        if accepted is not None:
             try:
-                result["acceptance"] = gamma_method(replicas(acc), S=S).as_dict()
+                result["acceptance"] = gamma_method(replicas(accepted.astype(np.float64)), S=S).as_dict()
             except ValueError as exc:
                 warnings.append(f"acceptance skipped: {exc}")
 
