@@ -62,7 +62,7 @@ def test_ar1_tau_int_and_error(record_z) -> None:
     assert abs(z_tau) < 3
     assert res.tau_int_err < 0.1 * TAU_EXACT  # the check above is not vacuous
     exact_err = np.sqrt(2 * TAU_EXACT * VAR_EXACT / n)
-    # the error's own relative error is about tau_int_err / tau_int (Wolff eq. 42)
+    # the error goes as sqrt(tau_int): its own relative error is about half of tau_int_err / tau_int (Wolff eq. 42)
     z_err = (res.err / exact_err - 1) / (0.5 * res.tau_int_err / res.tau_int)
     record_z("err", z_err)
     assert abs(z_err) < 3
