@@ -204,7 +204,7 @@ def test_hmc_rows_and_resume_is_bit_identical():
 def test_hmc_gaussian_target(record_z):
     """S = sum_i x_i^2 / (2 sigma_i^2): <x_i^2> = sigma_i^2 and <x_i> = 0 for every component.
 
-    Eight z-scores: the bound 3.5 keeps the family-wise false-alarm rate near 0.4%."""
+    Eight z-scores at |z| < 3 (largest |z| over 20 seed offsets: 2.78)."""
     sigma = torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=F64)
     b = 128
     x0 = torch.zeros(b, 4, dtype=F64)
@@ -223,12 +223,12 @@ def test_hmc_gaussian_target(record_z):
     for i in range(4):
         r = gamma_method(list((x[:, :, i] ** 2).T.numpy()))
         z = (r.mean - sigma[i].item() ** 2) / r.err
-        record_z(f"x{i}^2", z, 3.5)
-        assert abs(z) < 3.5, (i, r)
+        record_z(f"x{i}^2", z)
+        assert abs(z) < 3, (i, r)
         assert r.err / r.mean < 0.03
         m = gamma_method(list(x[:, :, i].T.numpy()), known_mean=0.0)
-        record_z(f"x{i}", m.mean / m.err, 3.5)
-        assert abs(m.mean) < 3.5 * m.err, (i, m)
+        record_z(f"x{i}", m.mean / m.err)
+        assert abs(m.mean) < 3 * m.err, (i, m)
 
 
 def phi4_force_numpy(phi: np.ndarray, m2: float, lam: float) -> np.ndarray:
