@@ -25,6 +25,7 @@ import math
 import torch
 
 from .lattice import Lattice, shift
+from .priors import PriorModule
 
 __all__ = [
     "wrap_angle",
@@ -220,7 +221,7 @@ def u1_gauge_transform(theta: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor
     return torch.stack([alpha + theta[:, mu] - shift(alpha, mu, first_axis=first) for mu in range(d)], dim=1)
 
 
-class UniformU1Prior:
+class UniformU1Prior(PriorModule):
     """Haar measure on every link: independent angles uniform on the circle.
 
     The density with respect to ``prod dtheta`` on ``(-pi, pi]^{n_links}`` is
@@ -242,13 +243,12 @@ class UniformU1Prior:
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
     ) -> None:
+        super().__init__(dtype, device)
         if lattice.dim < 2:
             raise ValueError(f"gauge links need d >= 2, got lattice shape {list(lattice.shape)}")
         self.lattice = lattice
         self.shape = (lattice.dim, *lattice.shape)
         self.n_links = lattice.dim * lattice.volume
-        self.dtype = dtype
-        self.device = torch.device(device)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``batch_size`` configurations.

@@ -9,9 +9,31 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 
-class NormalPrior:
+class PriorModule(nn.Module):
+    """Base of the priors: holds their dtype and device in a parameter-free buffer.
+
+    A prior has no weights, but it must follow its model through ``model.to(dtype=..., device=...)``
+    (float32 or CUDA runs): the buffer moves with the model, and :attr:`dtype` and :attr:`device` read it.
+    The buffer is not persistent, so it never appears in a checkpoint's ``state_dict``.
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.register_buffer("_anchor", torch.zeros(0, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+
+class NormalPrior(PriorModule):
     """Independent Gaussian ``N(0, sigma^2)`` on every component of a field.
 
     Parameters
@@ -32,12 +54,11 @@ class NormalPrior:
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
     ) -> None:
+        super().__init__(dtype, device)
         if sigma <= 0:
             raise ValueError(f"prior sigma must be positive, got {sigma}")
         self.shape = tuple(shape)
         self.sigma = float(sigma)
-        self.dtype = dtype
-        self.device = torch.device(device)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``batch_size`` configurations.

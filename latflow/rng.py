@@ -17,3 +17,13 @@ def make_generator(seed: int, *stream: int, device: torch.device | str = "cpu") 
     g = torch.Generator(device=device)
     g.manual_seed(stream_seed(seed, *stream))
     return g
+
+
+def numpy_generator(generator: torch.Generator) -> np.random.Generator:
+    """A numpy ``Generator`` seeded from the torch stream ``generator`` (which the draw advances).
+
+    For draws numpy does well and torch lacks (von Mises): the torch stream stays the single source of
+    randomness, so a seed still reproduces a run bit for bit.
+    """
+    seed = torch.randint(0, 2**62, (4,), generator=generator, dtype=torch.int64, device=generator.device).tolist()
+    return np.random.default_rng(np.random.SeedSequence(seed))

@@ -59,7 +59,7 @@ from torch import nn
 from ..gauge import UniformU1Prior, u1_plaquette_angles, u1_wilson_loops, wrap_angle
 from ..lattice import Lattice
 from .circular import CircleTransform, CircularSpline, NCPMixture, to_circle
-from .model import FlowModel
+from .model import FlowModel, Prior
 from .nets import PeriodicConvNet
 
 __all__ = [
@@ -356,10 +356,11 @@ def make_u1_equivariant_flow(
     loops: Sequence[str] = ("plaq",),
     activation: str = "leaky_relu",
     zero_init: bool = False,
+    prior: Prior | None = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
 ) -> FlowModel:
-    """Gauge-equivariant flow for 2D U(1): Haar prior and ``n_layers`` plaquette couplings.
+    """Gauge-equivariant flow for 2D U(1): a prior and ``n_layers`` plaquette couplings.
 
     Layer ``i`` updates direction ``mu = i mod 2`` on stripe ``offset = (i // 2) mod 4``,
     so 8 consecutive layers update every link once. Network weights are drawn from torch's
@@ -386,6 +387,11 @@ def make_u1_equivariant_flow(
         Conditioner inputs (see :class:`GaugeEquivariantCoupling`).
     zero_init
         Zero the last convolution, so that every coupling starts as the identity.
+    prior
+        The base distribution of links ``[B, 2, L0, L1]``: the Haar measure
+        (:class:`~latflow.gauge.UniformU1Prior`, the default) or a structure-aware one such as
+        :class:`~latflow.plaquette_prior.U1PlaquettePrior`, whose draws the couplings then correct.
+        With ``n_layers = 0`` the model is the prior alone.
     dtype, device
         Of the prior samples and the weights.
 
@@ -395,8 +401,8 @@ def make_u1_equivariant_flow(
         ``sample(B, generator) -> (theta [B, 2, L0, L1] in (-pi, pi], log_q [B])``.
     """
     _require_2d(lattice)
-    if int(n_layers) < 1:
-        raise ValueError(f"n_layers must be a positive integer, got {n_layers}")
+    if int(n_layers) < 0 or (int(n_layers) == 0 and prior is None):
+        raise ValueError(f"n_layers must be a positive integer (0 only with a structure-aware prior), got {n_layers}")
     layers = []
     for i in range(int(n_layers)):
         if inner == "ncp":
@@ -415,5 +421,6 @@ def make_u1_equivariant_flow(
             zero_init=zero_init,
         )
         layers.append(GaugeEquivariantCoupling(lattice, i % 2, (i // 2) % STRIDE, tr, net, loops))
-    prior = UniformU1Prior(lattice, dtype=dtype, device=device)
+    if prior is None:
+        prior = UniformU1Prior(lattice, dtype=dtype, device=device)
     return FlowModel(prior, layers).to(dtype=dtype, device=device)
