@@ -36,14 +36,12 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
-import numpy as np
 import torch
 from scipy.special import ive
 
 from .gauge import random_u1_gauge_transform, u1_gauge_transform, u1_plaquette_angles, wrap_angle
 from .lattice import Lattice
 from .priors import PriorModule
-from .rng import numpy_generator
 
 __all__ = ["SinglePlaquetteDensity", "VonMisesPlaquette", "U1PlaquettePrior", "u1_links_with_plaquettes"]
 
@@ -56,7 +54,7 @@ class SinglePlaquetteDensity(Protocol):
     ``log_prob`` is normalised with respect to the Haar *probability* measure of the group.
     """
 
-    def sample(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray: ...
+    def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor: ...
 
     def log_prob(self, plaquette: torch.Tensor) -> torch.Tensor: ...
 
@@ -76,10 +74,40 @@ class VonMisesPlaquette:
         self.beta = float(beta)
         self.log_norm = math.log(float(ive(0, self.beta))) + self.beta  # log I_0(beta), no overflow
 
-    def sample(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-        """Angles in ``(-pi, pi]`` of the given shape (float64)."""
-        t = rng.vonmises(0.0, self.beta, size=shape)
-        return np.where(t <= -math.pi, t + _TWO_PI, t)  # numpy returns [-pi, pi]
+    def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """Independent angles in ``(-pi, pi]`` of the given shape (float64, on the generator's device).
+
+        Best and Fisher's (1979) rejection from a wrapped Cauchy envelope, vectorised: candidates are
+        drawn in rounds from ``generator`` until every position has an accepted one (acceptance above
+        0.65 for every ``beta``, above 0.9 for ``beta >~ 3``).
+        """
+        n = math.prod(shape)
+        dev = generator.device
+        if self.beta == 0.0 or n == 0:
+            u = torch.rand(n, generator=generator, dtype=torch.float64, device=dev)
+            return (math.pi - _TWO_PI * u).reshape(shape)
+        k = self.beta
+        if k < 1e-5:  # the envelope's parameter without cancellation
+            r = 1.0 / k + k
+        else:
+            tau = 1.0 + math.sqrt(1.0 + 4.0 * k * k)
+            rho = (tau - math.sqrt(2.0 * tau)) / (2.0 * k)
+            r = (1.0 + rho * rho) / (2.0 * rho)
+        out = torch.empty(n, dtype=torch.float64, device=dev)
+        todo = torch.arange(n, device=dev)
+        while todo.numel():
+            m = todo.numel()
+            u = torch.rand(3, m + m // 4 + 16, generator=generator, dtype=torch.float64, device=dev)
+            z = torch.cos(math.pi * u[0])
+            f = (1.0 + r * z) / (r + z)
+            c = k * (r - f)
+            ok = (c * (2.0 - c) > u[1]) | (torch.log(c / u[1]) + 1.0 - c >= 0)
+            theta = torch.sign(u[2] - 0.5) * torch.acos(f.clamp(-1.0, 1.0))
+            good = theta[ok][:m]
+            out[todo[: good.numel()]] = good
+            todo = todo[good.numel() :]
+        out = torch.where(out <= -math.pi, out + _TWO_PI, out)
+        return out.reshape(shape)
 
     def log_prob(self, plaquette: torch.Tensor) -> torch.Tensor:
         """``beta cos(theta) - log I_0(beta)`` elementwise (any real angles)."""
@@ -172,14 +200,16 @@ class U1PlaquettePrior(PriorModule):
     def sample_plaquettes(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """Plaquette angles ``[B, L0, L1]`` (float64, on the prior's device): ``V - 1`` von Mises draws and
         the closing one, ``sum = 0 mod 2 pi``."""
-        rng = numpy_generator(generator)
         v = self.volume
-        p = self.density.sample((batch_size, v), rng)
-        k = rng.integers(0, v, size=batch_size) if self.symmetric else np.full(batch_size, v - 1)
-        rows = np.arange(batch_size)
+        p = self.density.sample((batch_size, v), generator)
+        if self.symmetric:
+            k = torch.randint(0, v, (batch_size,), generator=generator, device=p.device)
+        else:
+            k = torch.full((batch_size,), v - 1, dtype=torch.int64, device=p.device)
+        rows = torch.arange(batch_size, device=p.device)
         p[rows, k] = 0.0
-        p[rows, k] = -p.sum(axis=1)
-        p = torch.from_numpy(p).reshape(batch_size, *self.lattice.shape).to(self.device)
+        p[rows, k] = -p.sum(dim=1)
+        p = p.reshape(batch_size, *self.lattice.shape).to(self.device)
         return wrap_angle(p)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

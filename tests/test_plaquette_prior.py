@@ -68,6 +68,22 @@ def test_log_density_against_direct_calculation(shape: tuple[int, int], symmetri
     assert torch.all(theta > -math.pi) and torch.all(theta <= math.pi)
 
 
+@pytest.mark.statistical
+@pytest.mark.parametrize("beta", [0.0, 1e-7, 0.5, 3.0, 8.0, 100.0])
+def test_von_mises_draws(beta: float) -> None:
+    """The torch rejection sampler against scipy's von Mises CDF (Kolmogorov-Smirnov, p > 1e-3)."""
+    from scipy import stats
+
+    x = VonMisesPlaquette(beta).sample((40_000,), make_generator(stat_seed(50))).numpy()
+    assert x.shape == (40_000,) and np.all(x > -math.pi) and np.all(x <= math.pi)
+    cdf = stats.vonmises(beta).cdf if beta > 0 else stats.uniform(-math.pi, TWO_PI).cdf
+    assert stats.kstest(x, cdf).pvalue > 1e-3
+    # and the log density is normalised: E_uniform[exp(log_prob)] = 1 by quadrature
+    t = torch.linspace(-math.pi, math.pi, 20_001, dtype=F64)[:-1]
+    mean = torch.exp(VonMisesPlaquette(beta).log_prob(t)).mean().item()
+    assert abs(mean - 1) < 1e-10
+
+
 def test_gauge_and_translation_invariance() -> None:
     shape = (6, 4)
     g = make_generator(3)
