@@ -7,6 +7,7 @@ from .diagnostics import ParetoTail, pareto_khat
 from .ess import acceptance_rate, ess, reweighting_log_w
 from .gamma import GammaResult, gamma_method, gamma_method_derived
 from .report import AnalysisInputError, DerivedObservable, analyze_ensemble, format_table
+from .sectors import SectorCheck, sector_check
 
 __all__ = [
     "GammaResult",
@@ -21,4 +22,6 @@ __all__ = [
     "AnalysisInputError",
     "pareto_khat",
     "ParetoTail",
+    "sector_check",
+    "SectorCheck",
 ]

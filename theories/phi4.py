@@ -102,6 +102,19 @@ class Phi4Theory:
         """
         return {"magnetization": 0.0}
 
+    def exact_log_z(self) -> float | None:
+        """Exact ``log Z = log int prod_x dphi_x exp(-S)`` of the free field (:func:`free_log_z`).
+
+        ``None`` when ``lam != 0`` (no closed form).
+        """
+        if self.params.lam != 0:
+            return None
+        return free_log_z(self.lattice.shape, float(self.params.m2))
+
+    def field_log_volume(self) -> float:
+        """0: the field measure is already the Lebesgue measure ``prod_x dphi_x`` (no compact volume to add)."""
+        return 0.0
+
     def derived_observables(self) -> dict[str, Derived]:
         v = self.lattice.volume
         return {
@@ -162,6 +175,28 @@ def free_ising_energy(shape: tuple[int, ...], m2: float) -> float:
         idx[mu] = 1 % shape[mu]
         total += g[tuple(idx)]
     return float(total / d)
+
+
+def free_log_z(shape: tuple[int, ...], m2: float) -> float:
+    """Exact ``log Z = log int prod_x dphi_x exp(-S)`` of the free field (``lam = 0``), Lebesgue measure.
+
+    The action of :meth:`Phi4Theory.action` at ``lam = 0`` is ``S = phi^T A phi`` with
+    ``A = -Delta + m2`` (``-Delta phi_x = sum_mu (2 phi_x - phi_{x+mu} - phi_{x-mu})``), i.e.
+    ``S = phi^T K phi / 2`` with ``K = 2 A``. Hence ``Z = (2 pi)^{V/2} det(K)^{-1/2} = pi^{V/2} det(A)^{-1/2}``
+    and, with the Fourier eigenvalues ``m2 + sum_mu 4 sin^2(k_mu / 2)`` of ``A`` (``1 / (2 G(k))``,
+    :func:`free_propagator`),
+
+    ``log Z = (V/2) log pi - (1/2) sum_k log(m2 + sum_mu 4 sin^2(k_mu / 2))``.
+
+    Parameters
+    ----------
+    shape
+        Lattice extents ``(L0, ..., L{d-1})``.
+    m2
+        Mass squared, ``> 0``.
+    """
+    g = free_propagator(shape, m2)  # 1 / (2 a_k)
+    return float(0.5 * g.size * np.log(np.pi) + 0.5 * np.sum(np.log(2.0 * g)))
 
 
 def build(params: Phi4Params, lattice: Lattice) -> Phi4Theory:
