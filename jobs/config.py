@@ -62,7 +62,15 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Reverse-KL self-training with Adam."""
+    """Reverse-KL self-training with Adam (:class:`latflow.training.ReverseKLTrainer`).
+
+    ``estimator``: gradient of the reverse KL, ``reparam`` (reparameterised, the default), ``path``
+    (path gradient, Vaitl et al. 2022: the zero-mean score term dropped, less noise near the
+    optimum) or ``reinforce`` (score function with a leave-one-out baseline; never differentiates
+    the action). ``lr_schedule``: ``constant``, ``cosine`` (from ``lr`` down to ``lr_min`` at the
+    last step) or ``exponential`` (geometric decay from ``lr`` to ``lr_min > 0`` at the last step),
+    after ``warmup_steps`` steps of linear warm-up; ``lr_min`` must lie below ``lr``.
+    """
 
     steps: int = 1000
     batch_size: int = 64
@@ -70,6 +78,10 @@ class TrainConfig:
     checkpoint_every: int = 200
     grad_clip: float = 0.0
     log_every: int = 100
+    estimator: Literal["reparam", "path", "reinforce"] = "reparam"
+    lr_schedule: Literal["constant", "cosine", "exponential"] = "constant"
+    warmup_steps: int = 0
+    lr_min: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -232,6 +244,8 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.checkpoint_every": NON_NEGATIVE,
     "train.grad_clip": NON_NEGATIVE,
     "train.log_every": POSITIVE,
+    "train.warmup_steps": NON_NEGATIVE,
+    "train.lr_min": NON_NEGATIVE,
     "sampler.n_samples": POSITIVE,
     "sampler.thermalization": NON_NEGATIVE,
     "sampler.commit_every": POSITIVE,
@@ -540,6 +554,19 @@ def _check_consistency(job: JobConfig) -> None:
             raise JobError(
                 f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: model.kind 'u1-equivariant': {exc}"
             ) from None
+    t = job.train
+    if t.lr_min >= t.lr:
+        raise JobError(f"{src}: 'train.lr_min' = {t.lr_min} must lie below 'train.lr' = {t.lr}")
+    if t.lr_schedule == "exponential" and t.lr_min <= 0:
+        raise JobError(
+            f"{src}: 'train.lr_schedule' = 'exponential' needs 'train.lr_min' > 0 (the rate it decays to), "
+            f"got {t.lr_min}"
+        )
+    if t.estimator == "reinforce" and t.batch_size < 2:
+        raise JobError(
+            f"{src}: 'train.estimator' = 'reinforce' needs 'train.batch_size' >= 2 (leave-one-out baseline), "
+            f"got {t.batch_size}"
+        )
     if job.output.model and Path(job.output.model).resolve() == Path(job.output.path).resolve():
         raise JobError(f"{src}: 'output.model' must differ from 'output.path'")
 

@@ -210,6 +210,12 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
         generator=make_generator(job.run.seed, STREAM_TRAIN, comm.rank, device=device),
         comm=comm,
         grad_clip=t.grad_clip or None,
+        estimator=t.estimator,
+        lr_schedule=t.lr_schedule,
+        warmup_steps=t.warmup_steps,
+        lr_min=t.lr_min,
+        total_steps=t.steps,
+        log_z=_training_log_z(theory, action),
     )
     path = job.output.model_path
     if resume and path.exists():
@@ -223,7 +229,10 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
     extra = {"signature": _model_signature(job), "job": job.record, "theory": job.theory.name}
 
     def report(m: Any) -> None:
-        bar.update(1, loss=m.loss, ess=m.ess)
+        if m.kl is None:
+            bar.update(1, loss=m.loss, ess=m.ess)
+        else:
+            bar.update(1, loss=m.loss, kl=m.kl, ess=m.ess)
 
     before = _file_identity(path)
     try:
@@ -245,15 +254,38 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
         bar.close()
     n = min(len(history.ess), 50)
     if n:
+        kl = [k for k in history.kl[-n:] if k is not None]
         log.info(
-            "trained %d steps on %d rank(s): loss %.4f, batch ESS %.3f (mean of last %d steps)",
+            "trained %d steps on %d rank(s): loss %.4f,%s batch ESS %.3f (mean of last %d steps)",
             trainer.step,
             comm.size,
             float(np.mean(history.loss[-n:])),
+            f" KL {float(np.mean(kl)):.4f} nats," if len(kl) == n else "",
             float(np.mean(history.ess[-n:])),
             n,
         )
     return path
+
+
+def _training_log_z(theory: Any, action: Any) -> float | None:
+    """Exact ``log Z`` of the training target in the measure of the flow's ``log q``, None if unknown.
+
+    ``theory.exact_log_z()`` is in the normalisation of ENSEMBLE_FORMAT.md (compact fields under the
+    Haar probability measure, real fields under Lebesgue measure); the flow's density is with respect
+    to Lebesgue measure on the field space, whose log volume ``theory.field_log_volume()`` adds
+    (``n_links log 2 pi`` for U(1) angles, 0 for real fields). Only for the theory's full action.
+    """
+    if action != theory.action:  # e.g. the gauge part alone of a theory with fermions
+        return None
+    exact = getattr(theory, "exact_log_z", None)
+    log_z = exact() if callable(exact) else None
+    if log_z is None:
+        return None
+    volume = getattr(theory, "field_log_volume", None)
+    volume = volume() if callable(volume) else volume
+    if volume is None:  # without the measure's volume log Z cannot be put in the flow's normalisation
+        return None
+    return float(log_z) + float(volume)
 
 
 def _file_identity(path: Path) -> tuple[int, int, int] | None:
