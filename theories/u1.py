@@ -37,14 +37,14 @@ from scipy.special import ive
 
 from latflow.gauge import (
     planes,
-    random_u1_gauge_transform,
-    u1_gauge_transform,
     u1_plaquette_angles,
     u1_polyakov_loop,
     u1_wilson_loops,
     wrap_angle,
 )
 from latflow.lattice import Lattice, shift
+from latflow.plaquette_prior import u1_links_with_plaquettes
+from latflow.rng import numpy_generator
 
 from .base import Derived, TheorySpec
 
@@ -385,12 +385,6 @@ def exact_topological_susceptibility_infinite(beta: float) -> float:
 # autocorrelation time) and for checks of other samplers.
 
 
-def _numpy_generator(generator: torch.Generator) -> np.random.Generator:
-    """A numpy ``Generator`` seeded from the torch stream (which is advanced by the draw)."""
-    seed = torch.randint(0, 2**62, (4,), generator=generator, dtype=torch.int64).tolist()
-    return np.random.default_rng(np.random.SeedSequence(seed))
-
-
 def sample_plaquettes_2d(beta: float, shape: tuple[int, int], n: int, generator: torch.Generator) -> torch.Tensor:
     """Exact independent draws of the plaquette angles of the 2D U(1) Wilson theory.
 
@@ -422,7 +416,7 @@ def sample_plaquettes_2d(beta: float, shape: tuple[int, int], n: int, generator:
         raise ValueError(f"exact sampling is implemented for finite beta >= 0, got {beta}")
     if n < 0:
         raise ValueError(f"number of configurations must be >= 0, got {n}")
-    rng = _numpy_generator(generator)
+    rng = numpy_generator(generator)
     rate = max(float(ive(0, beta)), math.exp(-2 * beta))  # expected acceptance, >= its lower bound
     out: list[np.ndarray] = []
     have = 0
@@ -440,43 +434,6 @@ def sample_plaquettes_2d(beta: float, shape: tuple[int, int], n: int, generator:
         have += angles.shape[0]
     angles = np.concatenate(out, axis=0)[:n] if out else np.zeros((0, p))
     return torch.from_numpy(np.ascontiguousarray(angles)).reshape(n, *(int(L) for L in shape))
-
-
-def u1_links_with_plaquettes(plaquettes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Haar-random 2D links with given plaquette angles: uniform holonomies and gauge.
-
-    Builds links in the axial gauge ``theta_0(t, x) = 0`` for ``t < L0 - 1``: ``theta_1(t, x)`` is
-    ``theta_1(0, x)`` plus the plaquettes below ``t``, and ``theta_0(L0 - 1, x)`` closes the time
-    direction; ``theta_1(0, x)`` and ``theta_0(L0 - 1, 0)`` (which carry the two holonomies) are uniform.
-    A uniform random gauge transformation is applied last.
-
-    Parameters
-    ----------
-    plaquettes
-        ``[n, L0, L1]`` angles with ``sum_x theta_p(x) = 0 mod 2pi`` per configuration.
-    generator
-        Random stream.
-
-    Returns
-    -------
-    torch.Tensor
-        Links ``[n, 2, L0, L1]`` (float64, wrapped into ``(-pi, pi]``) whose plaquette angles
-        (:func:`latflow.gauge.u1_plaquette_angles`, plane ``(0, 1)``) equal ``plaquettes`` mod ``2 pi``.
-    """
-    if plaquettes.dim() != 3:
-        raise ValueError(f"plaquettes must be [n, L0, L1], got {list(plaquettes.shape)}")
-    p = plaquettes.to(torch.float64)
-    n, l0, l1 = p.shape
-    two_pi = 2 * math.pi
-    cols = p.sum(dim=1)  # [n, L1]: B(x) = sum_t theta_p(t, x), with sum_x B(x) = 0 mod 2pi
-    theta = torch.zeros(n, 2, l0, l1, dtype=torch.float64)
-    c = two_pi * torch.rand(n, 1, l1, generator=generator, dtype=torch.float64)
-    theta[:, 1] = c + torch.cumsum(p, dim=1) - p  # theta_1(t, x) = theta_1(0, x) + sum_{t' < t} p(t', x)
-    h0 = two_pi * torch.rand(n, 1, generator=generator, dtype=torch.float64)
-    # theta_0(L0-1, x+1) = theta_0(L0-1, x) - B(x)
-    theta[:, 0, l0 - 1] = h0 - (torch.cumsum(cols, dim=1) - cols)
-    alpha = random_u1_gauge_transform((n, l0, l1), generator)
-    return wrap_angle(u1_gauge_transform(theta, alpha))
 
 
 def sample_exact_2d(beta: float, shape: tuple[int, int], n: int, generator: torch.Generator) -> torch.Tensor:
