@@ -6,7 +6,9 @@
 - :mod:`.dense`: dense matrices and exact ``log det`` for small lattices;
 - :mod:`.solvers`: batched CG, CGNR and BiCGStab;
 - :mod:`.pseudofermions`: Nf = 2 pseudofermion heatbath, actions and forces (plain, even/odd, Hasenbusch);
-- :mod:`.conditional`: gauge-covariant conditional pseudofermion flows ``phi = M(U) chi``.
+- :mod:`.conditional`: gauge-covariant conditional pseudofermion flows ``phi = M(U) chi``;
+- :mod:`.stochastic_logdet`: unbiased noisy gradient of ``log det(D^dag D)`` (noise vectors and CG);
+- :mod:`.training_target`: the action a flow trains on for a theory with fermions (``train.target``).
 """
 
 from .conditional import ExactConditional, ScalarConditional, TriangularConditional
@@ -15,6 +17,8 @@ from .evenodd import EvenOddWilson
 from .gamma import gamma5, gamma_matrices, spin_dim
 from .pseudofermions import HasenbuschRatioFactor, Nf2Pseudofermions, PseudofermionFactor, heatbath
 from .solvers import ConvergenceError, SolverResult, bicgstab, cg, cgnr
+from .stochastic_logdet import StochasticLogdetGradient
+from .training_target import StochasticEffectiveAction, training_action
 from .wilson import DiracOperator, WilsonDirac, u1_links
 
 __all__ = [
@@ -40,4 +44,7 @@ __all__ = [
     "ExactConditional",
     "ScalarConditional",
     "TriangularConditional",
+    "StochasticLogdetGradient",
+    "StochasticEffectiveAction",
+    "training_action",
 ]
