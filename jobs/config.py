@@ -82,6 +82,10 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine", "exponential"] = "constant"
     warmup_steps: int = 0
     lr_min: float = 0.0
+    # the action the flow learns for a theory with fermions: "auto" (pf-flow-mcmc: the gauge action, else the
+    # theory's action), "gauge" or "full" (S_g - log det(D^dag D); above dense_max_volume a stochastic
+    # determinant gradient); latflow.fermions.training_target
+    target: Literal["auto", "gauge", "full"] = "auto"
 
 
 @dataclass(frozen=True)

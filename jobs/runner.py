@@ -30,6 +30,7 @@ from latflow.fermions.conditional import (
     dispersion_for,
     smallest_covariance_ratio,
 )
+from latflow.fermions.training_target import training_action
 from latflow.fermions.wilson import u1_links
 from latflow.flows import FlowModel, make_affine_flow, model_sha256
 from latflow.flows.gauge_layers import make_u1_equivariant_flow
@@ -200,8 +201,9 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
     theory = build_theory(job)
     model = build_model(job, device)
     t = job.train
-    # the joint pseudofermion chain needs no determinant anywhere: its flow learns the gauge action
-    action = theory.gauge_action if job.sampler.kind == "pf-flow-mcmc" else theory.action
+    noise_gen = make_generator(job.run.seed, STREAM_TRAIN, comm.rank, 1, device=device)  # stochastic logdet noise
+    # train.target (latflow.fermions.training_target): "auto" = gauge action for pf-flow-mcmc, else theory.action
+    action = training_action(theory, job.sampler.kind, t.target, estimator=t.estimator, generator=noise_gen)
     trainer = ReverseKLTrainer(
         model,
         lambda x: -action(x),
