@@ -128,6 +128,20 @@ def test_training_action_choices() -> None:
         training_action(U1GaugeAction(U1Params(BETA), LAT), "flow-mcmc", "full")
 
 
+def test_train_target_job_key() -> None:
+    """``train.target`` in a job: default ``auto``, ``gauge`` / ``full`` accepted, anything else refused."""
+    from pathlib import Path
+
+    from latflow.jobs.config import JobError, load_job
+
+    example = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "schwinger_pf_flow.toml"
+    assert load_job(example).train.target == "auto"
+    for target in ("gauge", "full"):
+        assert load_job(example, [f"train.target={target}"]).train.target == target
+    with pytest.raises(JobError, match="target"):
+        load_job(example, ["train.target=fermions"])
+
+
 def flat_grad(model: FlowModel) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
