@@ -46,8 +46,12 @@ class ModelConfig:
 
     ``affine``: real-NVP affine couplings with checkerboard masks, for scalar fields
     (``prior_sigma`` sets the Gaussian prior). ``u1-equivariant``: gauge-equivariant
-    plaquette couplings for 2D U(1) links (Kanwar et al. 2020) on a Haar prior, with inner
-    circle maps ``inner`` = ``ncp`` (``n_mix`` mixture components) or ``spline`` (``n_bins``).
+    plaquette couplings for 2D U(1) links (Kanwar et al. 2020), with inner circle maps
+    ``inner`` = ``ncp`` (``n_mix`` mixture components) or ``spline`` (``n_bins``), on the prior
+    ``prior``: ``"haar"`` (uniform links) or ``"plaquette"`` (independent von Mises plaquettes on the 2D
+    torus, :class:`latflow.plaquette_prior.U1PlaquettePrior`, with concentration ``prior_beta``; default the
+    theory's gauge ``beta``). With the plaquette prior ``n_layers = 0`` is allowed: the prior alone is the
+    proposal (nothing to train).
     """
 
     kind: Literal["affine", "u1-equivariant"] = "affine"
@@ -58,6 +62,8 @@ class ModelConfig:
     inner: Literal["ncp", "spline"] = "ncp"
     n_mix: int = 6
     n_bins: int = 8
+    prior: Literal["haar", "plaquette"] = "haar"
+    prior_beta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -236,7 +242,8 @@ POSITIVE = (lambda v: v > 0, "a positive number")
 NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
 RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "run.threads": NON_NEGATIVE,
-    "model.n_layers": POSITIVE,
+    "model.n_layers": NON_NEGATIVE,
+    "model.prior_beta": NON_NEGATIVE,
     "model.kernel_size": (lambda v: v > 0 and v % 2 == 1, "a positive odd integer"),
     "model.prior_sigma": POSITIVE,
     "model.n_mix": POSITIVE,
@@ -536,6 +543,13 @@ def _check_consistency(job: JobConfig) -> None:
             f"'{job.theory.name}' has {spec.field_name}: use {use}"
         )
     elif job.model.kind == "affine":
+        if job.model.prior != "haar" or job.model.prior_beta is not None:
+            raise JobError(
+                f"{src}: 'model.prior' = {job.model.prior!r}: model.kind 'affine' draws from a Gaussian "
+                "(set its width with model.prior_sigma); 'prior' and 'prior_beta' are for model.kind 'u1-equivariant'"
+            )
+        if job.model.n_layers == 0:
+            raise JobError(f"{src}: 'model.n_layers' = 0: model.kind 'affine' needs at least one layer")
         odd = [n for n in job.lattice.shape if n % 2]
         if odd:
             raise JobError(
@@ -547,9 +561,12 @@ def _check_consistency(job: JobConfig) -> None:
                 f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: model.kind 'affine' supports 1 to 3 dimensions"
             )
     else:
+        _check_gauge_prior(job, spec)
         from latflow.flows.gauge_layers import u1_masks
 
         try:
+            if job.model.n_layers == 0:  # the prior alone: no coupling masks to fit
+                return _check_output_paths(job)
             lat = Lattice(job.lattice.shape)
             for mu in range(2):
                 for offset in range(4):
@@ -571,8 +588,35 @@ def _check_consistency(job: JobConfig) -> None:
             f"{src}: 'train.estimator' = 'reinforce' needs 'train.batch_size' >= 2 (leave-one-out baseline), "
             f"got {t.batch_size}"
         )
+    _check_output_paths(job)
+
+
+def _check_output_paths(job: JobConfig) -> None:
     if job.output.model and Path(job.output.model).resolve() == Path(job.output.path).resolve():
-        raise JobError(f"{src}: 'output.model' must differ from 'output.path'")
+        raise JobError(f"{job.source}: 'output.model' must differ from 'output.path'")
+
+
+def _check_gauge_prior(job: JobConfig, spec: Any) -> None:
+    """``model.prior``, ``prior_beta`` and ``n_layers = 0`` of a gauge flow."""
+    src, m = job.source, job.model
+    if m.prior == "haar":
+        if m.n_layers == 0:
+            raise JobError(
+                f"{src}: 'model.n_layers' = 0 with 'model.prior' = 'haar': the Haar measure alone is no proposal; "
+                "use n_layers >= 1 or model.prior = 'plaquette'"
+            )
+        if m.prior_beta is not None:
+            raise JobError(
+                f"{src}: 'model.prior_beta' is set but 'model.prior' = 'haar'; use model.prior = 'plaquette'"
+            )
+        return
+    if len(job.lattice.shape) != 2:
+        raise JobError(
+            f"{src}: 'model.prior' = 'plaquette' on 'lattice.shape' = {list(job.lattice.shape)}: independent "
+            "plaquettes are a 2D torus property; use a 2D lattice or model.prior = 'haar'"
+        )
+    if m.prior_beta is None and not hasattr(job.theory.couplings, "beta"):
+        raise JobError(f"{src}: 'model.prior' = 'plaquette' needs 'model.prior_beta' (theory has no beta)")
 
 
 def to_dict(job: JobConfig) -> dict[str, Any]:

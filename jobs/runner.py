@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from latflow import checkpoint
-from latflow.analysis import DerivedObservable, analyze_ensemble
+from latflow.analysis import DerivedObservable, analyze_ensemble, sector_check
 from latflow.ensemble import EnsembleError, EnsembleMeta, EnsembleReader, EnsembleWriter
 from latflow.ensemble._format import FIELD_INDEX
 from latflow.fermions.conditional import (
@@ -36,6 +36,7 @@ from latflow.flows import FlowModel, make_affine_flow, model_sha256
 from latflow.flows.gauge_layers import make_u1_equivariant_flow
 from latflow.lattice import Lattice
 from latflow.mpi import SerialComm
+from latflow.plaquette_prior import U1PlaquettePrior
 from latflow.rng import make_generator, stream_seed
 from latflow.samplers import HMC, FlowMCMC, PseudofermionFlowMCMC, PseudofermionHMC, state_from_bytes, state_to_bytes
 from latflow.theories import get_spec
@@ -48,7 +49,8 @@ log = logging.getLogger("latflow")
 
 # independent random streams of one seed: (seed, purpose, rank)
 STREAM_TRAIN, STREAM_SAMPLE, STREAM_INIT = 0, 1, 2
-STREAM_CHECK = 3  # the flow configurations of the pf-flow-mcmc weight check
+STREAM_CHECK = 3  # the flow configurations of the pf-flow-mcmc weight check and the sector check
+SECTOR_CHECK_PROPOSALS, SECTOR_CHECK_BATCH = 4096, 512
 
 
 def torch_dtype(job: JobConfig) -> torch.dtype:
@@ -78,6 +80,10 @@ def build_model(job: JobConfig, device: torch.device) -> FlowModel:
         if m.kind == "affine":
             model = make_affine_flow(lattice, m.n_layers, m.hidden, m.kernel_size, m.prior_sigma, dtype=torch.float64)
         else:
+            prior = None
+            if m.prior == "plaquette":
+                beta = m.prior_beta if m.prior_beta is not None else float(job.theory.couplings.beta)
+                prior = U1PlaquettePrior(lattice, beta)
             model = make_u1_equivariant_flow(
                 lattice,
                 m.n_layers,
@@ -86,16 +92,22 @@ def build_model(job: JobConfig, device: torch.device) -> FlowModel:
                 m.kernel_size,
                 n_mix=m.n_mix,
                 n_bins=m.n_bins,
+                prior=prior,
+                zero_init=prior is not None,  # on a structure-aware prior the couplings start as the identity
                 dtype=torch.float64,
             )
     return model.to(device=device, dtype=torch_dtype(job))
 
 
 def _model_signature(job: JobConfig) -> str:
-    return json.dumps(
-        {"model": dataclasses.asdict(job.model), "lattice": list(job.lattice.shape), "dtype": job.run.dtype},
-        sort_keys=True,
-    )
+    """What a checkpoint must match: the model keys (the plaquette prior's beta resolved; the default
+    Haar prior leaves no trace, so checkpoints from before the prior keys stay valid), lattice and dtype."""
+    model = dataclasses.asdict(job.model)
+    if model["prior"] == "haar":
+        del model["prior"], model["prior_beta"]
+    elif model["prior_beta"] is None:
+        model["prior_beta"] = float(job.theory.couplings.beta)
+    return json.dumps({"model": model, "lattice": list(job.lattice.shape), "dtype": job.run.dtype}, sort_keys=True)
 
 
 def preflight(job: JobConfig, command: str, *, resume: bool, force: bool) -> None:
@@ -200,6 +212,8 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
     device = rank_device(job, comm)
     theory = build_theory(job)
     model = build_model(job, device)
+    if not any(p.requires_grad for p in model.parameters()):
+        return _save_untrained(job, model, comm)
     t = job.train
     noise_gen = make_generator(job.run.seed, STREAM_TRAIN, comm.rank, 1, device=device)  # stochastic logdet noise
     # train.target (latflow.fermions.training_target): "auto" = gauge action for pf-flow-mcmc, else theory.action
@@ -266,6 +280,8 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
             float(np.mean(history.ess[-n:])),
             n,
         )
+    if comm.is_root:
+        _log_sector_check(job, theory, model, device)
     return path
 
 
@@ -288,6 +304,47 @@ def _training_log_z(theory: Any, action: Any) -> float | None:
     if volume is None:  # without the measure's volume log Z cannot be put in the flow's normalisation
         return None
     return float(log_z) + float(volume)
+
+
+def _save_untrained(job: JobConfig, model: FlowModel, comm: SerialComm) -> Path:
+    """A model without weights (the plaquette prior alone, ``model.n_layers = 0``): nothing to learn.
+
+    Its checkpoint is written all the same, so that ``latflow sample`` finds the model it records.
+    """
+    path = job.output.model_path
+    if comm.is_root:
+        state = {"model": model.state_dict(), "step": 0, "complete": True, "history": {}}
+        state.update(signature=_model_signature(job), job=job.record, theory=job.theory.name)
+        checkpoint.save_atomic(state, path)
+        log.info("model %s has no weights to train (the prior alone): checkpoint written", path)
+    comm.barrier()
+    return path
+
+
+def _log_sector_check(job: JobConfig, theory: Any, model: FlowModel, device: torch.device) -> None:
+    """Charges of raw flow proposals against the exact ``P(Q)`` (2D U(1) and theories that know it).
+
+    A flow trained by reverse KL can drop topological sectors; the chain cannot repair what is never
+    proposed. The missing mass is the exact probability of the sectors no proposal reached.
+    """
+    exact = getattr(theory, "exact_charge_distribution", None)
+    if not callable(exact) or len(job.lattice.shape) != 2 or job.sampler.kind == "pf-flow-mcmc":
+        return
+    try:
+        probs = exact()
+    except ValueError:  # tiny lattices where the series is not implemented
+        return
+    gen = make_generator(job.run.seed, STREAM_CHECK, 1, device=device)
+    charges = []
+    with torch.no_grad():
+        for _ in range(SECTOR_CHECK_PROPOSALS // SECTOR_CHECK_BATCH):
+            x, _ = model.sample(SECTOR_CHECK_BATCH, gen)
+            charges.append(theory.observables(x)["topological_charge"].double().cpu())
+    check = sector_check(torch.cat(charges).numpy(), probs)
+    level = logging.WARNING if check.missing_mass > max(10 * check.expected_missing_mass, 1e-3) else logging.INFO
+    log.log(
+        level, "sector check of %d flow proposals against the exact P(Q): %s", SECTOR_CHECK_PROPOSALS, check.summary()
+    )
 
 
 def _file_identity(path: Path) -> tuple[int, int, int] | None:

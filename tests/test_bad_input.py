@@ -55,6 +55,12 @@ class Files:
 DROP = "DROP"  # replaced by make_job.DROP in the ``files`` fixture
 
 
+def _u1_flow(model: str, shape: str = "[4, 4]") -> str:
+    """The U(1) job as a flow-MCMC job on ``shape`` with the ``[model]`` table ``model`` (TOML lines)."""
+    text = U1_JOB.replace('kind = "hmc"', 'kind = "flow-mcmc"').replace("shape = [4, 4]", f"shape = {shape}")
+    return text + '\n[model]\nkind = "u1-equivariant"\n' + model
+
+
 U1_JOB = """[theory]
 name = "u1"
 beta = 2.0
@@ -244,6 +250,45 @@ CASES = [
             U1_JOB.replace('kind = "hmc"', 'kind = "flow-mcmc"').replace("shape = [4, 4]", "shape = [5, 5]")
             + '\n[model]\nkind = "u1-equivariant"\n',
         ),
+    ),
+    Case(
+        "plaquette-prior-in-three-dimensions",
+        ("train", "u1.toml"),
+        ("u1.toml", "'model.prior'", "'plaquette'", "2D", "'haar'"),
+        _text(
+            "u1.toml",
+            _u1_flow('prior = "plaquette"\n', "[4, 4, 4]"),
+        ),
+    ),
+    Case(
+        "unknown-prior",
+        ("train", "u1.toml"),
+        ("u1.toml", "'model.prior'", "'haar'", "'plaquette'"),
+        _text("u1.toml", _u1_flow('prior = "gaussian"\n')),
+    ),
+    Case(
+        "no-layers-on-the-haar-prior",
+        ("train", "u1.toml"),
+        ("u1.toml", "'model.n_layers' = 0", "'plaquette'"),
+        _text("u1.toml", _u1_flow("n_layers = 0\n")),
+    ),
+    Case(
+        "prior-beta-without-the-plaquette-prior",
+        ("train", "u1.toml"),
+        ("u1.toml", "'model.prior_beta'", "'haar'", "'plaquette'"),
+        _text("u1.toml", _u1_flow("prior_beta = 2.0\n")),
+    ),
+    Case(
+        "negative-prior-beta",
+        ("train", "u1.toml"),
+        ("u1.toml", "'model.prior_beta'", ">= 0"),
+        _text("u1.toml", _u1_flow('prior = "plaquette"\nprior_beta = -1.0\n')),
+    ),
+    Case(
+        "plaquette-prior-for-a-scalar-field",
+        ("train", "job.toml"),
+        ("job.toml", "'model.prior'", "'affine'", "prior_sigma"),
+        _job(model__prior="plaquette"),
     ),
     Case(
         "pf-hmc-without-fermions",

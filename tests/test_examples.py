@@ -90,6 +90,36 @@ def test_u1_equivariant_flow_job_reproduces_the_exact_torus_values(tmp_path, mon
     assert abs((r["mean"] - exact_plaquette(1.1, (4, 4))) / r["err"]) > 3, r
 
 
+@pytest.mark.statistical
+def test_u1_topology_example_with_the_plaquette_prior(tmp_path, monkeypatch, capsys):
+    """The plaquette-prior example at beta = 6, shrunk to 8x8: the prior alone (n_layers = 0, nothing to train,
+    so ``train`` writes a weightless checkpoint that ``sample`` reads) and the prior with briefly trained
+    couplings both reproduce the exact plaquette and <Q^2>, from the command line."""
+    from conftest import stat_seed
+
+    from latflow.theories.u1 import exact_plaquette, exact_q2
+
+    example = next(p for p in EXAMPLES if p.name == "u1_topology_flow.toml")
+    monkeypatch.chdir(tmp_path)
+    small = ["--set", "lattice.shape=[8, 8]", "--set", "sampler.n_samples=4000", "--set", "sampler.commit_every=2000"]
+    seed = ["--set", f"run.seed={stat_seed(616)}"]
+    alone = [*small, *seed, "--set", "model.n_layers=0", "--out", "alone.h5"]
+    assert cli.main(["train", str(example), *alone]) == 0
+    assert cli.main(["sample", str(example), *alone]) == 0
+    flow = [*small, *seed, "--set", "train.steps=10", "--set", "model.n_layers=4", "--out", "flow.h5"]
+    assert cli.main(["run", str(example), *flow]) == 0
+    exact = {"plaquette": exact_plaquette(6.0, (8, 8)), "topological_charge_sq": exact_q2(6.0, (8, 8))}
+    for name in ("alone.h5", "flow.h5"):
+        capsys.readouterr()
+        assert cli.main(["analyze", name, "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["acceptance"]["mean"] > 0.3, result["acceptance"]
+        for obs, value in exact.items():
+            r = result[obs]
+            assert not r["warnings"], r
+            assert abs((r["mean"] - value) / r["err"]) < 3, (name, obs, r, value)
+
+
 def test_schwinger_pf_hmc_example_runs_and_resumes(tmp_path, monkeypatch, capsys):
     """The pseudofermion HMC example, shrunk to 4x4: runs from the command line, resumes bit for bit."""
     import h5py
