@@ -19,7 +19,7 @@ from latflow.training import TrainingDivergedError
 from .config import JobConfig, JobError, load_job
 
 log = logging.getLogger("latflow")
-DEFAULT_EXAMPLE = "phi4_default.toml"
+DEFAULT_EXAMPLE = "u1_topology_flow.toml"
 #: exit status after SIGTERM (what batch schedulers send before they kill a job): 128 + 15, as a shell reports it
 EXIT_TERMINATED = 128 + signal.SIGTERM
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
