@@ -588,6 +588,15 @@ def _check_consistency(job: JobConfig) -> None:
             f"{src}: 'train.estimator' = 'reinforce' needs 'train.batch_size' >= 2 (leave-one-out baseline), "
             f"got {t.batch_size}"
         )
+    if job.uses_flow and t.target != "auto":
+        import torch
+
+        from latflow.fermions.training_target import training_action
+
+        try:
+            training_action(theory, job.sampler.kind, t.target, estimator=t.estimator, generator=torch.Generator())
+        except ValueError as exc:
+            raise JobError(f"{src}: 'train.target' = {t.target!r}: {str(exc).removeprefix('train.')}") from None
     _check_output_paths(job)
 
 

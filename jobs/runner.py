@@ -215,15 +215,17 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
     if not any(p.requires_grad for p in model.parameters()):
         return _save_untrained(job, model, comm)
     t = job.train
-    noise_gen = make_generator(job.run.seed, STREAM_TRAIN, comm.rank, 1, device=device)  # stochastic logdet noise
+    # one stream for the flow's draws and the stochastic log-det noise: checkpointed together, so a resumed
+    # training run continues bit for bit whatever the target
+    train_gen = make_generator(job.run.seed, STREAM_TRAIN, comm.rank, device=device)
     # train.target (latflow.fermions.training_target): "auto" = gauge action for pf-flow-mcmc, else theory.action
-    action = training_action(theory, job.sampler.kind, t.target, estimator=t.estimator, generator=noise_gen)
+    action = training_action(theory, job.sampler.kind, t.target, estimator=t.estimator, generator=train_gen)
     trainer = ReverseKLTrainer(
         model,
         lambda x: -action(x),
         batch_size=t.batch_size,
         lr=t.lr,
-        generator=make_generator(job.run.seed, STREAM_TRAIN, comm.rank, device=device),
+        generator=train_gen,
         comm=comm,
         grad_clip=t.grad_clip or None,
         estimator=t.estimator,

@@ -291,6 +291,12 @@ CASES = [
         _job(model__prior="plaquette"),
     ),
     Case(
+        "fermion-training-target-without-fermions",
+        ("train", "u1.toml"),
+        ("u1.toml", "'train.target'", "'gauge'", "fermions", "'auto'"),
+        _text("u1.toml", _u1_flow("") + '\n[train]\ntarget = "gauge"\n'),
+    ),
+    Case(
         "pf-hmc-without-fermions",
         ("sample", "u1.toml"),
         ("u1.toml", "'sampler.kind'", "'pf-hmc'", "schwinger", "'hmc'"),
