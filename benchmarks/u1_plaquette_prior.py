@@ -426,10 +426,23 @@ def plot(hmc: list[HMCPoint], flows: list[FlowPoint], path: Path) -> None:
         hs = sorted((h for h in hmc if h.beta == beta), key=lambda h: h.L)
         fs = sorted((f for f in flows if f.beta == beta), key=lambda f: f.L)
         if hs:
-            ax.plot([h.L for h in hs], [h.ms_per_indep for h in hs], "o-", color=c, label=f"HMC, beta={beta:g} (Gamma)")
+            ax.plot(
+                [h.L for h in hs],
+                [h.ms_per_indep for h in hs],
+                "o-",
+                color=c,
+                label=f"HMC, beta={beta:g} (Gamma, lower bound)",
+            )
             if all(math.isfinite(h.tau_ou) for h in hs):
                 ls = [h.L for h in hs]
-                ax.plot(ls, [h.ms_per_indep_ou for h in hs], "o:", color=c, alpha=0.6, label=f"HMC, beta={beta:g} (OU)")
+                ax.plot(
+                    ls,
+                    [h.ms_per_indep_ou for h in hs],
+                    "o:",
+                    color=c,
+                    alpha=0.6,
+                    label=f"HMC, beta={beta:g} (OU estimate)",
+                )
         if fs:
             ax.plot([f.L for f in fs], [f.ms_per_indep for f in fs], "s--", color=c, label=f"plaquette prior, {beta:g}")
             ax2.plot([f.L for f in fs], [f.ess for f in fs], "s--", color=c, label=f"ESS, beta={beta:g}")
