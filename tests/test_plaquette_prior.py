@@ -196,28 +196,40 @@ def test_importance_weights_estimate_the_partition_function(beta: float, shape: 
 N_CHAINS, N_STEPS = 16, 1000
 
 
-def _chains(model: FlowModel, beta: float, shape: tuple[int, int], seed: int) -> tuple[dict[str, np.ndarray], float]:
-    """``N_CHAINS`` independence-Metropolis chains from exact starts; observables ``[chains, steps]``."""
+def flow_chains_from_exact_starts(
+    model: FlowModel,
+    beta: float,
+    shape: tuple[int, int],
+    seed: int,
+    n_chains: int = N_CHAINS,
+    n_steps: int = N_STEPS,
+    batch_size: int = 500,
+) -> tuple[dict[str, np.ndarray], float]:
+    """``n_chains`` independence-Metropolis chains of ``n_steps``, each started from an exact independent
+    sample of the torus (in equilibrium from its first step, so the chain means are independent unbiased
+    estimates whatever the autocorrelation). Returns the observables ``[chains, steps]`` and the acceptance.
+    """
     theory = U1GaugeAction(U1Params(beta), Lattice(shape))
 
     def log_p(x: torch.Tensor) -> torch.Tensor:
         return -theory.action(x)
 
-    starts = sample_exact_2d(beta, shape, N_CHAINS, make_generator(seed))
+    starts = sample_exact_2d(beta, shape, n_chains, make_generator(seed))
     with torch.no_grad():
         s_lp, s_lq = log_p(starts), model.log_prob(starts)
     obs: dict[str, list[np.ndarray]] = {}
     accepted = 0
-    for c in range(N_CHAINS):
+    for c in range(n_chains):
         g = make_generator(seed, 1 + c)
-        sampler = FlowMCMC(model, log_p, batch_size=500, generator=g, chain_id=c)
+        sampler = FlowMCMC(model, log_p, batch_size=batch_size, generator=g, chain_id=c)
+        # the chain's state: the exact start (a resumed chain, in the sampler's own state format)
         state = {"kind": sampler.kind, "step": 0, "chain_id": c, "generator": g.get_state()}
         sampler.load_state_dict({**state, "x": starts[c], "log_p": s_lp[c], "log_q": s_lq[c]})
-        block = sampler.run(N_STEPS)
+        block = sampler.run(n_steps)
         accepted += int(block.accepted.sum())
         for name, values in theory.observables(block.x).items():
             obs.setdefault(name, []).append(values.numpy())
-    return {k: np.stack(v) for k, v in obs.items()}, accepted / (N_CHAINS * N_STEPS)
+    return {k: np.stack(v) for k, v in obs.items()}, accepted / (n_chains * n_steps)
 
 
 def _check_exact(obs: dict[str, np.ndarray], beta: float, shape: tuple[int, int], record_z) -> dict[str, float]:
@@ -239,7 +251,7 @@ def _check_exact(obs: dict[str, np.ndarray], beta: float, shape: tuple[int, int]
 def test_prior_alone_reproduces_exact_torus_values(beta: float, shape: tuple[int, int], record_z) -> None:
     """The plaquette prior as an independence-Metropolis proposal, at couplings where HMC freezes."""
     model = FlowModel(U1PlaquettePrior(Lattice(shape), beta), [])
-    obs, acceptance = _chains(model, beta, shape, stat_seed(80 + int(beta) + shape[0]))
+    obs, acceptance = flow_chains_from_exact_starts(model, beta, shape, stat_seed(80 + int(beta) + shape[0]))
     assert acceptance > 0.3, acceptance
     z = _check_exact(obs, beta, shape, record_z)
     assert all(abs(v) < 3 for v in z.values()), (z, acceptance)
@@ -259,7 +271,7 @@ def test_flow_on_plaquette_prior_reproduces_exact_torus_values(beta: float, reco
         model = make_u1_equivariant_flow(Lattice(shape), 8, "spline", (4,), prior=prior)
         for p in model.parameters():  # a small random perturbation of the prior: acceptance stays usable
             p.data.mul_(0.1)
-    obs, acceptance = _chains(model, beta, shape, stat_seed(90 + int(beta)))
+    obs, acceptance = flow_chains_from_exact_starts(model, beta, shape, stat_seed(90 + int(beta)))
     assert 0.05 < acceptance, acceptance
     z = _check_exact(obs, beta, shape, record_z)
     assert all(abs(v) < 3 for v in z.values()), (z, acceptance)

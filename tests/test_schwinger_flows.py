@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import stat_seed
 from scipy.stats import f as f_dist
-from test_pf_flow_mcmc import DISPERSION, OBS, REFERENCE, chain_observables
+from test_pf_flow_mcmc import DISPERSION, OBS, chain_observables, z_against_reference
 
 from latflow.fermions.conditional import TriangularConditional
 from latflow.fermions.stochastic_logdet import StochasticLogdetGradient
@@ -222,14 +222,7 @@ def test_plaquette_prior_chains_reproduce_exact_determinant_values(name: str, re
             means[k].append(float(v[n // 10 :].mean()))
         accepted += int(block.accepted.sum())
     acceptance = accepted / (N_CHAINS * n)
-    z, report = {}, {}
-    for k in OBS:
-        m = np.asarray(means[k])
-        mean, err = float(m.mean()), float(m.std(ddof=1) / math.sqrt(N_CHAINS))
-        ref, ref_err = REFERENCE[kappa][k]
-        z[k] = (mean - ref) / math.hypot(err, ref_err)
-        report[k] = f"{mean:.4f}({err:.4f}) ref {ref:.4f} z={z[k]:+.2f}"
-        record_z(k, z[k])
+    z, report = z_against_reference(means, kappa, record_z)
     print(f"{name} kappa={kappa}: acceptance {acceptance:.3f}, {time.perf_counter() - t0:.1f} s", report)
     assert acceptance > 0.05, acceptance
     assert all(abs(v) < 3 for v in z.values()), report

@@ -27,11 +27,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import stat_seed
+from test_plaquette_prior import flow_chains_from_exact_starts
 
-from latflow.lattice import Lattice
-from latflow.rng import make_generator
-from latflow.samplers import FlowMCMC
-from latflow.theories.u1 import U1GaugeAction, U1Params, exact_plaquette, exact_q2, sample_exact_2d
+from latflow.theories.u1 import exact_plaquette, exact_q2
 
 DATA = Path(__file__).resolve().parent / "data"
 _spec = importlib.util.spec_from_file_location("train_u1_test_flows", DATA / "train_u1_test_flows.py")
@@ -49,36 +47,7 @@ def run_chains(shape: tuple[int, int], beta: float, seed: int) -> tuple[dict[str
     """
     model = flows.build(shape)  # float64
     model.load_state_dict(torch.load(flows.flow_path(shape, beta), weights_only=True))
-    theory = U1GaugeAction(U1Params(beta), Lattice(shape))
-
-    def log_p(x: torch.Tensor) -> torch.Tensor:
-        return -theory.action(x)
-
-    starts = sample_exact_2d(beta, shape, N_CHAINS, make_generator(seed))
-    with torch.no_grad():
-        start_log_p, start_log_q = log_p(starts), model.log_prob(starts)
-    obs: dict[str, list[np.ndarray]] = {}
-    accepted = 0
-    for c in range(N_CHAINS):
-        g = make_generator(seed, 1 + c)
-        sampler = FlowMCMC(model, log_p, batch_size=N_STEPS, generator=g, chain_id=c)
-        # the chain's state: the exact start (a resumed chain, in the sampler's own state format)
-        sampler.load_state_dict(
-            {
-                "kind": sampler.kind,
-                "step": 0,
-                "chain_id": c,
-                "generator": g.get_state(),
-                "x": starts[c],
-                "log_p": start_log_p[c],
-                "log_q": start_log_q[c],
-            }
-        )
-        block = sampler.run(N_STEPS)
-        accepted += int(block.accepted.sum())
-        for name, values in theory.observables(block.x).items():
-            obs.setdefault(name, []).append(values.numpy())
-    return {k: np.stack(v) for k, v in obs.items()}, accepted / (N_CHAINS * N_STEPS)
+    return flow_chains_from_exact_starts(model, beta, shape, seed, N_CHAINS, N_STEPS, batch_size=N_STEPS)
 
 
 def chain_mean_z(values: np.ndarray, exact: float) -> tuple[float, float]:
