@@ -1,4 +1,4 @@
-"""Hybrid Monte Carlo for real-valued fields (scalars, U(1) angles), batched over chains."""
+"""Hybrid Monte Carlo on a field manifold (real scalars, U(1) angles, SU(N) links), batched over chains."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..manifolds import Euclidean, FieldManifold
 from .records import SampleBlock
 
 OMELYAN_LAMBDA = 0.1931833275037836  # minimum-norm 2nd-order integrator (Omelyan, Mryglod, Folk 2003)
@@ -22,7 +23,11 @@ def action_force(action: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 
 
 class HMC:
-    """HMC with unit-mass Gaussian momenta; ``B`` chains advanced in lock step.
+    """HMC on a field manifold (:mod:`latflow.manifolds`); ``B`` chains advanced in lock step.
+
+    The manifold supplies the momenta and kinetic energy, the drift and kick of the integrator, the
+    autograd force and the projection; the default :class:`latflow.manifolds.Euclidean` is HMC with
+    unit-mass Gaussian momenta for real fields.
 
     Parameters
     ----------
@@ -37,12 +42,15 @@ class HMC:
     integrator
         ``"leapfrog"`` or ``"omelyan"`` (2nd-order minimum norm, two force evaluations per step).
     force
-        Optional analytic ``dS/dx``; autograd otherwise.
+        Optional analytic force in the manifold's coordinates (``dS/dx`` for real fields, the su(N)
+        force ``F`` of :mod:`latflow.manifolds` for SU(N) links); the manifold's autograd force otherwise.
     project
-        Optional map applied to accepted configurations (e.g. wrapping angles into ``(-pi, pi]``);
-        must leave the action unchanged.
+        Optional map applied after each accept/reject (e.g. wrapping angles into ``(-pi, pi]``);
+        must leave the action unchanged. Default: the manifold's projection (none for ``Euclidean``).
     chain_offset
         Chain ids are ``chain_offset + b``.
+    manifold
+        The field's manifold; ``None`` means :class:`latflow.manifolds.Euclidean`.
     step_jitter
         Each trajectory draws its step size uniformly in
         ``step_size * [1 - step_jitter, 1 + step_jitter]`` (the same for all chains).
@@ -65,13 +73,18 @@ class HMC:
         project: Callable[[torch.Tensor], torch.Tensor] | None = None,
         chain_offset: int = 0,
         step_jitter: float = 0.0,
+        manifold: FieldManifold | None = None,
     ) -> None:
         if integrator not in ("leapfrog", "omelyan"):
             raise ValueError(f"integrator must be 'leapfrog' or 'omelyan', got {integrator!r}")
         if step_size <= 0 or n_steps < 1:
             raise ValueError("HMC needs step_size > 0 and n_steps >= 1")
         self.action = action
-        self.force = force if force is not None else (lambda x: action_force(action, x))
+        self.manifold = manifold if manifold is not None else Euclidean()
+        mf = self.manifold
+        self.force = force if force is not None else (lambda x: mf.force(action, x))
+        if project is None and type(mf) is not Euclidean:
+            project = mf.project
         self.project = project
         self.x = x0.detach().clone()
         self.step_size = float(step_size)
@@ -93,21 +106,22 @@ class HMC:
         # in-place updates of private copies: the hot loop allocates only the forces
         x = x.clone()
         p = p.clone()
+        kick, drift, force = self.manifold.kick, self.manifold.drift, self.force
         if self.integrator == "leapfrog":
-            p.add_(self.force(x), alpha=-0.5 * eps)
+            p = kick(p, force(x), 0.5 * eps)
             for i in range(n):
-                x.add_(p, alpha=eps)
+                x = drift(x, p, eps)
                 if i < n - 1:
-                    p.add_(self.force(x), alpha=-eps)
-            p.add_(self.force(x), alpha=-0.5 * eps)
+                    p = kick(p, force(x), eps)
+            p = kick(p, force(x), 0.5 * eps)
             return x, p
         lam = OMELYAN_LAMBDA
-        p.add_(self.force(x), alpha=-lam * eps)
+        p = kick(p, force(x), lam * eps)
         for i in range(n):
-            x.add_(p, alpha=0.5 * eps)
-            p.add_(self.force(x), alpha=-(1 - 2 * lam) * eps)
-            x.add_(p, alpha=0.5 * eps)
-            p.add_(self.force(x), alpha=-(2 * lam if i < n - 1 else lam) * eps)
+            x = drift(x, p, 0.5 * eps)
+            p = kick(p, force(x), (1 - 2 * lam) * eps)
+            x = drift(x, p, 0.5 * eps)
+            p = kick(p, force(x), (2 * lam if i < n - 1 else lam) * eps)
         return x, p
 
     @torch.no_grad()
@@ -120,14 +134,15 @@ class HMC:
         if self.step_jitter > 0:
             u = torch.rand((), generator=self.generator, dtype=torch.float64, device=self.x.device).item()
             eps = eps * (1 + self.step_jitter * (2 * u - 1))
-        p0 = torch.randn(self.x.shape, generator=self.generator, dtype=self.x.dtype, device=self.x.device)
+        mf = self.manifold
+        p0 = mf.random_momenta(self.x, self.generator)
         # the Hamiltonian is accumulated in float64 whatever the field's precision
-        h0 = 0.5 * p0.flatten(1).pow(2).sum(1, dtype=torch.float64) + self.s.double()
+        h0 = mf.kinetic(p0) + self.s.double()
         x1, p1 = self._integrate(self.x, p0, eps, n)
         s1 = self.action(x1)
-        h1 = 0.5 * p1.flatten(1).pow(2).sum(1, dtype=torch.float64) + s1.double()
+        h1 = mf.kinetic(p1) + s1.double()
         dh = h1 - h0
-        u = torch.rand(self.n_chains, generator=self.generator, dtype=self.x.dtype, device=self.x.device)
+        u = torch.rand(self.n_chains, generator=self.generator, dtype=self.x.dtype.to_real(), device=self.x.device)
         acc = torch.log(u) < -dh
         acc = acc & torch.isfinite(dh)
         sel = acc.view(-1, *([1] * (self.x.dim() - 1)))
