@@ -16,7 +16,9 @@ from latflow.ensemble import EnsembleError, require_hdf5_file, verify
 from latflow.fermions.solvers import ConvergenceError
 from latflow.training import TrainingDivergedError
 
+from . import termination
 from .config import JobConfig, JobError, load_job
+from .termination import Terminated
 
 log = logging.getLogger("latflow")
 DEFAULT_EXAMPLE = "u1_topology_flow.toml"
@@ -24,15 +26,6 @@ DEFAULT_EXAMPLE = "u1_topology_flow.toml"
 EXIT_TERMINATED = 128 + signal.SIGTERM
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
 RESUME_HINT = "committed rows and checkpoints are kept; rerun the same command with --resume to continue"
-
-
-class Terminated(BaseException):
-    """Raised in the main thread when the process receives SIGTERM (handled like Ctrl-C)."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
-    raise Terminated(signum)
 
 
 def _job_args(p: argparse.ArgumentParser, optional_job: bool = False) -> None:
@@ -303,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("train", "sample", "run"):
             try:
-                previous = signal.signal(signal.SIGTERM, _raise_terminated)
+                previous = signal.signal(signal.SIGTERM, termination.raise_terminated)
             except ValueError:  # not the main thread: leave signals alone
                 previous = None
             return _run_job(args)
@@ -327,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"latflow: interrupted; {RESUME_HINT}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Terminated:
+        termination.clear()
         print(f"latflow: terminated (SIGTERM); {RESUME_HINT}", file=sys.stderr)
         return EXIT_TERMINATED
     finally:

@@ -6,6 +6,8 @@ import logging
 import sys
 from typing import Any
 
+from . import termination
+
 log = logging.getLogger("latflow")
 
 
@@ -31,7 +33,12 @@ class Progress:
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=True)
 
     def update(self, k: int = 1, **info: Any) -> None:
-        """Advance by ``k`` units; ``info`` (e.g. loss, acceptance) is shown beside the count."""
+        """Advance by ``k`` units; ``info`` (e.g. loss, acceptance) is shown beside the count.
+
+        Also the safe point where a SIGTERM whose exception the interpreter swallowed is raised again
+        (:func:`latflow.jobs.termination.check`).
+        """
+        termination.check()
         self.n += k
         if not self.enabled:
             return
