@@ -63,7 +63,6 @@ from latflow.samplers import FlowMCMC  # noqa: E402
 from latflow.theories.u1 import (  # noqa: E402
     U1GaugeAction,
     U1Params,
-    exact_log_z,
     exact_plaquette,
     exact_q2,
     sample_exact_2d,
@@ -228,7 +227,8 @@ class FlowPoint:
 
 def log_z_lebesgue(beta: float, lat: Lattice) -> float:
     """``log Z`` of ``exp(-S)`` with the Lebesgue measure on ``(-pi, pi]^{2V}`` (the measure of ``log q``)."""
-    return exact_log_z(beta, lat.shape) + 2 * lat.volume * math.log(2 * math.pi)
+    theory = U1GaugeAction(U1Params(beta), lat)
+    return theory.exact_log_z() + theory.field_log_volume()
 
 
 def true_kl(model, theory: U1GaugeAction, n: int, batch: int, gen: torch.Generator) -> tuple[float, float]:
