@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from latflow.fermions.conditional import DEFAULT_DISPERSION
 from latflow.lattice import Lattice
+from latflow.manifolds import SUN, Euclidean, FieldManifold, U1Angles
 from latflow.theories import REGISTRY
 
 
@@ -117,6 +118,12 @@ class SamplerConfig:
     (``batch_size`` steps) for flow-MCMC, whose chains start from an importance-resampled proposal;
     0 for HMC, whose ``n_tune`` tuning trajectories come first, and ``n_tune`` untuned trajectories
     for HMC with ``tune = false`` (:attr:`burn_in`).
+
+    ``start`` (HMC and PF-HMC): where the chains begin. ``"default"``: the theory's own start (small
+    random fields ``0.1 N(0, 1)`` for real fields and U(1) angles, as always; unit links for SU(N));
+    ``"cold"``: the classical vacuum (zero fields, unit links); ``"hot"``: uniform (Haar) links, standard
+    normal real fields; any other value is a file: an ensemble ``.h5`` (its last stored configuration
+    starts every chain) or a configuration file read by ``latflow.configio.read_configuration``.
     """
 
     kind: Literal["flow-mcmc", "hmc", "pf-hmc", "pf-flow-mcmc"] = "flow-mcmc"
@@ -140,6 +147,7 @@ class SamplerConfig:
     conditional: Literal["triangular", "exact", "scalar"] = "triangular"
     conditional_dispersion: float = DEFAULT_DISPERSION
     conditional_nested: bool = True
+    start: str = "default"
 
     @property
     def burn_in(self) -> int:
@@ -275,6 +283,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "sampler.cg_tol": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "sampler.cg_max_iter": POSITIVE,
     "sampler.conditional_dispersion": (lambda v: 0.5 <= v <= 4, "a number in [0.5, 4] (1.1 is the validated default)"),
+    "sampler.start": (lambda v: v.strip() != "", "'default', 'cold', 'hot' or a configuration or ensemble file"),
     "output.path": (lambda v: v.strip() != "", "a non-empty file name"),
     "output.save_every": POSITIVE,
     "output.compression_level": (lambda v: 1 <= v <= 9, "an integer in [1, 9]"),
@@ -496,7 +505,29 @@ def load_job(
     return job
 
 
-MODEL_FIELD = {"affine": "phi", "u1-equivariant": "links"}  # the field each flow kind acts on
+MODEL_MANIFOLD = {"affine": "real", "u1-equivariant": "u1"}  # the field manifold (family) each flow kind acts on
+MANIFOLD_WORDS = {"real": "real scalar fields", "u1": "U(1) links", "sun": "SU(N) links"}
+START_KEYWORDS = ("default", "cold", "hot")
+HMC_KINDS = ("hmc", "pf-hmc")  # the samplers that start chains from sampler.start
+
+
+def field_manifold(theory: Any) -> FieldManifold:
+    """The manifold a theory's field lives on (:mod:`latflow.manifolds`).
+
+    The theory's ``manifold`` (an attribute, or a method returning it); a theory that declares none has
+    U(1) angles if its field is ``links`` and real scalars otherwise.
+    """
+    m = getattr(theory, "manifold", None)
+    if m is not None and not isinstance(m, FieldManifold) and callable(m):
+        m = m()
+    if m is not None:
+        return m
+    return U1Angles() if getattr(theory, "field_name", "phi") == "links" else Euclidean()
+
+
+def manifold_family(m: FieldManifold) -> str:
+    """``"real"``, ``"u1"`` or ``"sun"`` (every SU(N)): what a flow kind must match."""
+    return "sun" if isinstance(m, SUN) else m.name
 
 
 def _check_consistency(job: JobConfig) -> None:
@@ -533,14 +564,36 @@ def _check_consistency(job: JobConfig) -> None:
                 f"{src}: 'sampler.hasenbusch_kappas' = {list(job.sampler.hasenbusch_kappas)}: "
                 f"must lie below theory.kappa = {kappa} (heavier Hasenbusch fermions)"
             )
+    manifold = field_manifold(theory)
+    family = manifold_family(manifold)
+    has = f"{MANIFOLD_WORDS.get(family, family)} ({manifold.name})"
+    if job.sampler.start != "default" and job.sampler.kind not in HMC_KINDS:
+        raise JobError(
+            f"{src}: 'sampler.start' = {job.sampler.start!r} is for sampler.kind {' or '.join(map(repr, HMC_KINDS))}; "
+            f"{job.sampler.kind!r} starts from flow proposals: remove it"
+        )
+    if job.sampler.start not in START_KEYWORDS and job.sampler.kind in HMC_KINDS:
+        start = Path(job.sampler.start)
+        if not start.is_file():
+            what = "is a folder" if start.is_dir() else "no such file"
+            raise JobError(
+                f"{src}: 'sampler.start' = {job.sampler.start!r}: {what}; allowed: "
+                f"{', '.join(map(repr, START_KEYWORDS))}, an ensemble .h5 or a configuration file"
+            )
+    fits = [k for k, f in MODEL_MANIFOLD.items() if f == family]
     if not job.uses_flow:
         pass
-    elif MODEL_FIELD[job.model.kind] != spec.field_name:
-        fits = [f"model.kind {k!r}" for k, f in MODEL_FIELD.items() if f == spec.field_name]
-        use = " or ".join([*fits, "sampler.kind 'hmc'"])
+    elif not fits:
         raise JobError(
-            f"{src}: 'model.kind' = {job.model.kind!r} is a flow for {MODEL_FIELD[job.model.kind]}; theory "
-            f"'{job.theory.name}' has {spec.field_name}: use {use}"
+            f"{src}: 'sampler.kind' = {job.sampler.kind!r}: theory '{job.theory.name}' has {has} and no flow "
+            f"model.kind for them yet ({', '.join(f'{k!r}: {MANIFOLD_WORDS[f]}' for k, f in MODEL_MANIFOLD.items())}); "
+            "allowed: 'hmc'"
+        )
+    elif MODEL_MANIFOLD[job.model.kind] != family:
+        use = " or ".join([*(f"model.kind {k!r}" for k in fits), "sampler.kind 'hmc'"])
+        raise JobError(
+            f"{src}: 'model.kind' = {job.model.kind!r} is a flow for "
+            f"{MANIFOLD_WORDS[MODEL_MANIFOLD[job.model.kind]]}; theory '{job.theory.name}' has {has}: use {use}"
         )
     elif job.model.kind == "affine":
         if job.model.prior != "haar" or job.model.prior_beta is not None:
@@ -674,6 +727,8 @@ def sampler_settings(job: JobConfig) -> dict[str, Any]:
         "target_acceptance": s.target_acceptance,
         "dtype": job.run.dtype,
         **(pf if s.kind == "pf-hmc" else {}),
+        # recorded only when chosen, so that ensembles from before the key still resume
+        **({"start": s.start} if s.start != "default" else {}),
     }
 
 

@@ -35,6 +35,7 @@ from latflow.fermions.wilson import u1_links
 from latflow.flows import FlowModel, make_affine_flow, model_sha256
 from latflow.flows.gauge_layers import make_u1_equivariant_flow
 from latflow.lattice import Lattice
+from latflow.manifolds import SUN, U1Angles
 from latflow.mpi import SerialComm
 from latflow.plaquette_prior import U1PlaquettePrior
 from latflow.rng import make_generator, stream_seed
@@ -42,7 +43,16 @@ from latflow.samplers import HMC, FlowMCMC, PseudofermionFlowMCMC, Pseudofermion
 from latflow.theories import get_spec
 from latflow.training import ReverseKLTrainer, TrainingDivergedError
 
-from .config import JobConfig, JobError, sampler_settings, storage_settings, to_dict
+from .config import (
+    HMC_KINDS,
+    START_KEYWORDS,
+    JobConfig,
+    JobError,
+    field_manifold,
+    sampler_settings,
+    storage_settings,
+    to_dict,
+)
 from .progress import Progress
 
 log = logging.getLogger("latflow")
@@ -155,6 +165,8 @@ def preflight(job: JobConfig, command: str, *, resume: bool, force: bool) -> Non
         read_checkpoint(job, model)
     if resume and command in ("sample", "run") and ens.exists():
         _check_resumable(ens, _meta(job, build_theory(job), None), check_model=False)
+    if command in ("sample", "run") and job.sampler.start not in START_KEYWORDS and job.sampler.kind in HMC_KINDS:
+        read_start(job, build_theory(job))  # a wrong start file fails before anything is written
 
 
 def command_line(job: JobConfig, command: str) -> str:
@@ -491,7 +503,7 @@ def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: Se
         return PseudofermionFlowMCMC.for_theory(
             theory, model, batch_size=s.batch_size, generator=gen, chain_id=comm.rank, conditional=conditional, **pf
         )
-    x0 = 0.1 * torch.randn((s.n_chains, *theory.field_shape), generator=gen, dtype=torch_dtype(job), device=device)
+    x0 = initial_field(job, theory, s.n_chains, gen, device)
     if s.kind == "pf-hmc":
         return PseudofermionHMC.for_theory(
             theory,
@@ -515,7 +527,134 @@ def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: Se
         project=getattr(theory, "project", None),
         chain_offset=comm.rank * s.n_chains,
         step_jitter=s.step_jitter,
+        manifold=field_manifold(theory),
     )
+
+
+# --- where chains start ---------------------------------------------------------
+
+
+def initial_field(
+    job: JobConfig, theory: Any, n_chains: int, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """The fields ``[n_chains, *field_shape]`` HMC chains start from (``sampler.start``).
+
+    A keyword goes to the theory's ``initial_field(n_chains, generator, start, dtype=, device=)`` when it has
+    one, else to :func:`default_initial_field`; a file (:func:`read_start`) starts every chain from the same
+    configuration. ``dtype`` is the real precision of the run (complex fields take the matching complex one).
+    """
+    start, dtype = job.sampler.start, torch_dtype(job)
+    if start not in START_KEYWORDS:
+        x = torch.from_numpy(read_start(job, theory)).to(device=device)
+        x = x.to(dtype=dtype.to_complex() if x.is_complex() else dtype)
+        x = field_manifold(theory).project(x.unsqueeze(0))
+        return x.expand(n_chains, *x.shape[1:]).clone()
+    make = getattr(theory, "initial_field", None)
+    if callable(make):
+        return make(n_chains, generator, start, dtype=dtype, device=device)
+    shape = (n_chains, *theory.field_shape)
+    return default_initial_field(field_manifold(theory), shape, generator, start, dtype, device)
+
+
+def default_initial_field(
+    manifold: Any,
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    start: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Starts of real fields and U(1) angles ``shape = [B, *field_shape]`` for theories without ``initial_field``.
+
+    ``"default"``: ``0.1 N(0, 1)`` (the start of every earlier version, bit for bit); ``"cold"``: zeros (unit
+    links); ``"hot"``: uniform angles in ``(-pi, pi]`` (Haar links) or standard normal real fields.
+    """
+    if start == "default":
+        return 0.1 * torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    if start == "cold":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if start == "hot":
+        if isinstance(manifold, U1Angles):
+            return math.pi * (1 - 2 * torch.rand(shape, generator=generator, dtype=dtype, device=device))
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    raise ValueError(f"unknown start {start!r}; allowed: {', '.join(START_KEYWORDS)} or a file")
+
+
+GROUP_TOLERANCE = 1e-5  # max |U^dagger U - 1| and |det U - 1| of a start configuration (float32 files pass)
+
+
+def read_start(job: JobConfig, theory: Any) -> np.ndarray:
+    """The configuration ``[*field_shape]`` in the file ``sampler.start``, checked against the theory.
+
+    An HDF5 file is read as a latflow ensemble (its last stored configuration of ``fields/<field_name>``);
+    any other file with :func:`latflow.configio.read_configuration` (SU(N) links ``[d, L..., N, N]``).
+    Every mistake is a one-line :class:`JobError` naming the job file, ``sampler.start`` and what is allowed.
+    """
+    import h5py
+
+    path = Path(job.sampler.start)
+    where = f"{job.source}: 'sampler.start' = {job.sampler.start!r}"
+    manifold = field_manifold(theory)
+    if not path.is_file():
+        raise JobError(f"{where}: no such file; allowed: {', '.join(map(repr, START_KEYWORDS))} or a file")
+    if h5py.is_hdf5(path):
+        name = f"fields/{theory.field_name}"
+        try:
+            with EnsembleReader(path) as r:
+                if not r.has(name):
+                    raise JobError(f"{where}: the ensemble has no {name}; it needs one of theory '{job.theory.name}'")
+                rows = r.read(name, slice(-1, None))
+        except EnsembleError as exc:
+            raise JobError(f"{where}: not a latflow ensemble ({str(exc).removeprefix(f'{path}: ')})") from None
+        if len(rows) == 0:
+            raise JobError(f"{where}: the ensemble has no stored configuration yet")
+        x = np.asarray(rows[0])
+    else:
+        try:
+            from latflow import configio
+        except ImportError:
+            raise JobError(
+                f"{where}: configuration files (ILDG, NERSC, ...) cannot be read by this version (no "
+                "latflow.configio); use an ensemble .h5, 'cold' or 'hot'"
+            ) from None
+        if not isinstance(manifold, SUN):
+            raise JobError(
+                f"{where}: configuration files hold SU(N) links; theory '{job.theory.name}' has {manifold.name} "
+                "fields: use an ensemble .h5, 'cold' or 'hot'"
+            )
+        try:
+            x, _ = configio.read_configuration(path)
+        except (OSError, ValueError) as exc:
+            raise JobError(f"{where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        x = np.asarray(x)
+    want = tuple(theory.field_shape)
+    if tuple(x.shape) != want:
+        raise JobError(
+            f"{where}: holds a field of shape {list(x.shape)}; theory '{job.theory.name}' on 'lattice.shape' = "
+            f"{list(job.lattice.shape)} needs {list(want)}"
+        )
+    _check_group(x, manifold, where)
+    return x
+
+
+def _check_group(x: np.ndarray, manifold: Any, where: str) -> None:
+    """``JobError`` unless ``x`` ``[*field_shape]`` lies on ``manifold`` (SU(N): unitary, unit determinant)."""
+    if isinstance(manifold, SUN):
+        if not np.iscomplexobj(x):
+            raise JobError(f"{where}: holds real numbers; {manifold.name} links are complex matrices")
+        m = x.reshape(-1, manifold.n, manifold.n).astype(np.complex128)
+        unitary = np.abs(np.conj(np.swapaxes(m, -1, -2)) @ m - np.eye(manifold.n)).max(initial=0.0)
+        det = np.abs(np.linalg.det(m) - 1).max(initial=0.0)
+        if not (unitary <= GROUP_TOLERANCE and det <= GROUP_TOLERANCE):
+            raise JobError(
+                f"{where}: not {manifold.name} links (max |U^dagger U - 1| = {unitary:.2g}, max |det U - 1| = "
+                f"{det:.2g}; allowed: {GROUP_TOLERANCE:g})"
+            )
+        return
+    if np.iscomplexobj(x):
+        raise JobError(f"{where}: holds complex numbers; {manifold.name} fields are real")
+    if not np.all(np.isfinite(x)):
+        raise JobError(f"{where}: holds values that are not finite")
 
 
 MEASURE_CHUNK = 256  # configurations per call of theory.observables (bounds the memory of a block)

@@ -46,7 +46,8 @@ from scipy.special import ive
 
 from latflow.gauge import planes
 from latflow.lattice import Lattice, shift
-from latflow.sun import dagger, polyakov_loop, sun_plaquettes
+from latflow.manifolds import SUN
+from latflow.sun import dagger, haar_sun, polyakov_loop, sun_plaquettes
 
 from .base import Derived, TheorySpec
 
@@ -173,6 +174,42 @@ class SUNGaugeAction:
         self.lattice = lattice
         self.field_shape = (lattice.dim, *lattice.shape, self.n, self.n)
         self.wilson_loop_sizes = tuple((int(r), int(t)) for r, t in wilson_loops)
+        self.manifold = SUN(self.n)  # HMC: su(N) momenta, U -> exp(eps P) U, projection onto SU(N)
+
+    def initial_field(
+        self,
+        n_chains: int,
+        generator: torch.Generator,
+        start: str = "default",
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """Links ``[n_chains, d, L0, ..., L{d-1}, N, N]`` to start Markov chains from.
+
+        Parameters
+        ----------
+        n_chains
+            Batch size ``B``.
+        generator
+            Random stream (on ``device``); a cold start draws nothing from it.
+        start
+            ``"cold"`` (every link the unit matrix; also ``"default"``) or ``"hot"`` (independent Haar links).
+        dtype
+            Real precision of the run: ``float64`` gives ``complex128`` links, ``float32`` ``complex64``.
+        device
+            Where the links live.
+        """
+        cdtype = {torch.float64: torch.complex128, torch.float32: torch.complex64}.get(dtype, dtype)
+        if not cdtype.is_complex:
+            raise ValueError(f"SU(N) links need a float32/float64 precision, got {dtype}")
+        shape = (int(n_chains), *self.field_shape[:-2])
+        if start in ("cold", "default"):
+            eye = torch.eye(self.n, dtype=cdtype, device=device)
+            return eye.expand(*shape, self.n, self.n).clone()
+        if start == "hot":
+            return haar_sun(shape, self.n, generator, dtype=cdtype, device=device)
+        raise ValueError(f"start must be 'cold', 'hot' or 'default', got {start!r}")
 
     def couplings(self) -> dict[str, float]:
         return {"beta": self.beta, "n": float(self.n)}
@@ -247,8 +284,13 @@ class SUNGaugeAction:
     def exact_means(self) -> dict[str, float]:
         """Means fixed by symmetry: ``<Re tr L / N> = 0`` (center symmetry: the time links of one time slice
         times ``z = e^{2 pi i k / N}`` leave the action invariant and multiply ``tr L`` by ``z``; the average
-        over ``k`` vanishes) and, in 4D, ``<Q> = 0`` (parity)."""
+        over ``k`` vanishes), in 2D the exact torus plaquette (:func:`exact_plaquette`) and, in 4D, ``<Q> = 0``
+        (parity)."""
         means = {"polyakov_loop": 0.0}
+        if self.lattice.dim == 2 and self.beta >= 0:  # the character expansion on the torus (exact_plaquette)
+            means["plaquette"] = exact_plaquette(self.beta, self.n, self.lattice.shape)
+            if (1, 1) in self.wilson_loop_sizes:
+                means["wilson_loop_1x1"] = means["plaquette"]
         if self.lattice.dim == 4:
             means["topological_charge"] = 0.0
         return means
