@@ -1,4 +1,4 @@
-"""The ``latflow`` command: train, sample, run, analyze, verify."""
+"""The ``latflow`` command: train, sample, run, analyze, verify, export, import."""
 
 from __future__ import annotations
 
@@ -114,7 +114,50 @@ def make_parser() -> argparse.ArgumentParser:
         "damage. A consistent ensemble with fewer steps than its run asked for is INCOMPLETE (exit 0).",
     )
     v.add_argument("ensemble", help="HDF5 ensemble")
+    _config_file_args(sub)
     return parser
+
+
+def _config_file_args(sub: argparse._SubParsersAction) -> None:
+    """``export`` and ``import``: SU(3) configurations to and from ILDG, NERSC and openQCD files."""
+    e = sub.add_parser(
+        "export",
+        help="write SU(3) configurations of an ensemble as ILDG, NERSC or openQCD files",
+        description="Write configurations of an SU(3) ensemble (fields/links) as files other lattice codes "
+        "read, one file per row; 2D lattices are embedded in 4D (see latflow.configio). Refuses a damaged "
+        "ensemble and existing files (unless --force).",
+    )
+    e.add_argument("ensemble", help="HDF5 ensemble")
+    e.add_argument("--format", dest="fmt", required=True, choices=["ildg", "nersc", "openqcd"])
+    g = e.add_mutually_exclusive_group()
+    g.add_argument("--rows", help="START:STOP[:STEP] of the stored configurations (default: all)")
+    g.add_argument("--row", type=int, help="one stored configuration (negative counts from the end)")
+    e.add_argument("-o", "--out", required=True, help="output file; with several rows it must contain {row}")
+    e.add_argument("--precision", type=int, choices=[32, 64], default=64, help="ILDG/NERSC (default 64)")
+    e.add_argument("--two-rows", action="store_true", help="NERSC: store two rows per matrix (4D_SU3_GAUGE)")
+    e.add_argument("--force", action="store_true", help="replace existing files")
+    i = sub.add_parser(
+        "import",
+        help="make an ensemble from ILDG, NERSC or openQCD SU(3) configuration files",
+        description="Read SU(3) configuration files (format detected; checksums, header plaquette and SU(3) "
+        "verified) into a new ensemble, one row per file in the order given, with the theory's observables "
+        "measured; `latflow analyze` and `latflow verify` accept it.",
+    )
+    i.add_argument("files", nargs="+", metavar="FILE", help="configuration files (all of one lattice shape)")
+    i.add_argument("-o", "--out", required=True, help="ensemble to write (HDF5)")
+    i.add_argument("--theory", default="su3", help="theory of the ensemble (only su3)")
+    i.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="theory.beta=... (and theory.n=3); or use --beta",
+    )
+    i.add_argument("--beta", type=float, help="gauge coupling (default: the files' own, if they record one)")
+    i.add_argument("--format", dest="fmt", choices=["ildg", "nersc", "openqcd"], help="skip format detection")
+    i.add_argument("--ndim", type=int, choices=[2, 4], help="2: files are 2D lattices embedded in 4D; 4: keep 4D")
+    i.add_argument("--force", action="store_true", help="replace an existing ensemble")
 
 
 def _load(args: argparse.Namespace) -> JobConfig:
@@ -302,6 +345,14 @@ def main(argv: list[str] | None = None) -> int:
             return _run_job(args)
         if args.command == "analyze":
             return _analyze(args)
+        if args.command == "export":
+            from .configfiles import export_configurations
+
+            return export_configurations(args)
+        if args.command == "import":
+            from .configfiles import import_configurations
+
+            return import_configurations(args)
         return _verify(args)
     except (JobError, EnsembleError) as exc:
         print(f"latflow: error: {_one_line(exc)}", file=sys.stderr)

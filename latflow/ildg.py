@@ -387,6 +387,7 @@ def write_nersc(
     ensemble_id: str = "latflow",
     ensemble_label: str = "latflow",
     sequence_number: int = 0,
+    extra_header: dict[str, str] | None = None,
     overwrite: bool = False,
 ) -> None:
     """Write an SU(3) configuration in the NERSC archive format (big-endian, periodic boundaries).
@@ -403,6 +404,9 @@ def write_nersc(
         64 (``IEEE64BIG``) or 32 (``IEEE32BIG``).
     ensemble_id, ensemble_label, sequence_number
         Header fields.
+    extra_header
+        More ``KEY = value`` lines (e.g. ``{"BETA": "6.0"}``), written after the standard ones; keys are
+        upper-case words, values single-line; a key of the standard header is refused.
     overwrite
         Replace an existing file.
     """
@@ -434,6 +438,10 @@ def write_nersc(
         "CREATION_DATE": time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime()),
         "FLOATING_POINT": f"IEEE{precision}BIG",
     }
+    for key, value in (extra_header or {}).items():
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]*", key) or key in header or "\n" in str(value) or "=" in str(value):
+            raise ValueError(f"NERSC extra header entry {key!r} = {value!r} is not a new KEY = single-line value")
+        header[key] = str(value)
     text = "BEGIN_HEADER\n" + "".join(f"{k} = {v}\n" for k, v in header.items()) + "END_HEADER\n"
     _atomic_write(path, text.encode("ascii") + binary, overwrite)
 

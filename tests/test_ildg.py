@@ -333,3 +333,14 @@ def test_nersc_reads_little_endian(tmp_path):
     back, header = read_nersc(path)
     assert header["FLOATING_POINT"] == "IEEE64LITTLE"
     assert torch.equal(back, links)
+
+
+def test_nersc_extra_header(tmp_path):
+    links = haar_links()
+    write_nersc(tmp_path / "a", links, extra_header={"BETA": "5.7"})
+    _, header = read_nersc(tmp_path / "a")
+    assert header["BETA"] == "5.7"
+    for bad in ({"PLAQUETTE": "1"}, {"beta": "5.7"}, {"BETA": "5\n7"}):
+        with pytest.raises(ValueError, match="extra header"):
+            write_nersc(tmp_path / "b", links, extra_header=bad)
+    assert not (tmp_path / "b").exists()
