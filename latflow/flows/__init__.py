@@ -11,3 +11,4 @@ from .circular import CircularSpline, NCPMixture  # noqa: E402
 from .gauge_layers import GaugeEquivariantCoupling, make_u1_equivariant_flow, u1_masks  # noqa: E402
 
 __all__ += ["CircularSpline", "GaugeEquivariantCoupling", "NCPMixture", "make_u1_equivariant_flow", "u1_masks"]
+from .sun_layers import SUNHaarPrior, SUNSpectralCoupling, make_sun_spectral_flow  # noqa: E402, F401
