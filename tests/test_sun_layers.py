@@ -15,6 +15,7 @@ from latflow.flows.sun_layers import (
     SUNSpectralCoupling,
     coupling_schedule,
     make_sun_spectral_flow,
+    sun_coupling_schedule,
     sun_masks,
 )
 from latflow.lattice import Lattice
@@ -201,6 +202,27 @@ def test_masks_cover_every_link_and_separate_updates(shape):
         assert m.frozen.shape == (n_planes, *shape)
         assert not bool((m.frozen & m.passive).any())
         assert int(m.active.sum()) == int(m.links.sum()) > 0
+    assert bool((hits == 1).all())
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (2, 2, 2, 4), (4, 4, 2, 2)])
+def test_builder_schedule_skips_empty_masks_and_covers_short_extents(shape):
+    lat = Lattice(shape)
+    d = lat.dim
+    hits = torch.zeros((d, *shape), dtype=torch.int64)
+    sched = sun_coupling_schedule(lat, 64)
+    for s in sched:
+        m = sun_masks(lat, *s)
+        assert bool(m.links.any())
+        hits += m.links.to(torch.int64)
+    assert bool((hits >= 1).all())
+    # one full period updates every link exactly once
+    n_period = sum(
+        1 for i in range(4 * d * (2 if d > 2 else 1)) if sun_masks(lat, *coupling_schedule(d, i)).links.any()
+    )
+    hits.zero_()
+    for s in sched[:n_period]:
+        hits += sun_masks(lat, *s).links.to(torch.int64)
     assert bool((hits == 1).all())
 
 

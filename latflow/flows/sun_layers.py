@@ -58,6 +58,8 @@ __all__ = [
     "SUNHaarPrior",
     "PeriodicConvNet4d",
     "SUNSpectralCoupling",
+    "coupling_schedule",
+    "sun_coupling_schedule",
     "make_sun_spectral_flow",
 ]
 
@@ -347,6 +349,24 @@ def coupling_schedule(dim: int, i: int) -> tuple[int, int, int, int]:
     return mu, nu, offset, parity
 
 
+def sun_coupling_schedule(lattice: Lattice, n_layers: int) -> list[tuple[int, int, int, int]]:
+    """``(mu, nu, offset, parity)`` of the ``n_layers`` couplings of :func:`make_sun_spectral_flow`.
+
+    The cycle of :func:`coupling_schedule`, skipping masks that update no link (offsets beyond a short
+    extent ``L_nu < 4``), so every layer acts and each period of the list updates every link once.
+    """
+    d, out, i = lattice.dim, [], 0
+    period = STRIDE * d * (2 if d > 2 else 1) * (d - 1)
+    while len(out) < int(n_layers):
+        sched = coupling_schedule(d, i)
+        if bool(sun_masks(lattice, *sched).links.any()):
+            out.append(sched)
+        i += 1
+        if i >= period and not out:
+            raise ValueError(f"no spectral-coupling mask updates a link on lattice {list(lattice.shape)}")
+    return out
+
+
 def make_sun_spectral_flow(
     lattice: Lattice,
     n: int,
@@ -363,8 +383,9 @@ def make_sun_spectral_flow(
 ) -> FlowModel:
     """Gauge-equivariant spectral flow for SU(N) links: a prior and ``n_layers`` spectral couplings.
 
-    Layer ``i`` uses :func:`coupling_schedule` ``(dim, i)``: ``4 d`` layers (2D) or ``8 d`` layers
-    (``d >= 3``) update every link once. Network weights come from torch's global generator.
+    Layer ``i`` uses entry ``i`` of :func:`sun_coupling_schedule`: with all extents multiples of 4, ``4 d``
+    layers (2D) or ``8 d`` layers (``d >= 3``) update every link once (fewer where an extent is 2).
+    Network weights come from torch's global generator.
 
     Parameters
     ----------
@@ -400,10 +421,10 @@ def make_sun_spectral_flow(
         raise ValueError(f"n_layers must be a positive integer (0 only with an explicit prior), got {n_layers}")
     n_planes = d * (d - 1) // 2
     layers = []
-    for i in range(int(n_layers)):
+    for sched in sun_coupling_schedule(lattice, int(n_layers)):
         spline = IntervalSpline(n_bins)
         net = _make_net(d, 2 * n_planes, (n - 1) * spline.n_params, hidden, kernel_size, activation, zero_init)
-        layers.append(SUNSpectralCoupling(lattice, n, *coupling_schedule(d, i), spline, net))
+        layers.append(SUNSpectralCoupling(lattice, n, *sched, spline, net))
     if prior is None:
         prior = SUNHaarPrior(lattice, n, dtype=dtype, device=device)
     return FlowModel(prior, layers).to(dtype=dtype, device=device)
