@@ -617,13 +617,14 @@ def read_start(job: JobConfig, theory: Any) -> np.ndarray:
                 f"{where}: configuration files (ILDG, NERSC, ...) cannot be read by this version (no "
                 "latflow.configio); use an ensemble .h5, 'cold' or 'hot'"
             ) from None
-        if not isinstance(manifold, SUN):
+        if not (isinstance(manifold, SUN) and manifold.n == 3):
             raise JobError(
-                f"{where}: configuration files hold SU(N) links; theory '{job.theory.name}' has {manifold.name} "
+                f"{where}: configuration files hold SU(3) links; theory '{job.theory.name}' has {manifold.name} "
                 "fields: use an ensemble .h5, 'cold' or 'hot'"
             )
-        try:
-            x, _ = configio.read_configuration(path)
+        dim = len(job.lattice.shape)
+        try:  # a 2D job reads a 2D lattice embedded in 4D as 2D (latflow.configio)
+            x, _ = configio.read_configuration(path, ndim=dim if dim in (2, 4) else None)
         except (OSError, ValueError) as exc:
             raise JobError(f"{where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         x = np.asarray(x)

@@ -77,6 +77,9 @@ path = "u1.h5"
 """
 
 
+SU3_JOB = U1_JOB.replace('name = "u1"', 'name = "su3"').replace('path = "u1.h5"', 'path = "su3.h5"')
+
+
 def _job(kind: str = "flow", name: str = "job.toml", **changes) -> Callable[[Path, Files], None]:
     def setup(d: Path, f: Files) -> None:
         ch = {k: (f.make_job.DROP if v == DROP else v) for k, v in changes.items()}
@@ -128,6 +131,27 @@ SAMPLED = _copy("ens.model.pt", "ens.h5")
 
 CASES = [
     # --- the job file's content -----------------------------------------------------------
+    Case(
+        "su3-flow-sampler",
+        ("train", "su3.toml"),
+        ("su3.toml", "'sampler.kind'", "'flow-mcmc'", "SU(N) links", "'hmc'"),
+        _text("su3.toml", SU3_JOB.replace('kind = "hmc"', 'kind = "flow-mcmc"')),
+    ),
+    Case(
+        "su3-start-no-such-file",
+        ("sample", "su3.toml"),
+        ("su3.toml", "'sampler.start'", "nowhere.h5", "no such file", "'cold'", "'hot'"),
+        _text("su3.toml", SU3_JOB.replace('kind = "hmc"', 'kind = "hmc"\nstart = "nowhere.h5"')),
+    ),
+    Case(
+        "su3-start-from-a-scalar-ensemble",
+        ("sample", "su3.toml"),
+        ("su3.toml", "'sampler.start'", "hmc.h5", "no fields/links", "'su3'"),
+        _both(
+            _copy("hmc.h5"),
+            _text("su3.toml", SU3_JOB.replace('kind = "hmc"', 'kind = "hmc"\nstart = "hmc.h5"')),
+        ),
+    ),
     Case(
         "unknown-key", ("train", "job.toml"), ("job.toml", "'train.stepz'", "steps", "batch_size"), _job(train__stepz=3)
     ),
