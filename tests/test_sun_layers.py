@@ -23,7 +23,7 @@ from latflow.samplers import FlowMCMC
 from latflow.sun import dagger, haar_sun, plaquette_mean, sun_gauge_transform, wilson_action
 from latflow.training import ReverseKLTrainer, ess_per_config
 from tests.conftest import stat_seed
-from theories.su3 import exact_plaquette
+from theories.su3 import exact_log_z, exact_plaquette
 
 C128 = torch.complex128
 
@@ -345,16 +345,17 @@ def test_trained_su3_flow_mcmc_reproduces_exact_plaquette():
     def log_p(u):
         return -wilson_action(u, beta)
 
-    with torch.no_grad():
-        z, log_r = model.prior.sample(512, g)
-        ess_haar = ess_per_config(log_p(z) - log_r)
+    # ESS of Haar proposals, exactly: <e^{-2S}> / <e^{-S}>^2 = Z(2 beta) / Z(beta)^2 (Haar probability measure);
+    # a sample estimate is heavy-tailed (0.004 to 0.12 over seeds at 512 draws)
+    ess_haar = math.exp(2 * exact_log_z(beta, 3, (4, 4)) - exact_log_z(2 * beta, 3, (4, 4)))
+    assert ess_haar < 0.02
     trainer = ReverseKLTrainer(model, log_p, batch_size=32, lr=1e-2, generator=g)
     for _ in range(40):
         trainer.train_step()
     with torch.no_grad():
         u, log_q = model.sample(512, g)
         ess_flow = ess_per_config(log_p(u) - log_q)
-    assert ess_flow > 0.4 and ess_flow > 4 * ess_haar, (ess_flow, ess_haar)
+    assert ess_flow > 0.4, (ess_flow, ess_haar)  # 0.66-0.68 at seed offsets 0, 1
     chain = FlowMCMC(model, log_p, batch_size=500, generator=g)
     chain.run(100)
     block = chain.run(3000)
