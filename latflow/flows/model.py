@@ -49,7 +49,7 @@ class FlowModel(nn.Module):
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Log density ``[B]`` of given configurations ``x`` ``[B, ...]`` (inverse pass)."""
-        log_j_total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        log_j_total = torch.zeros(x.shape[0], dtype=x.real.dtype, device=x.device)
         for layer in reversed(self.layers):
             x, log_j = layer.reverse(x)
             log_j_total = log_j_total + log_j
