@@ -52,10 +52,14 @@ class ModelConfig:
     ``prior``: ``"haar"`` (uniform links) or ``"plaquette"`` (independent von Mises plaquettes on the 2D
     torus, :class:`latflow.plaquette_prior.U1PlaquettePrior`, with concentration ``prior_beta``; default the
     theory's gauge ``beta``). With the plaquette prior ``n_layers = 0`` is allowed: the prior alone is the
-    proposal (nothing to train).
+    proposal (nothing to train). ``sun-spectral``: gauge-equivariant spectral couplings for SU(N) links
+    (Boyda et al. 2020; :func:`latflow.flows.sun_layers.make_sun_spectral_flow`, d = 2 to 4): each active loop's
+    eigenphases move by ``n_bins``-bin splines on the maximal torus, conditioned on frozen loops through
+    convolutions (``hidden``, ``kernel_size``); ``prior`` ``"haar"`` or ``"plaquette"`` (2D: independent
+    single-plaquette SU(N) densities, :class:`latflow.sun_plaquette_prior.SUNPlaquettePrior`, with ``prior_beta``).
     """
 
-    kind: Literal["affine", "u1-equivariant"] = "affine"
+    kind: Literal["affine", "u1-equivariant", "sun-spectral"] = "affine"
     n_layers: int = 8
     hidden: tuple[int, ...] = (8, 8)
     kernel_size: int = 3
@@ -505,7 +509,8 @@ def load_job(
     return job
 
 
-MODEL_MANIFOLD = {"affine": "real", "u1-equivariant": "u1"}  # the field manifold (family) each flow kind acts on
+# the field manifold (family) each flow kind acts on
+MODEL_MANIFOLD = {"affine": "real", "u1-equivariant": "u1", "sun-spectral": "sun"}
 MANIFOLD_WORDS = {"real": "real scalar fields", "u1": "U(1) links", "sun": "SU(N) links"}
 START_KEYWORDS = ("default", "cold", "hot")
 HMC_KINDS = ("hmc", "pf-hmc")  # the samplers that start chains from sampler.start
@@ -613,6 +618,9 @@ def _check_consistency(job: JobConfig) -> None:
             raise JobError(
                 f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: model.kind 'affine' supports 1 to 3 dimensions"
             )
+    elif job.model.kind == "sun-spectral":
+        _check_gauge_prior(job, spec)
+        _check_sun_spectral(job)
     else:
         _check_gauge_prior(job, spec)
         from latflow.flows.gauge_layers import u1_masks
@@ -656,6 +664,28 @@ def _check_consistency(job: JobConfig) -> None:
 def _check_output_paths(job: JobConfig) -> None:
     if job.output.model and Path(job.output.model).resolve() == Path(job.output.path).resolve():
         raise JobError(f"{job.source}: 'output.model' must differ from 'output.path'")
+
+
+def _check_sun_spectral(job: JobConfig) -> None:
+    """Lattice and prior of ``model.kind = 'sun-spectral'``."""
+    src, shape = job.source, list(job.lattice.shape)
+    if not 2 <= len(shape) <= 4:
+        raise JobError(f"{src}: 'lattice.shape' = {shape}: model.kind 'sun-spectral' supports 2 to 4 dimensions")
+    if job.model.n_layers:
+        from latflow.flows.sun_layers import sun_coupling_schedule
+
+        try:
+            sun_coupling_schedule(Lattice(job.lattice.shape), job.model.n_layers)
+        except (ValueError, NotImplementedError) as exc:
+            raise JobError(f"{src}: 'lattice.shape' = {shape}: model.kind 'sun-spectral': {exc}") from None
+    if job.model.prior == "plaquette":
+        try:
+            from latflow.sun_plaquette_prior import SUNPlaquettePrior  # noqa: F401
+        except ImportError:
+            raise JobError(
+                f"{src}: 'model.prior' = 'plaquette': the SU(N) plaquette prior is not in this version; "
+                "use model.prior = 'haar'"
+            ) from None
 
 
 def _check_gauge_prior(job: JobConfig, spec: Any) -> None:

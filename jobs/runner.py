@@ -34,6 +34,7 @@ from latflow.fermions.training_target import training_action
 from latflow.fermions.wilson import u1_links
 from latflow.flows import FlowModel, make_affine_flow, model_sha256
 from latflow.flows.gauge_layers import make_u1_equivariant_flow
+from latflow.flows.sun_layers import make_sun_spectral_flow
 from latflow.lattice import Lattice
 from latflow.manifolds import SUN, U1Angles
 from latflow.mpi import SerialComm
@@ -89,6 +90,8 @@ def build_model(job: JobConfig, device: torch.device) -> FlowModel:
         torch.manual_seed(stream_seed(job.run.seed, STREAM_INIT))
         if m.kind == "affine":
             model = make_affine_flow(lattice, m.n_layers, m.hidden, m.kernel_size, m.prior_sigma, dtype=torch.float64)
+        elif m.kind == "sun-spectral":
+            return _build_sun_spectral(job, lattice, device)
         else:
             prior = None
             if m.prior == "plaquette":
@@ -107,6 +110,37 @@ def build_model(job: JobConfig, device: torch.device) -> FlowModel:
                 dtype=torch.float64,
             )
     return model.to(device=device, dtype=torch_dtype(job))
+
+
+def _build_sun_spectral(job: JobConfig, lattice: Lattice, device: torch.device) -> FlowModel:
+    """``model.kind = 'sun-spectral'`` in the run's precision (complex links of its real dtype), on ``device``."""
+    m, n = job.model, int(job.theory.couplings.n)
+    dtype = torch_dtype(job)
+    prior = None
+    if m.prior == "plaquette":
+        from latflow.sun_plaquette_prior import SUNPlaquettePrior
+
+        beta = m.prior_beta if m.prior_beta is not None else float(job.theory.couplings.beta)
+
+        def plaquette_prior() -> Any:
+            return SUNPlaquettePrior(lattice, beta, n, dtype=dtype.to_complex(), device=device)
+
+        prior = plaquette_prior()
+    model = make_sun_spectral_flow(
+        lattice,
+        n,
+        m.n_layers,
+        m.hidden,
+        m.kernel_size,
+        n_bins=m.n_bins,
+        prior=prior,
+        zero_init=prior is not None,  # on a structure-aware prior the couplings start as the identity
+        dtype=dtype,
+        device=device,
+    )
+    if prior is not None:  # the flow's cast to the real dtype turns the prior's complex buffers real: a fresh one
+        model.prior = plaquette_prior()
+    return model
 
 
 def _model_signature(job: JobConfig) -> str:

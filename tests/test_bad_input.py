@@ -132,9 +132,9 @@ SAMPLED = _copy("ens.model.pt", "ens.h5")
 CASES = [
     # --- the job file's content -----------------------------------------------------------
     Case(
-        "su3-flow-sampler",
+        "su3-scalar-flow",
         ("train", "su3.toml"),
-        ("su3.toml", "'sampler.kind'", "'flow-mcmc'", "SU(N) links", "'hmc'"),
+        ("su3.toml", "'model.kind'", "'affine'", "SU(N) links", "'sun-spectral'", "'hmc'"),
         _text("su3.toml", SU3_JOB.replace('kind = "hmc"', 'kind = "flow-mcmc"')),
     ),
     Case(

@@ -301,6 +301,10 @@ class SUNGaugeAction:
             return None
         return exact_log_z(self.beta, self.n, self.lattice.shape)
 
+    def field_log_volume(self) -> float:
+        """0: fields, flows' ``log q`` and :meth:`exact_log_z` all refer to the Haar probability measure."""
+        return 0.0
+
     def exact_plaquette(self) -> float | None:
         """Exact ``<Re tr P / N>`` on the 2D torus (:func:`exact_plaquette`); ``None`` for ``d != 2``."""
         if self.lattice.dim != 2:
