@@ -11,6 +11,10 @@ Each field lives on a manifold: real scalars on ``R^n``, U(1) link angles on the
 - ``force(action, x)``: the derivative of ``S`` along the manifold's directions, in the coordinates of ``p``;
 - ``project(x)``: the map back onto the manifold (or to a canonical representative), applied once per trajectory.
 
+Gauge manifolds (:class:`U1Angles`, :class:`SUN`) also have ``links(x)`` (the complex links of the field) and
+``link_force(G, x)`` (the force in the coordinates of ``p`` from a closed-form gradient ``G = dS/dU`` in torch's
+convention ``dS = Re tr(G^dagger dU)``), used by the pseudofermion forces, which never differentiate a solver.
+
 ``drift`` and ``kick`` may update their first argument in place and return it (the integrator passes private
 copies); callers must use the returned tensor.
 
@@ -120,6 +124,14 @@ class U1Angles(Euclidean):
         """:func:`latflow.gauge.wrap_angle` (bit for bit on angles already in ``(-pi, pi]``)."""
         return wrap_angle(x)
 
+    def links(self, x: torch.Tensor) -> torch.Tensor:
+        """Complex links ``exp(i theta)`` ``[B, d, L...]`` of the angles ``x``."""
+        return torch.polar(torch.ones_like(x), x)
+
+    def link_force(self, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``dS/dtheta = Re(conj(G) i U) = -Im(U conj(G))`` ``[B, d, L...]`` from ``G = dS/dU`` (torch convention)."""
+        return -(self.links(x) * grad.conj()).imag
+
 
 class SUN:
     """SU(N) links ``U`` ``[B, ..., N, N]`` (complex; lattice layout ``[B, d, L0, ..., N, N]``).
@@ -162,6 +174,14 @@ class SUN:
     def lie_force(self, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``F = (1/2) ta(G U^dagger)`` ``[B, ..., N, N]`` from the autograd gradient ``G = dS/dU``."""
         return 0.5 * traceless_antihermitian(grad @ dagger(x))
+
+    def links(self, x: torch.Tensor) -> torch.Tensor:
+        """The links themselves (the field is already complex ``[B, d, L..., N, N]``)."""
+        return x
+
+    def link_force(self, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`lie_force`: ``F = (1/2) ta(G U^dagger)`` from a closed-form ``G = dS/dU`` (e.g. pseudofermions)."""
+        return self.lie_force(grad, x)
 
     def force(self, action: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Left Lie derivative of ``S`` as an su(N) matrix ``F = i sum_a T_a d_a S`` ``[B, ..., N, N]``."""

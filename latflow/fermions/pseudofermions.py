@@ -1,4 +1,4 @@
-"""Pseudofermions for Nf = 2 Wilson fermions on U(1) gauge fields, with even/odd and Hasenbusch.
+"""Pseudofermions for Nf = 2 Wilson fermions on U(1) or SU(N) gauge fields, with even/odd and Hasenbusch.
 
 The Nf = 2 weight ``det(D^dagger D)`` is written as a Gaussian integral over a complex field
 ``phi`` (the pseudofermion):
@@ -31,7 +31,15 @@ fixed ``v``; for the ratio factor ``v = A'^dag phi`` also moves, adding ``2 Re(p
   ``w = H^dag a = gamma_5 H gamma_5 a`` (``a``, ``b`` even: ``c``, ``w`` live on odd sites),
 
 and :func:`hop_derivative` gives ``d Re(a^dag H b) / d theta`` in closed form, so no solver is
-ever differentiated. Only U(1) links (``n_colors = 1``) are supported here.
+ever differentiated.
+
+Any gauge group: :func:`hop_link_gradient` gives ``G = d Re(a^dag H b) / dU`` in torch's convention
+(``d Re(a^dag H b) = Re tr(G^dagger dU)``) for U(1) links ``[B, d, *L]`` and SU(N) links
+``[B, d, *L, N, N]``; the factors' ``link_gradient(U, phi)`` assemble ``dS/dU`` from it exactly as
+above, and the field's manifold turns it into its force (``link_force``: ``-Im(U conj(G))`` for U(1)
+angles, ``F = (1/2) ta(G U^dagger)`` for SU(N), see :mod:`latflow.manifolds`). ``force(x, phi)``
+takes real U(1) angles (the angle formulas above, unchanged) or complex SU(N) links (the manifold route,
+``SUN(n_colors)`` by default).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from typing import Any, Protocol
 import torch
 
 from latflow.lattice import shift
+from latflow.manifolds import SUN
 
 from .evenodd import EvenOddWilson
 from .gamma import gamma_matrices
@@ -56,6 +65,7 @@ __all__ = [
     "complex_gaussian",
     "heatbath",
     "hop_derivative",
+    "hop_link_gradient",
 ]
 
 
@@ -160,6 +170,57 @@ def hop_derivative(dirac: WilsonDirac, U: torch.Tensor, a: torch.Tensor, b: torc
     return torch.stack(out, dim=1)
 
 
+def hop_link_gradient(dirac: WilsonDirac, U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``G = d Re(a^dagger H b) / dU`` in torch's convention (``d Re(a^dag H b) = Re tr(G^dagger dU)``).
+
+    The link ``U_mu(x)`` enters ``a^dag H b`` through the forward hop
+    ``s_mu(x) a(x)^dag (1 - gamma_mu) U_mu(x) b(x+mu)`` and the backward hop
+    ``s_mu(x) a(x+mu)^dag (1 + gamma_mu) U_mu(x)^dagger b(x)``, which give (spin indices summed,
+    colour indices ``c, e``)
+
+    ``G_mu(x)_{ce} = s_mu(x) [ sum_i a_{ic}(x) conj(((1 - gamma_mu) b(x+mu))_{ie})
+    + sum_i ((1 + gamma_mu) b(x))_{ic} conj(a_{ie}(x+mu)) ]``.
+
+    For U(1) (no colour axis) the same formula with scalar links. Closed form: nothing is
+    differentiated. With the manifold's ``link_force`` this gives the force on U(1) angles
+    (``dS/dtheta = -Im(U conj(G))``) or on SU(N) links (``F = (1/2) ta(G U^dagger)``).
+
+    Parameters
+    ----------
+    dirac
+        The Wilson operator, for its lattice, spin dimension, colours and boundary.
+    U
+        Complex links ``[B, d, *L]`` (U(1)) or ``[B, d, *L, N, N]`` (SU(N)).
+    a, b
+        Spinors ``[B, *L, Ns]`` (U(1)) or ``[B, *L, Ns, N]`` (SU(N)).
+
+    Returns
+    -------
+    torch.Tensor
+        Complex, the shape of ``U``.
+    """
+    d = dirac.lattice.dim
+    gam = gamma_matrices(d, dtype=a.dtype, device=a.device)
+    eye = torch.eye(gam.shape[-1], dtype=a.dtype, device=a.device)
+    colour = int(getattr(dirac, "n_colors", 1)) > 1
+    out = []
+    for mu in range(d):
+        b_fwd = shift(b, mu)
+        if colour:
+            # spinors [B, *L, Ns, N]: spin matrices act on axis -2
+            pb = torch.matmul(eye - gam[mu], b_fwd)
+            qb = torch.matmul(eye + gam[mu], b)
+            g = a.transpose(-1, -2) @ pb.conj() + qb.transpose(-1, -2) @ shift(a, mu).conj()
+        else:
+            pb = b_fwd @ (eye - gam[mu]).T
+            qb = b @ (eye + gam[mu]).T
+            g = (a * pb.conj()).sum(dim=-1) + (qb * shift(a, mu).conj()).sum(dim=-1)
+        if mu == 0 and getattr(dirac, "antiperiodic_time", True):
+            g = torch.cat([g[:, :-1], -g[:, -1:]], dim=1)
+        out.append(g)
+    return torch.stack(out, dim=1)
+
+
 class _Operator(Protocol):
     """What a pseudofermion factor needs from ``A`` (``D`` or ``M_hat``)."""
 
@@ -174,6 +235,8 @@ class _Operator(Protocol):
     def apply_normal(self, U: torch.Tensor, psi: torch.Tensor) -> torch.Tensor: ...
 
     def derivative(self, U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor: ...
+
+    def link_derivative(self, U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor: ...
 
 
 class _FullOperator:
@@ -197,6 +260,10 @@ class _FullOperator:
     def derivative(self, U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``d Re(a^dag D b) / d theta`` ``[B, d, *L]``."""
         return -self.kappa * hop_derivative(self.dirac, U, a, b)
+
+    def link_derivative(self, U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``d Re(a^dag D b) / dU`` (torch convention), the shape of ``U``."""
+        return -self.kappa * hop_link_gradient(self.dirac, U, a, b)
 
 
 class _EvenOddOperator:
@@ -227,11 +294,26 @@ class _EvenOddOperator:
         w = dirac.gamma5(dirac.hop(U, dirac.gamma5(a)))
         return -(self.kappa**2) * (hop_derivative(dirac, U, a, c) + hop_derivative(dirac, U, w, b))
 
+    def link_derivative(self, U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``d Re(a^dag M_hat b) / dU`` (torch convention) for even ``a``, ``b``; the shape of ``U``."""
+        dirac = self.dirac
+        c = dirac.hop(U, b)
+        w = dirac.gamma5(dirac.hop(U, dirac.gamma5(a)))
+        return -(self.kappa**2) * (hop_link_gradient(dirac, U, a, c) + hop_link_gradient(dirac, U, w, b))
+
 
 def _make_operator(dirac: WilsonDirac, even_odd: bool) -> _FullOperator | _EvenOddOperator:
-    if int(getattr(dirac, "n_colors", 1)) != 1:
-        raise ValueError("pseudofermion forces are implemented for U(1) links (n_colors = 1)")
     return _EvenOddOperator(dirac) if even_odd else _FullOperator(dirac)
+
+
+def _link_manifold(manifold: Any, dirac: WilsonDirac) -> Any:
+    """The manifold of complex link fields: ``manifold``, or ``SUN(n_colors)`` when ``None``."""
+    if manifold is not None:
+        return manifold
+    n = int(getattr(dirac, "n_colors", 1))
+    if n < 2:
+        raise ValueError("complex U(1) links need a manifold with links()/link_force(); pass real angles instead")
+    return SUN(n)
 
 
 class SolveStats:
@@ -298,7 +380,7 @@ class PseudofermionFactor(_FactorBase):
     Parameters
     ----------
     dirac
-        Wilson operator (U(1) links).
+        Wilson operator (U(1) or SU(N) links).
     even_odd
         Use the even-site Schur complement ``M_hat`` (same determinant, better conditioned).
     tol, max_iter
@@ -333,8 +415,26 @@ class PseudofermionFactor(_FactorBase):
         x = self._solve_normal(self.op, U, phi)
         return _vdot(phi, x).real
 
-    def force(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-        """``dS / dtheta = -2 Re(Y^dag dA X)`` ``[B, d, *L]`` with ``X = (A^dag A)^{-1} phi``, ``Y = A X``."""
+    def link_gradient(self, U: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """``dS/dU = -2 d Re(Y^dag A X)/dU`` (torch convention) with ``X = (A^dag A)^{-1} phi``, ``Y = A X``.
+
+        Links ``U`` ``[B, d, *L]`` (U(1)) or ``[B, d, *L, N, N]`` (SU(N)); the result has their shape.
+        """
+        x = self._solve_normal(self.op, U, phi)
+        y = self.op.apply(U, x)
+        return -2.0 * self.op.link_derivative(U, y, x)
+
+    def force(self, theta: torch.Tensor, phi: torch.Tensor, manifold: Any = None) -> torch.Tensor:
+        """The force of ``S`` in the coordinates of the field's manifold.
+
+        Real U(1) angles ``theta`` ``[B, d, *L]``: ``dS/dtheta = -2 Re(Y^dag dA X)`` with
+        ``X = (A^dag A)^{-1} phi``, ``Y = A X`` (``manifold`` is not needed). Complex links (SU(N)
+        ``[B, d, *L, N, N]``): ``manifold.link_force(link_gradient(U, phi), U)``, the su(N) force
+        ``F = (1/2) ta(G U^dagger)`` for :class:`latflow.manifolds.SUN` (the default).
+        """
+        if theta.is_complex():
+            mf = _link_manifold(manifold, self.dirac)
+            return mf.link_force(self.link_gradient(mf.links(theta), phi), theta)
         U = u1_links(theta)
         x = self._solve_normal(self.op, U, phi)
         y = self.op.apply(U, x)
@@ -391,11 +491,26 @@ class HasenbuschRatioFactor(_FactorBase):
         x = self._solve_normal(self.op, U, v)
         return _vdot(v, x).real
 
-    def force(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-        """``dS / dtheta = 2 Re(phi^dag dA' X) - 2 Re(Y^dag dA X)`` ``[B, d, *L]``.
+    def link_gradient(self, U: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """``dS/dU = 2 d Re(phi^dag A' X)/dU - 2 d Re(Y^dag A X)/dU`` (torch convention), the shape of ``U``.
 
         ``X = (A^dag A)^{-1} A'^dag phi``, ``Y = A X``.
         """
+        v = self.op_heavy.apply_dagger(U, phi)
+        x = self._solve_normal(self.op, U, v)
+        y = self.op.apply(U, x)
+        return 2.0 * (self.op_heavy.link_derivative(U, phi, x) - self.op.link_derivative(U, y, x))
+
+    def force(self, theta: torch.Tensor, phi: torch.Tensor, manifold: Any = None) -> torch.Tensor:
+        """The force of ``S`` in the manifold's coordinates (see :meth:`PseudofermionFactor.force`).
+
+        U(1) angles: ``dS / dtheta = 2 Re(phi^dag dA' X) - 2 Re(Y^dag dA X)`` ``[B, d, *L]`` with
+        ``X = (A^dag A)^{-1} A'^dag phi``, ``Y = A X``; complex links: ``manifold.link_force`` of
+        :meth:`link_gradient`.
+        """
+        if theta.is_complex():
+            mf = _link_manifold(manifold, self.dirac)
+            return mf.link_force(self.link_gradient(mf.links(theta), phi), theta)
         U = u1_links(theta)
         v = self.op_heavy.apply_dagger(U, phi)
         x = self._solve_normal(self.op, U, v)
@@ -428,7 +543,7 @@ def heatbath(
 
 
 class Nf2Pseudofermions:
-    """All pseudofermion factors of ``det(D^dag D)`` (Nf = 2 Wilson, U(1) links).
+    """All pseudofermion factors of ``det(D^dag D)`` (Nf = 2 Wilson, U(1) or SU(N) links).
 
     With Hasenbusch hopping parameters ``kappa_1 < ... < kappa_k < kappa`` the factors are
     ``det(A_1^dag A_1)`` (plain) followed by the ratios ``det(A_{i+1}^dag A_{i+1} / A_i^dag A_i)``
@@ -519,12 +634,30 @@ class Nf2Pseudofermions:
         self._check(phis)
         return [f.action(U, phi) for f, phi in zip(self.factors, phis)]
 
-    def force(self, theta: torch.Tensor, phis: list[torch.Tensor]) -> torch.Tensor:
-        """``dS/dtheta`` ``[B, d, *L]`` summed over the factors, for angles ``theta`` ``[B, d, *L]``."""
+    def force(self, theta: torch.Tensor, phis: list[torch.Tensor], manifold: Any = None) -> torch.Tensor:
+        """The force summed over the factors, in the coordinates of the field's manifold.
+
+        U(1) angles ``theta`` ``[B, d, *L]``: ``dS/dtheta`` (as before, ``manifold`` unused); SU(N)
+        links ``[B, d, *L, N, N]``: the su(N) force ``F = (1/2) ta(G U^dagger)`` of ``manifold``
+        (default ``SUN(n_colors)``), ``G = dS/dU`` from :meth:`link_gradient`.
+        """
         self._check(phis)
+        if theta.is_complex():
+            mf = _link_manifold(manifold, self.dirac)
+            return mf.link_force(self.link_gradient(mf.links(theta), phis), theta)
         out = None
         for f, phi in zip(self.factors, phis):
             g = f.force(theta, phi)
+            out = g if out is None else out + g
+        assert out is not None
+        return out
+
+    def link_gradient(self, U: torch.Tensor, phis: list[torch.Tensor]) -> torch.Tensor:
+        """``dS/dU`` (torch convention, ``dS = Re tr(G^dagger dU)``) summed over the factors; the shape of ``U``."""
+        self._check(phis)
+        out = None
+        for f, phi in zip(self.factors, phis):
+            g = f.link_gradient(U, phi)
             out = g if out is None else out + g
         assert out is not None
         return out

@@ -92,13 +92,16 @@ class StochasticLogdetGradient:
         self.last_iterations: torch.Tensor | None = None
 
     def surrogate(self, theta: torch.Tensor) -> torch.Tensor:
-        """``(1/n_noise) sum_k Re[psi_k^dag D^dag D eta_k]`` ``[B]`` for links ``theta`` ``[B, 2, L0, L1]``.
+        """``(1/n_noise) sum_k Re[psi_k^dag D^dag D eta_k]`` ``[B]`` for U(1) angles ``theta`` ``[B, d, *L]``
+        or complex SU(N) links ``[B, d, *L, N, N]``.
 
         Its gradient with respect to ``theta`` (through ``D`` only; ``psi_k = (D^dag D)^{-1} eta_k`` is a
-        constant) is an unbiased estimate of ``d log det(D^dag D) / d theta`` ``[B, 2, L0, L1]``.
+        constant) is an unbiased estimate of ``d log det(D^dag D) / d theta`` (for complex links in torch's
+        convention ``d = Re tr(G^dagger dU)``; :meth:`latflow.manifolds.SUN.lie_force` turns it into a force).
         """
         b, n = theta.shape[0], self.n_noise
-        U = u1_links(theta).repeat_interleave(n, dim=0)  # [B * n, 2, L0, L1], differentiable
+        links = theta if theta.is_complex() else u1_links(theta)
+        U = links.repeat_interleave(n, dim=0)  # [B * n, *link_shape], differentiable
         eta = noise_vectors((b * n, *self.dirac.field_shape), self.generator, self.noise, U.dtype, theta.device)
         with torch.no_grad():
             Ud = U.detach()
@@ -115,7 +118,7 @@ class StochasticLogdetGradient:
         return s - s.detach()
 
     def gradient(self, theta: torch.Tensor) -> torch.Tensor:
-        """The estimate of ``d log det(D^dag D) / d theta`` ``[B, 2, L0, L1]`` itself (for tests and diagnostics)."""
+        """The estimate of ``d log det(D^dag D) / d theta`` (the shape of ``theta``) itself (tests, diagnostics)."""
         x = theta.detach().requires_grad_(True)
         with torch.enable_grad():
             (g,) = torch.autograd.grad(self.surrogate(x).sum(), x)

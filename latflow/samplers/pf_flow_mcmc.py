@@ -1,4 +1,4 @@
-"""Flow-MCMC in the joint space of links and pseudofermions (Nf = 2 Wilson fermions, U(1) links).
+"""Flow-MCMC in the joint space of links and pseudofermions (Nf = 2 Wilson fermions, U(1) or SU(N) links).
 
 The exact-determinant target ``exp(-S_g(U)) det(D^dag D)`` is the ``U``-marginal of the joint
 
@@ -23,6 +23,12 @@ Training: :class:`JointProposal` (flow and conditional as one model) and :class:
 (the joint ``log p``, differentiable without differentiating a solver) plug into
 :class:`latflow.training.ReverseKLTrainer` for reverse-KL training on the joint target, of the
 conditional alone (freeze the flow) or of both.
+
+Fields: U(1) flows produce real angles ``theta`` ``[B, d, *L]`` (complex links ``exp(i theta)``);
+SU(N) flows produce the complex links ``[B, d, *L, N, N]`` themselves. The field's ``manifold``
+(:class:`~latflow.manifolds.U1Angles` or :class:`~latflow.manifolds.SUN`, chosen from the Wilson
+operator's ``n_colors`` by default) converts fields to links (``links``) and closed-form link
+gradients to forces (``link_force``).
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from latflow.fermions.conditional import (
 )
 from latflow.fermions.pseudofermions import Nf2Pseudofermions
 from latflow.fermions.solvers import ConvergenceError
-from latflow.fermions.wilson import WilsonDirac, u1_links
+from latflow.fermions.wilson import WilsonDirac
+from latflow.manifolds import SUN, U1Angles
 
 from .flow_mcmc import FlowMCMC
 
@@ -51,17 +58,26 @@ __all__ = ["PseudofermionFlowMCMC", "JointProposal", "JointTarget", "exact_deter
 LOG_PI = math.log(math.pi)
 
 
+def _gauge_manifold(manifold: Any, dirac: WilsonDirac) -> Any:
+    """``manifold``, or the default for the operator's links: ``U1Angles`` (``n_colors = 1``) or ``SUN(N)``."""
+    if manifold is not None:
+        return manifold
+    n = int(getattr(dirac, "n_colors", 1))
+    return U1Angles() if n == 1 else SUN(n)
+
+
 class PseudofermionFlowMCMC(FlowMCMC):
     """Independence Metropolis on links and pseudofermions with flow proposals (see the module notes).
 
     Parameters
     ----------
     model
-        Gauge flow: ``sample(B, generator) -> (theta [B, d, *L], log_q [B])`` (real link angles).
+        Gauge flow: ``sample(B, generator) -> (x, log_q [B])`` with ``x`` real link angles
+        ``[B, d, *L]`` (U(1)) or SU(N) links ``[B, d, *L, N, N]``.
     gauge_action
-        ``theta [B, d, *L] -> S_g [B]``.
+        ``x -> S_g [B]``.
     dirac
-        Wilson operator at the target ``kappa`` (U(1) links).
+        Wilson operator at the target ``kappa`` (``n_colors = 1`` for U(1), ``N`` for SU(N)).
     batch_size
         Proposals per model call.
     generator
@@ -86,6 +102,8 @@ class PseudofermionFlowMCMC(FlowMCMC):
         residual of 1e-10 to 1e-8 in float64 (seen at 4x4 and 8x8, ``beta = 2``, ``kappa = 0.276``).
     chain_id
         Stream id recorded in the rows.
+    manifold
+        The field's manifold (``links(x)`` gives the complex links); default from ``dirac.n_colors``.
 
     Attributes
     ----------
@@ -128,7 +146,9 @@ class PseudofermionFlowMCMC(FlowMCMC):
         max_iter: int = 10_000,
         dense_fallback: bool = False,
         chain_id: int = 0,
+        manifold: Any = None,
     ) -> None:
+        self.manifold = _gauge_manifold(manifold, dirac)
         super().__init__(model, self._log_p_unavailable, batch_size=batch_size, generator=generator, chain_id=chain_id)
         if even_odd is None:
             even_odd = conditional.even_odd if conditional is not None else False
@@ -169,7 +189,13 @@ class PseudofermionFlowMCMC(FlowMCMC):
 
     @classmethod
     def for_theory(cls, theory: Any, model: Any, **kwargs: Any) -> PseudofermionFlowMCMC:
-        """Build from a theory with ``gauge_action`` and ``dirac`` (e.g. the Schwinger model)."""
+        """Build from a theory with ``gauge_action`` and ``dirac`` (e.g. the Schwinger model, su3-nf2).
+
+        A theory's gauge ``manifold`` (e.g. ``SUN(3)``) is passed on unless ``manifold`` is given.
+        """
+        mf = getattr(theory, "manifold", None)
+        if "manifold" not in kwargs and mf is not None and hasattr(mf, "links"):
+            kwargs["manifold"] = mf
         return cls(model, theory.gauge_action, theory.dirac, **kwargs)
 
     def config(self) -> dict[str, Any]:
@@ -191,7 +217,7 @@ class PseudofermionFlowMCMC(FlowMCMC):
             ``-S_g - sum_f (phi_f^dag K_f^{-1} phi_f + n_f log pi)`` ``[B]`` and the CG iterations
             ``[B, n_factors]`` of the solves.
         """
-        U = u1_links(theta)
+        U = self.manifold.links(theta)
         pf = self.pseudofermions
         try:
             s_pf = pf.action(U, list(phis))
@@ -216,7 +242,7 @@ class PseudofermionFlowMCMC(FlowMCMC):
         while n > 0:
             b = min(n, self.batch_size)
             theta, log_q = self.model.sample(b, self.generator)
-            phis, log_r = self.conditional.sample(u1_links(theta), self.generator)
+            phis, log_r = self.conditional.sample(self.manifold.links(theta), self.generator)
             log_p, iters = self.joint_log_p(theta, phis)
             u = torch.rand(b, generator=self.generator, dtype=log_p.dtype, device=log_p.device)
             xs.append(theta)
@@ -276,16 +302,17 @@ class JointProposal(nn.Module):
     (``flow.requires_grad_(False)``) to train the conditional alone.
     """
 
-    def __init__(self, flow: nn.Module, conditional: ConditionalPseudofermions) -> None:
+    def __init__(self, flow: nn.Module, conditional: ConditionalPseudofermions, manifold: Any = None) -> None:
         super().__init__()
         self.flow = flow
         self.conditional = conditional
+        self.manifold = _gauge_manifold(manifold, conditional.layout[0].dirac)
 
     def sample(
         self, batch_size: int, generator: torch.Generator
     ) -> tuple[tuple[torch.Tensor, list[torch.Tensor]], torch.Tensor]:
         theta, log_q = self.flow.sample(batch_size, generator)
-        phis, log_r = self.conditional.sample(u1_links(theta), generator)
+        phis, log_r = self.conditional.sample(self.manifold.links(theta), generator)
         return (theta, phis), log_q + log_r
 
 
@@ -304,11 +331,21 @@ class JointTarget:
         ``theta -> S_g [B]`` (differentiable).
     pseudofermions
         The factors (e.g. ``sampler.pseudofermions``).
+    manifold
+        The field's manifold; default from the operator's ``n_colors``. For SU(N) links the gradient
+        in ``U`` flows through ``Re tr(G^dagger dU)`` with the closed-form ``G = dS_pf/dU``
+        (:meth:`Nf2Pseudofermions.link_gradient`).
     """
 
-    def __init__(self, gauge_action: Callable[[torch.Tensor], torch.Tensor], pseudofermions: Nf2Pseudofermions) -> None:
+    def __init__(
+        self,
+        gauge_action: Callable[[torch.Tensor], torch.Tensor],
+        pseudofermions: Nf2Pseudofermions,
+        manifold: Any = None,
+    ) -> None:
         self.gauge_action = gauge_action
         self.pseudofermions = pseudofermions
+        self.manifold = _gauge_manifold(manifold, pseudofermions.dirac)
         self.layout = layout_of(pseudofermions)
         self.n_components_total = sum(f.n_components for f in self.layout)
 
@@ -318,7 +355,7 @@ class JointTarget:
             raise ValueError(f"expected {len(self.layout)} pseudofermions, got {len(phis)}")
         pf = self.pseudofermions
         with torch.no_grad():
-            U = u1_links(theta.detach())
+            U = self.manifold.links(theta.detach())
             solved = [
                 f.quadratic_form(U, phi.detach(), tol=pf.tol, max_iter=pf.max_iter) for f, phi in zip(self.layout, phis)
             ]
@@ -327,7 +364,11 @@ class JointTarget:
         for (_, xf, _), phi in zip(solved, phis):
             if phi.requires_grad:
                 s_pf = s_pf + 2.0 * (xf.conj() * (phi - phi.detach())).flatten(1).sum(1).real
-        if theta.requires_grad:
+        if theta.requires_grad and theta.is_complex():
+            with torch.no_grad():
+                grad = pf.link_gradient(U, [phi.detach() for phi in phis])
+            s_pf = s_pf + (grad.conj() * (theta - theta.detach())).flatten(1).sum(1).real
+        elif theta.requires_grad:
             with torch.no_grad():
                 force = pf.force(theta.detach(), [phi.detach() for phi in phis])
             s_pf = s_pf + (force * (theta - theta.detach())).flatten(1).sum(1)

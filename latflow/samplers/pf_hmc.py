@@ -1,16 +1,20 @@
-"""HMC with pseudofermions: Nf = 2 Wilson fermions on U(1) gauge links, batched over chains.
+"""HMC with pseudofermions: Nf = 2 Wilson fermions on U(1) or SU(N) gauge links, batched over chains.
 
-Target ``exp(-S_g(theta)) det(D^dag D)``, sampled jointly with pseudofermions ``phi`` from
-``exp(-S_g(theta) - S_pf(theta, phi))`` (:class:`latflow.fermions.pseudofermions.Nf2Pseudofermions`).
+Target ``exp(-S_g(U)) det(D^dag D)``, sampled jointly with pseudofermions ``phi`` from
+``exp(-S_g(U) - S_pf(U, phi))`` (:class:`latflow.fermions.pseudofermions.Nf2Pseudofermions`).
+The field's manifold (:mod:`latflow.manifolds`: :class:`~latflow.manifolds.U1Angles` for angles
+``theta`` ``[B, d, *L]``, :class:`~latflow.manifolds.SUN` for links ``[B, d, *L, N, N]``) supplies
+momenta, kinetic energy, drift, kick, the complex links of the field and the projection.
 Each trajectory, for every chain at once:
 
 1. (optional) jitter of the step size, one draw shared by all chains;
-2. momenta ``p ~ N(0, 1)`` per link;
+2. momenta from the manifold (``p ~ N(0, 1)`` per angle; Gaussian su(N) per SU(N) link);
 3. pseudofermion heatbath, one field per factor and chain (``S_pf = sum |chi|^2`` exactly);
 4. molecular dynamics (Omelyan or leapfrog, as :class:`latflow.samplers.hmc.HMC`) with the force
-   ``dS_g/dtheta + dS_pf/dtheta`` at fixed ``phi``;
-5. Metropolis on ``H = p^2/2 + S_g + S_pf`` (``S_pf`` at the end point by CG), accumulated in float64;
-6. accepted angles are wrapped into ``(-pi, pi]``.
+   of ``S_g + S_pf`` at fixed ``phi`` (U(1): ``dS/dtheta``; SU(N): ``F = (1/2) ta(G U^dagger)``
+   from the closed-form ``G = dS_pf/dU``);
+5. Metropolis on ``H = K(p) + S_g + S_pf`` (``S_pf`` at the end point by CG), accumulated in float64;
+6. accepted fields are projected (angles wrapped into ``(-pi, pi]``; SU(N) links re-unitarised).
 
 Draws go in that order through one caller-held generator, so a state saved between
 trajectories continues bit for bit.
@@ -24,8 +28,8 @@ from typing import Any
 import torch
 
 from latflow.fermions.pseudofermions import Nf2Pseudofermions
-from latflow.fermions.wilson import WilsonDirac, u1_links
-from latflow.gauge import wrap_angle
+from latflow.fermions.wilson import WilsonDirac
+from latflow.manifolds import SUN, FieldManifold, U1Angles
 
 from .hmc import HMC, action_force
 from .records import SampleBlock
@@ -34,20 +38,22 @@ __all__ = ["PseudofermionHMC"]
 
 
 class PseudofermionHMC(HMC):
-    """Nf = 2 HMC for U(1) gauge links with Wilson pseudofermions; ``B`` chains in lock step.
+    """Nf = 2 HMC for U(1) or SU(N) gauge links with Wilson pseudofermions; ``B`` chains in lock step.
 
     Parameters
     ----------
     gauge_action
-        ``theta [B, d, *L] -> S_g [B]``.
+        ``x -> S_g [B]`` for the field ``x`` (angles ``[B, d, *L]`` or SU(N) links ``[B, d, *L, N, N]``).
     dirac
-        Wilson operator at the target ``kappa`` (U(1), ``n_colors = 1``).
+        Wilson operator at the target ``kappa`` (``n_colors = 1`` for U(1), ``N`` for SU(N)).
     theta0
-        Initial link angles ``[B, d, *L]`` (one configuration per chain).
+        Initial field (one configuration per chain): real angles ``[B, d, *L]`` for U(1), complex
+        SU(N) links ``[B, d, *L, N, N]``.
     step_size, n_steps, generator, integrator, step_jitter, chain_offset
         As in :class:`latflow.samplers.hmc.HMC` (default integrator: Omelyan).
     gauge_force
-        Analytic ``dS_g/dtheta``; autograd of ``gauge_action`` when ``None``.
+        Analytic gauge force in the manifold's coordinates (``dS_g/dtheta``; the su(N) force for
+        SU(N)); autograd of ``gauge_action`` through the manifold when ``None``.
     even_odd
         Pseudofermions for the even/odd Schur complement ``M_hat`` (``det D = det M_hat``).
     hasenbusch_kappas
@@ -56,6 +62,9 @@ class PseudofermionHMC(HMC):
     tol, max_iter
         CG tolerance (relative residual) and limit of every solve. A solve that does not converge
         raises :class:`latflow.fermions.solvers.ConvergenceError`.
+    manifold
+        The field's manifold; ``None``: :class:`~latflow.manifolds.U1Angles` for ``n_colors = 1``,
+        ``SUN(n_colors)`` otherwise. It must provide ``links`` and ``link_force``.
 
     Attributes
     ----------
@@ -99,25 +108,38 @@ class PseudofermionHMC(HMC):
         integrator: str = "omelyan",
         step_jitter: float = 0.0,
         chain_offset: int = 0,
+        manifold: FieldManifold | None = None,
     ) -> None:
-        if (
-            theta0.is_complex()
-            or theta0.dim() != 2 + dirac.lattice.dim
-            or tuple(theta0.shape[1:])
-            != (
-                dirac.lattice.dim,
-                *dirac.lattice.shape,
-            )
-        ):
+        n_colors = int(getattr(dirac, "n_colors", 1))
+        if manifold is None:
+            manifold = U1Angles() if n_colors == 1 else SUN(n_colors)
+        if n_colors == 1:
+            if (
+                theta0.is_complex()
+                or theta0.dim() != 2 + dirac.lattice.dim
+                or tuple(theta0.shape[1:]) != (dirac.lattice.dim, *dirac.lattice.shape)
+            ):
+                raise ValueError(
+                    f"theta0 must be real link angles [B, {dirac.lattice.dim}, "
+                    f"{', '.join(map(str, dirac.lattice.shape))}], got {list(theta0.shape)} ({theta0.dtype})"
+                )
+        elif not theta0.is_complex() or tuple(theta0.shape[1:]) != tuple(dirac.link_shape):
             raise ValueError(
-                f"theta0 must be real link angles [B, {dirac.lattice.dim}, {', '.join(map(str, dirac.lattice.shape))}],"
-                f" got {list(theta0.shape)} ({theta0.dtype})"
+                f"SU({n_colors}) links must be complex [B, {', '.join(map(str, dirac.link_shape))}], "
+                f"got {list(theta0.shape)} ({theta0.dtype})"
             )
+        if not (hasattr(manifold, "links") and hasattr(manifold, "link_force")):
+            raise ValueError(f"PF-HMC needs a gauge manifold with links() and link_force(), got {manifold!r}")
         self.pseudofermions = Nf2Pseudofermions(
             dirac, even_odd=even_odd, hasenbusch_kappas=tuple(hasenbusch_kappas), tol=tol, max_iter=max_iter
         )
         self.gauge_action = gauge_action
-        self.gauge_force = gauge_force if gauge_force is not None else (lambda x: action_force(gauge_action, x))
+        if gauge_force is None:
+            if n_colors == 1:
+                gauge_force = lambda x: action_force(gauge_action, x)  # noqa: E731
+            else:
+                gauge_force = lambda x: manifold.force(gauge_action, x)  # noqa: E731
+        self.gauge_force = gauge_force
         self.dirac = dirac
         self._phis: list[torch.Tensor] | None = None
         super().__init__(
@@ -128,9 +150,10 @@ class PseudofermionHMC(HMC):
             generator=generator,
             integrator=integrator,
             force=self.total_force,
-            project=wrap_angle,
+            project=manifold.project,
             chain_offset=chain_offset,
             step_jitter=step_jitter,
+            manifold=manifold,
         )
         self.last_cg_iterations = torch.zeros(self.n_chains, dtype=torch.long, device=self.x.device)
         self.last_run_cg_iterations: torch.Tensor | None = None
@@ -138,7 +161,13 @@ class PseudofermionHMC(HMC):
 
     @classmethod
     def for_theory(cls, theory: Any, theta0: torch.Tensor, **kwargs: Any) -> PseudofermionHMC:
-        """Build from a theory with ``gauge_action``, ``gauge_force`` and ``dirac`` (e.g. Schwinger)."""
+        """Build from a theory with ``gauge_action``, ``gauge_force`` and ``dirac`` (e.g. Schwinger, su3-nf2).
+
+        A theory with a gauge ``manifold`` attribute (e.g. ``SUN(3)``) passes it on unless ``manifold`` is given.
+        """
+        mf = getattr(theory, "manifold", None)
+        if "manifold" not in kwargs and mf is not None and hasattr(mf, "link_force"):
+            kwargs["manifold"] = mf
         return cls(theory.gauge_action, theory.dirac, theta0, gauge_force=theory.gauge_force, **kwargs)
 
     def config(self) -> dict[str, Any]:
@@ -150,10 +179,13 @@ class PseudofermionHMC(HMC):
         }
 
     def total_force(self, theta: torch.Tensor) -> torch.Tensor:
-        """``dS_g/dtheta + dS_pf/dtheta`` ``[B, d, *L]`` at the current trajectory's pseudofermions."""
+        """Force of ``S_g + S_pf`` in the manifold's coordinates at the current trajectory's pseudofermions.
+
+        U(1): ``dS/dtheta`` ``[B, d, *L]``; SU(N): the su(N) force ``[B, d, *L, N, N]``.
+        """
         if self._phis is None:
             raise RuntimeError("the pseudofermion force needs pseudofermions: call it within a trajectory")
-        return self.gauge_force(theta) + self.pseudofermions.force(theta, self._phis)
+        return self.gauge_force(theta) + self.pseudofermions.force(theta, self._phis, self.manifold)
 
     @torch.no_grad()
     def trajectory(
@@ -166,25 +198,26 @@ class PseudofermionHMC(HMC):
         if self.step_jitter > 0:
             u = torch.rand((), generator=gen, dtype=torch.float64, device=x0.device).item()
             eps = eps * (1 + self.step_jitter * (2 * u - 1))
-        p0 = torch.randn(x0.shape, generator=gen, dtype=x0.dtype, device=x0.device)
+        mf = self.manifold
+        p0 = mf.random_momenta(x0, gen)
         pf = self.pseudofermions
         pf.reset_stats()
-        phis, s_pf0 = pf.refresh(u1_links(x0), gen)
+        phis, s_pf0 = pf.refresh(mf.links(x0), gen)
         s_g0 = self.gauge_action(x0)
         # the Hamiltonian is accumulated in float64 whatever the field's precision (as in HMC)
-        h0 = 0.5 * p0.flatten(1).pow(2).sum(1, dtype=torch.float64) + s_g0.double() + s_pf0.double()
+        h0 = mf.kinetic(p0) + s_g0.double() + s_pf0.double()
         self._phis = phis
         try:
             x1, p1 = self._integrate(x0, p0, eps, n)
-            s1 = self.gauge_action(x1) + pf.action(u1_links(x1), phis)
+            s1 = self.gauge_action(x1) + pf.action(mf.links(x1), phis)
         finally:
             self._phis = None
-        h1 = 0.5 * p1.flatten(1).pow(2).sum(1, dtype=torch.float64) + s1.double()
+        h1 = mf.kinetic(p1) + s1.double()
         dh = h1 - h0
-        u = torch.rand(self.n_chains, generator=gen, dtype=x0.dtype, device=x0.device)
+        u = torch.rand(self.n_chains, generator=gen, dtype=x0.dtype.to_real(), device=x0.device)
         acc = (torch.log(u) < -dh) & torch.isfinite(dh)
         sel = acc.view(-1, *([1] * (x0.dim() - 1)))
-        self.x = wrap_angle(torch.where(sel, x1, x0))
+        self.x = mf.project(torch.where(sel, x1, x0))
         self.s = torch.where(acc, s1, s_g0 + s_pf0)
         total = pf.total_iterations
         self.last_cg_iterations = total if total is not None else torch.zeros_like(self.last_cg_iterations)
