@@ -211,7 +211,7 @@ def _proposal(beta: float, n: int) -> tuple[float, float]:
     golden = 0.5 * (math.sqrt(5.0) - 1.0)
     c1, c2 = hi - golden * (hi - lo), lo + golden * (hi - lo)
     f1, f2 = cost(c1), cost(c2)
-    for _ in range(18):
+    for _ in range(12):
         if f1 < f2:
             hi, c2, f2 = c2, c1, f1
             c1 = hi - golden * (hi - lo)
