@@ -15,7 +15,7 @@ runs it) and with ``manifold=U1Angles()`` (what the runner passes now), interlea
 
 Usage::
 
-    python benchmarks/su3_hmc.py                         # 4^4 and 8^4 SU(3) and the U(1) check (~15 min, 1 core)
+    python benchmarks/su3_hmc.py                         # 4^4 and 8^4 SU(3) and the U(1) check (~1 h, 1 core)
     python benchmarks/su3_hmc.py --L 4 --traj 200        # 4^4 only, longer chains for tau_int
     python benchmarks/su3_hmc.py --no-su3 --u1           # the U(1) timing only (~1 min)
     python benchmarks/su3_hmc.py --quick                 # checks the script runs (seconds)
@@ -137,12 +137,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--beta", type=float, default=6.0)
     p.add_argument("--L", type=int, nargs="+", default=[4, 8])
-    p.add_argument("--chains", type=int, nargs="+", default=[16, 4], help="chains per --L entry (last one repeats)")
+    p.add_argument("--chains", type=int, nargs="+", default=[8, 2], help="chains per --L entry (last one repeats)")
     p.add_argument("--n-steps", type=int, default=8, help="Omelyan steps per unit trajectory before tuning")
     p.add_argument("--target", type=float, default=0.85, help="acceptance the step is tuned to")
     p.add_argument("--tune", type=int, default=30)
     p.add_argument("--therm", type=int, default=30)
-    p.add_argument("--traj", type=int, default=60, help="timed float64 trajectories (a quarter of them in float32)")
+    p.add_argument("--traj", type=int, default=40, help="timed float64 trajectories (a quarter of them in float32)")
     p.add_argument("--su3", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--u1", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--u1-chains", type=int, default=256)
