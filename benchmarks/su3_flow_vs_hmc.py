@@ -6,7 +6,7 @@ sample are ``time per update x 2 tau_int`` (Gamma method, ``tau_int = 1/2`` for 
 1. **2D SU(3)**, ``L`` in ``--Ls`` (8, 16), ``beta`` in ``--betas`` (2, 4, 6, 8):
 
    - **HMC** (:class:`latflow.samplers.HMC` on the theory's ``SUN(3)`` manifold, autograd force):
-     Omelyan, trajectory length 1 with the fewest steps per unit trajectory (3 ... 16) reaching 85%
+     Omelyan, trajectory length 1 with the fewest steps per unit trajectory (1 ... 16) reaching 85%
      acceptance, 10% step jitter, ``--hmc-chains`` batched chains started from the plaquette prior
      (nearly exact draws in 2D: its importance weight depends on one plaquette) plus ``--hmc-therm``
      trajectories. Seconds per trajectory per chain at the fastest of ``--hmc-batches`` and of complex128 /
@@ -43,6 +43,7 @@ import datetime
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def hmc_2d(beta: float, L: int, args: argparse.Namespace) -> dict:
     x, _ = SUNPlaquettePrior(theory.lattice, beta, N_COLORS).sample(args.hmc_chains, gen)  # complex128
     t_warm = time.perf_counter()
     acc = 0.0
-    for n_steps in (3, 4, 5, 6, 8, 10, 12, 16):
+    for n_steps in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16):
         hmc = make_hmc(theory, x, n_steps, gen)
         acc = hmc.run(args.hmc_tune).accepted.double().mean().item()
         x = hmc.x
@@ -249,12 +250,14 @@ def trained_2d(beta: float, L: int, args: argparse.Namespace) -> dict:
 # --- 4D ----------------------------------------------------------------------------------------------------
 
 
-def hmc_4d(beta: float, L: int, chains: int, therm: int, n_traj: int, args: argparse.Namespace) -> dict:
+def hmc_4d(
+    beta: float, L: int, chains: int, therm: int, n_traj: int, args: argparse.Namespace, tune: int | None = None
+) -> dict:
     theory = theory_for(beta, (L,) * 4)
     gen = make_generator(args.seed, 40, int(10 * beta), L)
     hmc = make_hmc(theory, theory.initial_field(chains, gen, "cold"), args.hmc4_steps, gen)
     t0 = time.perf_counter()
-    hmc.tune(args.hmc4_tune, 0.85)
+    hmc.tune(args.hmc4_tune if tune is None else tune, 0.85)
     hmc.run(therm)
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -308,6 +311,11 @@ def ratio(a: float, b: float) -> str:
     return f"{r:.3g} ({'flow' if r > 1 else 'HMC'} wins)"
 
 
+def z_cell(z: float, n_accepted: int) -> str:
+    """The z-score, or ``stuck`` when the chain never left its start (no error estimate)."""
+    return "stuck" if n_accepted == 0 else f"{z:.2f}"
+
+
 def train_cell(f: dict) -> str:
     return f"{f['train_s']:.0f},{f['train_steps']}"
 
@@ -354,7 +362,7 @@ def print_flow_2d(title: str, rows: list[dict], hmc: dict, trained: bool, amorti
             print(f"     note: {f['note']}")
 
 
-def print_4d(hmc_rows: list[dict], flow_rows: list[dict], timing: list[dict], amortise: float) -> None:
+def print_4d(hmc_rows: list[dict], flow_rows: list[dict]) -> None:
     print("\n## 4D SU(3): HMC (cold start, step tuned to 85%) vs Haar prior + spectral flow trained for a fixed time")
     print(
         f"{'L^4':>4} {'beta':>4} | HMC: {'acc':>5} {'ms/traj/chain':>13} {'tau(P)':>11} {'plaquette':>13}"
@@ -367,17 +375,19 @@ def print_4d(hmc_rows: list[dict], flow_rows: list[dict], timing: list[dict], am
             f" {fmt_tau(h['tau_plaq'], h['tau_plaq_err']):>11} {fmt_err(h['plaquette'], h['plaquette_err']):>13}"
             f" {1e3 * h['s_per_indep']:>9.1f} |       {train_cell(f):>13}"
             f" {1e3 * f['s_per_proposal']:>8.2f} {f['acceptance']:>6.4f} {f['n_accepted']:>5} {f['ess']:>8.2e}"
-            f" {fmt_err(f['plaquette'], f['plaquette_err']):>13} {f['z_hmc']:>7.2f}"
+            f" {fmt_err(f['plaquette'], f['plaquette_err']):>13} {z_cell(f['z_hmc'], f['n_accepted']):>7}"
             f" {1e3 * f['s_per_indep_amortised']:>10.1f} {ratio(h['s_per_indep'], f['s_per_indep_amortised']):>22}"
         )
         if f["note"]:
             print(f"     note: {f['note']}")
-    for t in timing:
-        print(
-            f"{t['L']:>4} {t['beta']:>4g} | HMC timing only: {t['chains']} chains, {t['n_steps']} Omelyan steps,"
-            f" acceptance {t['acceptance']:.3f} over {t['n_traj']} trajectories, {1e3 * t['s_per_traj']:.0f} ms per"
-            f" trajectory per chain (tuned from a cold start in {t['warmup_s']:.0f} s; not thermalised)"
-        )
+
+
+def print_timing_4d(t: dict) -> None:
+    print(
+        f"{t['L']:>4} {t['beta']:>4g} | HMC timing only: {t['chains']} chains, {t['n_steps']} Omelyan steps,"
+        f" acceptance {t['acceptance']:.3f} over {t['n_traj']} trajectories, {1e3 * t['s_per_traj']:.0f} ms per"
+        f" trajectory per chain (tuned from a cold start in {t['warmup_s']:.0f} s; not thermalised)"
+    )
 
 
 def main() -> None:
@@ -395,8 +405,8 @@ def main() -> None:
     p.add_argument("--hmc-min-traj", type=int, default=20)
     p.add_argument("--flow-batches", type=int, nargs="+", default=[64, 256])
     p.add_argument("--flow-time-seconds", type=float, default=1.0, help="timing wall time per flow batch")
-    p.add_argument("--flow-steps", type=int, default=4096, help="flow-MCMC steps per point, plaquette prior")
-    p.add_argument("--flow-max-seconds", type=float, default=12.0, help="cap on the sampling time per point")
+    p.add_argument("--flow-steps", type=int, default=3072, help="flow-MCMC steps per point, plaquette prior")
+    p.add_argument("--flow-max-seconds", type=float, default=math.inf, help="cap on the sampling time per point")
     p.add_argument("--train-Ls", type=int, nargs="+", default=[8])
     p.add_argument("--train-seconds", type=float, default=60.0, help="training wall time per (beta, L), 2D")
     p.add_argument("--trained-steps", type=int, default=4096)
@@ -424,6 +434,7 @@ def main() -> None:
     p.add_argument("--hmc-timing-L4", type=int, nargs="*", default=[8], help="HMC-timing-only lattices L^4, beta 6")
     p.add_argument("--hmc8-chains", type=int, default=2)
     p.add_argument("--hmc8-traj", type=int, default=3)
+    p.add_argument("--hmc8-tune", type=int, default=6, help="step-tuning trajectories of the timing-only lattices")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
     p.add_argument("--seed", type=int, default=23)
@@ -436,7 +447,8 @@ def main() -> None:
         args.layers, args.hidden, args.train_batch = 4, [4], 8
         args.betas4, args.L4, args.hmc4_chains, args.hmc4_tune, args.hmc4_therm, args.hmc4_traj = [6.0], 2, 2, 2, 1, 3
         args.layers4, args.hidden4, args.train4_seconds, args.train4_batch = 2, [4], 2.0, 4
-        args.flow4_steps, args.flow4_max_seconds, args.hmc_timing_L4, args.hmc8_traj = 64, 1.0, [2], 1
+        args.flow4_steps, args.flow4_max_seconds, args.hmc_timing_L4 = 64, 1.0, [2]
+        args.hmc8_traj, args.hmc8_tune = 1, 2
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
@@ -485,10 +497,12 @@ def main() -> None:
             stamp(f"HMC {args.L4}^4 beta={beta:g}")
             f4.append(flow_4d(beta, args.L4, h, args))
             stamp(f"flow {args.L4}^4 beta={beta:g}")
+        print_4d(h4, f4)
+        sys.stdout.flush()
         for L in args.hmc_timing_L4:
-            timing.append(hmc_4d(6.0, L, args.hmc8_chains, 1, args.hmc8_traj, args))
+            timing.append(hmc_4d(6.0, L, args.hmc8_chains, 1, args.hmc8_traj, args, tune=args.hmc8_tune))
+            print_timing_4d(timing[-1])
             stamp(f"HMC timing {L}^4")
-        print_4d(h4, f4, timing, args.amortise)
         out.update(hmc_4d=h4, flow_4d=f4, hmc_timing_4d=timing)
     print(f"\n# total {time.perf_counter() - t_start:.0f} s")
     if args.json:
