@@ -13,9 +13,15 @@ import numpy as np
 import pytest
 import torch
 
+# latqcdtools installs a process-wide numpy error handler on import that raises on underflow; keep it from
+# leaking into every other test module of the run (collection imports this file before any test runs)
+_NUMPY_ERR, _NUMPY_ERRCALL = np.geterr(), np.geterrcall()
 pytest.importorskip("latqcdtools")
 
 from latqcdtools.interfaces.confReader import ILDGReader, NERSCReader  # noqa: E402
+
+np.seterr(**_NUMPY_ERR)
+np.seterrcall(_NUMPY_ERRCALL)
 
 from latflow.configio import write_configuration  # noqa: E402
 from latflow.ildg import link_trace_mean  # noqa: E402
