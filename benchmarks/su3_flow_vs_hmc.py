@@ -356,7 +356,8 @@ def print_flow_2d(title: str, rows: list[dict], hmc: dict, trained: bool, amorti
         ex = f" {train_cell(f):>13} {f['kl']:>8.1f} {f['ess_haar']:>9.2e}" if trained else ""
         print(
             f"{f['beta']:>4g} {f['L']:>3}{ex} {1e3 * f['s_per_proposal']:>7.2f} {f['acceptance']:>5.3f}"
-            f" {f['ess']:>6.3f} {fmt_err(f['plaquette'], f['plaquette_err']):>13} {f['z_exact']:>8.2f}"
+            f" {f['n_accepted']:>5} {f['ess']:>6.3f} {fmt_err(f['plaquette'], f['plaquette_err']):>13}"
+            f" {f['z_exact']:>8.2f}"
             f" {fmt_tau(f['tau_plaq'], f['tau_plaq_err']):>11} {fmt_tau(f['tau_w22'], f['tau_w22_err']):>11}"
             f" {f['n_steps']:>6} {1e3 * cost:>10.2f}"
             f" {ratio(h['s_per_indep'], cost) if h else 'n/a':>22}"
