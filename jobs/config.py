@@ -530,6 +530,28 @@ def field_manifold(theory: Any) -> FieldManifold:
     return U1Angles() if getattr(theory, "field_name", "phi") == "links" else Euclidean()
 
 
+def has_fermions(theory: Any) -> bool:
+    """Whether a theory has dynamical fermions: it provides a Dirac operator ``dirac`` (and with it
+    ``gauge_action`` for the pseudofermion samplers)."""
+    return getattr(theory, "dirac", None) is not None
+
+
+def theories_with_fermions() -> list[str]:
+    """Registry names of the theories with fermions (:func:`has_fermions`), each built once on a 4x4 lattice
+    at its default couplings (0.1 for couplings without a default); for messages."""
+    names = []
+    for name, spec in sorted(REGISTRY.items()):
+        fields = dataclasses.fields(spec.params)
+        couplings = {f.name: (f.default if f.default is not dataclasses.MISSING else 0.1) for f in fields}
+        try:
+            theory = spec.build(spec.params(**couplings), Lattice((4, 4)))
+        except (TypeError, ValueError):
+            continue
+        if has_fermions(theory):
+            names.append(name)
+    return names
+
+
 def manifold_family(m: FieldManifold) -> str:
     """``"real"``, ``"u1"`` or ``"sun"`` (every SU(N)): what a flow kind must match."""
     return "sun" if isinstance(m, SUN) else m.name
@@ -542,12 +564,19 @@ def _check_consistency(job: JobConfig) -> None:
         theory = spec.build(job.theory.couplings, Lattice(job.lattice.shape))
     except ValueError as exc:
         raise JobError(f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: {exc}") from None
-    fermions = hasattr(theory, "dirac")
+    fermions = has_fermions(theory)
     pseudofermions = job.sampler.kind in ("pf-hmc", "pf-flow-mcmc")
     if pseudofermions and not fermions:
         raise JobError(
-            f"{src}: 'sampler.kind' = {job.sampler.kind!r} needs a theory with fermions (schwinger); "
-            f"theory '{job.theory.name}' has none: use 'hmc' or 'flow-mcmc'"
+            f"{src}: 'sampler.kind' = {job.sampler.kind!r} needs a theory with fermions "
+            f"({', '.join(theories_with_fermions())}); theory '{job.theory.name}' has none: use 'hmc' or 'flow-mcmc'"
+        )
+    exact_dim, exact_max = getattr(theory, "dense_dim", None), getattr(theory, "dense_max_dim", None)
+    if fermions and not pseudofermions and exact_dim is not None and exact_max is not None and exact_dim > exact_max:
+        raise JobError(
+            f"{src}: 'sampler.kind' = {job.sampler.kind!r} on 'lattice.shape' = {list(job.lattice.shape)} needs the "
+            f"exact determinant of a {exact_dim}x{exact_dim} Dirac matrix (theory '{job.theory.name}' computes it up "
+            f"to {exact_max} rows); use 'pf-hmc' or 'pf-flow-mcmc', or a smaller lattice"
         )
     if pseudofermions and job.sampler.even_odd:
         odd = [n for n in job.lattice.shape if n % 2]

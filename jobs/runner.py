@@ -31,7 +31,6 @@ from latflow.fermions.conditional import (
     smallest_covariance_ratio,
 )
 from latflow.fermions.training_target import training_action
-from latflow.fermions.wilson import u1_links
 from latflow.flows import FlowModel, make_affine_flow, model_sha256
 from latflow.flows.gauge_layers import make_u1_equivariant_flow
 from latflow.flows.sun_layers import make_sun_spectral_flow
@@ -121,12 +120,8 @@ def _build_sun_spectral(job: JobConfig, lattice: Lattice, device: torch.device) 
         from latflow.sun_plaquette_prior import SUNPlaquettePrior
 
         beta = m.prior_beta if m.prior_beta is not None else float(job.theory.couplings.beta)
-
-        def plaquette_prior() -> Any:
-            return SUNPlaquettePrior(lattice, beta, n, dtype=dtype.to_complex(), device=device)
-
-        prior = plaquette_prior()
-    model = make_sun_spectral_flow(
+        prior = SUNPlaquettePrior(lattice, beta, n, dtype=dtype.to_complex(), device=device)
+    return make_sun_spectral_flow(
         lattice,
         n,
         m.n_layers,
@@ -138,9 +133,6 @@ def _build_sun_spectral(job: JobConfig, lattice: Lattice, device: torch.device) 
         dtype=dtype,
         device=device,
     )
-    if prior is not None:  # the flow's cast to the real dtype turns the prior's complex buffers real: a fresh one
-        model.prior = plaquette_prior()
-    return model
 
 
 def _model_signature(job: JobConfig) -> str:
@@ -502,7 +494,9 @@ def check_weight_variance(
     gen = make_generator(job.run.seed, STREAM_CHECK, device=device)
     with torch.no_grad():
         theta, _ = model.sample(WEIGHT_CHECK_CONFIGS, gen)
-        lam = float(smallest_covariance_ratio(conditional, u1_links(theta.double())).min())
+        theta = theta.to(torch.complex128 if theta.is_complex() else torch.float64)
+        links = field_manifold(build_theory(job)).links(theta)  # U(1) angles -> exp(i theta); SU(N): the links
+        lam = float(smallest_covariance_ratio(conditional, links).min())
     d = s.conditional_dispersion
     if lam <= FINITE_VARIANCE_LAMBDA:
         raise JobError(

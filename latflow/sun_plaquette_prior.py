@@ -401,7 +401,9 @@ class SUNPlaquettePrior(PriorModule):
     ) -> None:
         if not dtype.is_complex:
             raise ValueError(f"SU(N) links are complex, got dtype {dtype}")
-        super().__init__(dtype, device)
+        # the anchor holds the real precision, so that a model's ``.to(dtype=float32/float64)`` (which turns
+        # complex buffers real) moves it; :attr:`dtype` gives the complex links' dtype of that precision
+        super().__init__(dtype.to_real(), device)
         if lattice.dim != 2:
             raise ValueError(
                 f"the plaquette prior is for 2D gauge fields (independent plaquettes on the torus), "
@@ -414,6 +416,11 @@ class SUNPlaquettePrior(PriorModule):
         self.symmetric = bool(symmetric)
         self.shape = (2, *lattice.shape, self.n, self.n)
         self.volume = lattice.volume
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Complex dtype of the draws (``complex128`` or ``complex64``), following the model's real precision."""
+        return self._anchor.dtype.to_complex()
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``batch_size`` configurations.

@@ -335,6 +335,34 @@ CASES = [
         ),
     ),
     Case(
+        "pf-hmc-on-pure-su3-lists-the-theories-with-fermions",
+        ("sample", "su3.toml"),
+        ("su3.toml", "'sampler.kind'", "'pf-hmc'", "schwinger, su3-nf2", "theory 'su3' has none", "'hmc'"),
+        _text("su3.toml", SU3_JOB.replace('kind = "hmc"', 'kind = "pf-hmc"')),
+    ),
+    Case(
+        "su3-nf2-exact-determinant-above-the-dense-limit",
+        ("sample", "nf2.toml"),
+        ("nf2.toml", "'sampler.kind' = 'hmc'", "[12, 12]", "864x864", "600 rows", "'pf-hmc'"),
+        _text(
+            "nf2.toml",
+            SU3_JOB.replace('name = "su3"\nbeta = 2.0', 'name = "su3-nf2"\nbeta = 2.0\nkappa = 0.2').replace(
+                "shape = [4, 4]", "shape = [12, 12]"
+            ),
+        ),
+    ),
+    Case(
+        "su3-nf2-hasenbusch-kappa-above-kappa",
+        ("sample", "nf2.toml"),
+        ("nf2.toml", "'sampler.hasenbusch_kappas'", "theory.kappa = 0.2"),
+        _text(
+            "nf2.toml",
+            SU3_JOB.replace('name = "su3"\nbeta = 2.0', 'name = "su3-nf2"\nbeta = 2.0\nkappa = 0.2').replace(
+                'kind = "hmc"', 'kind = "pf-hmc"\nhasenbusch_kappas = [0.3]'
+            ),
+        ),
+    ),
+    Case(
         "schwinger-kappa-out-of-range",
         ("sample", "s.toml"),
         ("s.toml", "[theory]", "kappa", "0.7", "[0, 0.5)"),

@@ -109,6 +109,24 @@ def test_draws_are_sun_and_reproducible() -> None:
     assert 0.3 < d.acceptance <= 1.0
 
 
+@pytest.mark.parametrize("real", [torch.float64, torch.float32])
+def test_plaquette_prior_draws_stay_complex_inside_a_flow(real: torch.dtype) -> None:
+    """``make_sun_spectral_flow(..., dtype=real)`` casts the whole model to the real precision: the prior must
+    still draw SU(N) links of the matching complex dtype (a complex buffer cast to real made them real)."""
+    from latflow.flows.sun_layers import make_sun_spectral_flow
+
+    lat = Lattice((4, 4))
+    prior = SUNPlaquettePrior(lat, 2.0, 3, dtype=torch.complex128)
+    model = make_sun_spectral_flow(lat, 3, 2, (4,), 3, n_bins=4, prior=prior, zero_init=True, dtype=real)
+    assert model.prior.dtype == real.to_complex()
+    u, log_q = model.sample(3, make_generator(5))
+    assert u.dtype == real.to_complex() and u.shape == (3, 2, 4, 4, 3, 3) and torch.isfinite(log_q).all()
+    eye = torch.eye(3, dtype=u.dtype)
+    tol = 1e-5 if real == torch.float32 else 1e-10
+    torch.testing.assert_close(u @ u.conj().transpose(-1, -2), eye.expand_as(u), rtol=0, atol=tol)
+    assert model.to(dtype=torch.float64).prior.dtype == torch.complex128  # and back
+
+
 N_DRAWS = 20_000
 
 
