@@ -365,3 +365,48 @@ def test_trained_su3_flow_mcmc_reproduces_exact_plaquette():
     z_score = (res.mean - exact) / res.err
     assert abs(z_score) < 3, (res.mean, res.err, exact)
     assert float(np.mean(block.accepted.numpy())) > 0.3
+
+
+def test_conv4d_init_matches_4d_fan_in():
+    # k Conv3d slices summed must start like one 4D convolution (fan-in c_in k^4), not sqrt(k) larger
+    from latflow.flows.sun_layers import PeriodicConvNet4d
+
+    torch.manual_seed(0)
+    c_in, k = 12, 3
+    net = PeriodicConvNet4d(c_in, 26, (8,), kernel_size=k)
+    bound = (c_in * k**4) ** -0.5  # torch's default uniform bound 1 / sqrt(fan_in), weights and bias
+    first = net.net[0]
+    w = torch.cat([c.weight.flatten() for c in first.convs])
+    assert float(w.abs().max()) <= bound
+    assert float(w.abs().max()) > 0.99 * bound
+    assert float(first.convs[0].bias.abs().max()) <= bound
+
+
+def test_4d_su3_flow_reparameterised_gradient_matches_finite_differences():
+    # d/d theta mean(log q - log p) through sampling, 4D SU(3), random weights: autograd vs central differences
+    lat = Lattice((2, 2, 2, 4))
+    torch.manual_seed(3)
+    model = make_sun_spectral_flow(lat, 3, 3, hidden=(4,), kernel_size=3, n_bins=4)
+    params = list(model.parameters())
+
+    def loss() -> torch.Tensor:
+        u, log_q = model.sample(2, torch.Generator().manual_seed(11))
+        return (log_q + wilson_action(u, 0.5)).mean()
+
+    grads = torch.autograd.grad(loss(), params)
+    g = torch.Generator().manual_seed(12)
+    eps = 1e-5
+    for _ in range(3):
+        dirs = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+        exact = sum(float((gr * dr).sum()) for gr, dr in zip(grads, dirs))
+        with torch.no_grad():
+            for p, dr in zip(params, dirs):
+                p.add_(eps * dr)
+            up = float(loss())
+            for p, dr in zip(params, dirs):
+                p.sub_(2 * eps * dr)
+            down = float(loss())
+            for p, dr in zip(params, dirs):
+                p.add_(eps * dr)
+        fd = (up - down) / (2 * eps)
+        assert abs(fd - exact) < 1e-6 * max(1.0, abs(fd)), (exact, fd)

@@ -192,7 +192,12 @@ class SUNHaarPrior(PriorModule):
 
 
 class _PeriodicConv4d(nn.Module):
-    """4D convolution with circular padding: one ``Conv3d`` over axes 1-3 per kernel offset along axis 0."""
+    """4D convolution with circular padding: one ``Conv3d`` over axes 1-3 per kernel offset along axis 0.
+
+    Initialised like a true 4D convolution with torch's default (fan-in ``c_in k^4``): each ``Conv3d``
+    draws with fan-in ``c_in k^3``, so its weights and bias are scaled by ``1 / sqrt(k)``; otherwise the
+    sum of ``k`` of them would start ``sqrt(k)`` times too large.
+    """
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int) -> None:
         super().__init__()
@@ -201,6 +206,9 @@ class _PeriodicConv4d(nn.Module):
             nn.Conv3d(c_in, c_out, kernel_size, padding=self.r, padding_mode="circular", bias=(k == 0))
             for k in range(kernel_size)
         )
+        with torch.no_grad():
+            for prm in self.convs.parameters():
+                prm.mul_(kernel_size**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, l0 = x.shape[:3]
