@@ -212,10 +212,12 @@ def prior_2d(beta: float, L: int, args: argparse.Namespace) -> dict:
     return r
 
 
-def train(model, theory: SUNGaugeAction, seconds: float, args, tag: int, batch: int, log_z: float | None) -> dict:
-    """Reverse-KL training (reparametrisation gradients) for ``seconds`` of wall time."""
+def train(
+    model, theory: SUNGaugeAction, seconds: float, args, tag: int, batch: int, log_z: float | None, lr: float
+) -> dict:
+    """Reverse-KL training (reparametrisation gradients) for ``seconds`` of wall time at learning rate ``lr``."""
     trainer = ReverseKLTrainer(
-        model, log_p_of(theory), batch_size=batch, lr=args.lr, generator=make_generator(args.seed, 20, tag),
+        model, log_p_of(theory), batch_size=batch, lr=lr, generator=make_generator(args.seed, 20, tag),
         grad_clip=args.grad_clip, log_z=log_z,
     )  # fmt: skip
     t0, note = time.perf_counter(), ""
@@ -236,7 +238,7 @@ def trained_2d(beta: float, L: int, args: argparse.Namespace) -> dict:
         dtype=torch.float32,
     )  # fmt: skip
     log_z = exact_log_z(beta, N_COLORS, (L, L))
-    t = train(model, theory, args.train_seconds, args, int(10 * beta) + L, args.train_batch, log_z)
+    t = train(model, theory, args.train_seconds, args, int(10 * beta) + L, args.train_batch, log_z, args.lr)
     r = flow_chain(model, theory, args.trained_steps, args.trained_max_seconds, args, 1)
     r.update(t)
     r.update(
@@ -285,7 +287,7 @@ def flow_4d(beta: float, L: int, hmc: dict, args: argparse.Namespace) -> dict:
         theory.lattice, N_COLORS, args.layers4, hidden=tuple(args.hidden4), n_bins=args.n_bins, zero_init=True,
         dtype=torch.float32,
     )  # fmt: skip
-    t = train(model, theory, args.train4_seconds, args, 1000 + int(10 * beta), args.train4_batch, None)
+    t = train(model, theory, args.train4_seconds, args, 1000 + int(10 * beta), args.train4_batch, None, args.lr4)
     r = flow_chain(model, theory, args.flow4_steps, args.flow4_max_seconds, args, 2)
     r.update(t)
     r.update(
@@ -435,6 +437,9 @@ def main() -> None:
     p.add_argument("--hidden4", type=int, nargs="+", default=[8])
     p.add_argument("--train4-seconds", type=float, default=120.0)
     p.add_argument("--train4-batch", type=int, default=8)
+    # Adam moves every weight by ~lr per step; a 4D kernel has 9x the inputs of a 2D one, and at lr >= 1e-3 the
+    # first steps already overshoot (the reverse KL rises): 4D spectral flows need lr <= ~5e-4
+    p.add_argument("--lr4", type=float, default=2e-4)
     p.add_argument("--flow4-steps", type=int, default=1024)
     p.add_argument("--flow4-max-seconds", type=float, default=30.0)
     p.add_argument("--hmc-timing-L4", type=int, nargs="*", default=[8], help="HMC-timing-only lattices L^4, beta 6")
