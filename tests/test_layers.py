@@ -117,7 +117,17 @@ def test_periodic_conv_net_is_translation_equivariant():
     rolled = torch.roll(x, shifts=(1, 2), dims=(2, 3))
     torch.testing.assert_close(net(rolled), torch.roll(net(x), shifts=(1, 2), dims=(2, 3)), rtol=0, atol=1e-12)
     with pytest.raises(ValueError):
-        PeriodicConvNet(4, 1, 2, (4,))
+        PeriodicConvNet(5, 1, 2, (4,))
+    # d = 4 (no torch Conv4d: a sum of Conv3d slices) is translation equivariant in all four directions too
+    net4 = randomize_(PeriodicConvNet(4, 1, 2, (3,), 3).to(F64), 1.5, seed=5)
+    x4 = field((1, 4, 2, 6, 4), 2, seed=5)
+    shifts = (1, 1, 3, 2)
+    torch.testing.assert_close(
+        net4(torch.roll(x4, shifts=shifts, dims=(2, 3, 4, 5))),
+        torch.roll(net4(x4), shifts=shifts, dims=(2, 3, 4, 5)),
+        rtol=0,
+        atol=1e-12,
+    )
     with pytest.raises(ValueError):
         PeriodicConvNet(2, 1, 2, (4,), kernel_size=2)
 

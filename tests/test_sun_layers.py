@@ -369,11 +369,11 @@ def test_trained_su3_flow_mcmc_reproduces_exact_plaquette():
 
 def test_conv4d_init_matches_4d_fan_in():
     # k Conv3d slices summed must start like one 4D convolution (fan-in c_in k^4), not sqrt(k) larger
-    from latflow.flows.sun_layers import PeriodicConvNet4d
+    from latflow.flows.nets import PeriodicConvNet
 
     torch.manual_seed(0)
     c_in, k = 12, 3
-    net = PeriodicConvNet4d(c_in, 26, (8,), kernel_size=k)
+    net = PeriodicConvNet(4, c_in, 26, (8,), kernel_size=k)
     bound = (c_in * k**4) ** -0.5  # torch's default uniform bound 1 / sqrt(fan_in), weights and bias
     first = net.net[0]
     w = torch.cat([c.weight.flatten() for c in first.convs])

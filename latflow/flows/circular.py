@@ -240,6 +240,15 @@ def ncp_mixture_inverse(
 # ------------------------------------------------------------------------ spline
 
 
+def cumulative_knots(w: torch.Tensor, total: float) -> torch.Tensor:
+    """Knots ``[..., K+1]`` from ``0`` to exactly ``total`` for positive bin sizes ``w`` ``[..., K]`` (normalised)."""
+    c = torch.cumsum(w, dim=-1)
+    c = total * c / c[..., -1:]
+    zero = torch.zeros_like(c[..., :1])
+    full = torch.full_like(c[..., :1], total)
+    return torch.cat([zero, c[..., :-1], full], dim=-1)
+
+
 def _spline_knots(
     widths: torch.Tensor, heights: torch.Tensor, derivatives: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -250,15 +259,8 @@ def _spline_knots(
             f"{list(widths.shape)}, {list(heights.shape)}, {list(derivatives.shape)}"
         )
 
-    def knots(w: torch.Tensor) -> torch.Tensor:
-        c = torch.cumsum(w, dim=-1)
-        c = TWO_PI * c / c[..., -1:]
-        zero = torch.zeros_like(c[..., :1])
-        full = torch.full_like(c[..., :1], TWO_PI)
-        return torch.cat([zero, c[..., :-1], full], dim=-1)
-
     d = torch.cat([derivatives, derivatives[..., :1]], dim=-1)  # circular: d_K = d_0
-    return knots(widths), knots(heights), d
+    return cumulative_knots(widths, TWO_PI), cumulative_knots(heights, TWO_PI), d
 
 
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,49 @@ from torch import nn
 _ACTIVATIONS = {"leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
+class PeriodicConv4d(nn.Module):
+    """4D convolution with circular padding: one ``Conv3d`` over axes 1-3 per kernel offset along axis 0.
+
+    ``[B, C_in, L0, L1, L2, L3] -> [B, C_out, L0, L1, L2, L3]`` (torch has no ``Conv4d``). Initialised like a
+    true 4D convolution with torch's default (fan-in ``c_in k^4``): each ``Conv3d`` draws with fan-in
+    ``c_in k^3``, so its weights and bias are scaled by ``1 / sqrt(k)``; otherwise the sum of ``k`` of them
+    would start ``sqrt(k)`` times too large. The signature follows ``nn.Conv3d`` for the arguments
+    :class:`PeriodicConvNet` passes (padding ``k // 2``, circular only).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, padding: int | None = None,
+        padding_mode: str = "circular",
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.r = kernel_size // 2
+        if padding_mode != "circular" or padding not in (None, self.r):
+            raise ValueError(f"PeriodicConv4d pads circularly by kernel_size // 2, got {padding_mode!r}, {padding}")
+        self.convs = nn.ModuleList(
+            nn.Conv3d(in_channels, out_channels, kernel_size, padding=self.r, padding_mode="circular", bias=(k == 0))
+            for k in range(kernel_size)
+        )
+        with torch.no_grad():
+            for prm in self.convs.parameters():
+                prm.mul_(kernel_size**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, l0 = x.shape[:3]
+        xt = x.transpose(1, 2)  # [B, L0, C, L1, L2, L3]
+        out = None
+        for k, conv in enumerate(self.convs):
+            xs = torch.roll(xt, shifts=self.r - k, dims=1).reshape(b * l0, c, *x.shape[3:])
+            y = conv(xs)
+            out = y if out is None else out + y
+        assert out is not None
+        return out.reshape(b, l0, -1, *x.shape[3:]).transpose(1, 2)
+
+
 def conv_class(dim: int) -> type[nn.Module]:
-    """The torch convolution for ``dim`` lattice dimensions (1, 2 or 3)."""
-    if dim not in (1, 2, 3):
-        raise ValueError(f"convolutional coupling nets support lattice dimensions 1-3, got {dim}")
-    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
+    """The periodic-capable convolution for ``dim`` lattice dimensions (1 to 4)."""
+    if dim not in (1, 2, 3, 4):
+        raise ValueError(f"convolutional coupling nets support lattice dimensions 1-4, got {dim}")
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d, 4: PeriodicConv4d}[dim]
 
 
 class PeriodicConvNet(nn.Module):
@@ -25,7 +63,7 @@ class PeriodicConvNet(nn.Module):
     Parameters
     ----------
     dim
-        Lattice dimension d (1, 2 or 3).
+        Lattice dimension d (1 to 4).
     in_channels, out_channels
         Channel counts of input and output.
     hidden
@@ -62,9 +100,8 @@ class PeriodicConvNet(nn.Module):
                 layers.append(_ACTIVATIONS[activation]())
         self.net = nn.Sequential(*layers)
         if zero_init:
-            last = layers[-1]
-            nn.init.zeros_(last.weight)  # type: ignore[arg-type]
-            nn.init.zeros_(last.bias)  # type: ignore[arg-type]
+            for prm in layers[-1].parameters():
+                nn.init.zeros_(prm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -71,6 +71,8 @@ from itertools import combinations
 import torch
 import torch.nn.functional as F
 
+from .circular import _bin_geometry, cumulative_knots
+
 __all__ = [
     "IntervalSpline",
     "interval_spline_forward",
@@ -84,23 +86,6 @@ TWO_PI = 2.0 * math.pi
 
 
 # ------------------------------------------------------------------ interval spline
-
-
-def _knots(w: torch.Tensor) -> torch.Tensor:
-    c = torch.cumsum(w, dim=-1)
-    c = c / c[..., -1:]
-    return torch.cat([torch.zeros_like(c[..., :1]), c[..., :-1], torch.ones_like(c[..., :1])], dim=-1)
-
-
-def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return torch.gather(t, -1, idx.unsqueeze(-1)).squeeze(-1)
-
-
-def _geometry(
-    xk: torch.Tensor, yk: torch.Tensor, d: torch.Tensor, idx: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    x0, y0 = _gather(xk, idx), _gather(yk, idx)
-    return x0, y0, _gather(d, idx), _gather(d, idx + 1), _gather(xk, idx + 1) - x0, _gather(yk, idx + 1) - y0
 
 
 def _bin_values(
@@ -141,9 +126,9 @@ def interval_spline_forward(
         Each ``[...]``. The two ratios are evaluated in closed form in the first and last bins,
         so they are accurate for ``x -> 0`` and ``x -> 1`` (limits ``d_0`` and ``d_K``).
     """
-    xk, yk = _knots(widths), _knots(heights)
+    xk, yk = cumulative_knots(widths, 1.0), cumulative_knots(heights, 1.0)
     idx = (x.unsqueeze(-1) >= xk[..., 1:-1]).sum(dim=-1)
-    geom = _geometry(xk, yk, derivatives, idx)
+    geom = _bin_geometry(xk, yk, derivatives, idx)
     xi = ((x - geom[0]) / geom[4]).clamp(0.0, 1.0)
     _, y, log_dy, r0, r1 = _bin_values(xi, idx, widths.shape[-1], geom)
     return y, log_dy, r0, r1
@@ -153,9 +138,9 @@ def interval_spline_inverse(
     y: torch.Tensor, widths: torch.Tensor, heights: torch.Tensor, derivatives: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of :func:`interval_spline_forward`: ``(x, log dx/dy, x/y, (1-x)/(1-y))``, each ``[...]``."""
-    xk, yk = _knots(widths), _knots(heights)
+    xk, yk = cumulative_knots(widths, 1.0), cumulative_knots(heights, 1.0)
     idx = (y.unsqueeze(-1) >= yk[..., 1:-1]).sum(dim=-1)
-    geom = _geometry(xk, yk, derivatives, idx)
+    geom = _bin_geometry(xk, yk, derivatives, idx)
     _, y0, d0, d1, w, h = geom
     sig = h / w
     dy = y - y0

@@ -49,14 +49,13 @@ from ..lattice import Lattice, shift
 from ..priors import PriorModule
 from ..sun import dagger, haar_sun, sun_plaquettes
 from .model import FlowModel, Prior
-from .nets import _ACTIVATIONS, PeriodicConvNet
+from .nets import PeriodicConvNet
 from .spectral import IntervalSpline, spectral_map
 
 __all__ = [
     "SUNCouplingMasks",
     "sun_masks",
     "SUNHaarPrior",
-    "PeriodicConvNet4d",
     "SUNSpectralCoupling",
     "coupling_schedule",
     "sun_coupling_schedule",
@@ -191,74 +190,9 @@ class SUNHaarPrior(PriorModule):
         return torch.zeros(u.shape[0], dtype=self.dtype, device=u.device)
 
 
-class _PeriodicConv4d(nn.Module):
-    """4D convolution with circular padding: one ``Conv3d`` over axes 1-3 per kernel offset along axis 0.
-
-    Initialised like a true 4D convolution with torch's default (fan-in ``c_in k^4``): each ``Conv3d``
-    draws with fan-in ``c_in k^3``, so its weights and bias are scaled by ``1 / sqrt(k)``; otherwise the
-    sum of ``k`` of them would start ``sqrt(k)`` times too large.
-    """
-
-    def __init__(self, c_in: int, c_out: int, kernel_size: int) -> None:
-        super().__init__()
-        self.r = kernel_size // 2
-        self.convs = nn.ModuleList(
-            nn.Conv3d(c_in, c_out, kernel_size, padding=self.r, padding_mode="circular", bias=(k == 0))
-            for k in range(kernel_size)
-        )
-        with torch.no_grad():
-            for prm in self.convs.parameters():
-                prm.mul_(kernel_size**-0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, l0 = x.shape[:3]
-        xt = x.transpose(1, 2)  # [B, L0, C, L1, L2, L3]
-        out = None
-        for k, conv in enumerate(self.convs):
-            xs = torch.roll(xt, shifts=self.r - k, dims=1).reshape(b * l0, c, *x.shape[3:])
-            y = conv(xs)
-            out = y if out is None else out + y
-        assert out is not None
-        return out.reshape(b, l0, -1, *x.shape[3:]).transpose(1, 2)
-
-
-class PeriodicConvNet4d(nn.Module):
-    """:class:`~latflow.flows.nets.PeriodicConvNet` for ``d = 4``: ``[B, C_in, L0..L3] -> [B, C_out, L0..L3]``."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        hidden: Sequence[int],
-        kernel_size: int = 3,
-        activation: str = "leaky_relu",
-        zero_init: bool = False,
-    ) -> None:
-        super().__init__()
-        if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-        sizes = [in_channels, *hidden, out_channels]
-        layers: list[nn.Module] = []
-        for i, (c_in, c_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers.append(_PeriodicConv4d(c_in, c_out, kernel_size))
-            if i < len(sizes) - 2:
-                layers.append(_ACTIVATIONS[activation]())
-        self.net = nn.Sequential(*layers)
-        if zero_init:
-            for p in layers[-1].parameters():
-                nn.init.zeros_(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def _make_net(
     dim: int, c_in: int, c_out: int, hidden: Sequence[int], kernel_size: int, activation: str, zero_init: bool
 ) -> nn.Module:
-    if dim == 4:
-        return PeriodicConvNet4d(c_in, c_out, hidden, kernel_size, activation=activation, zero_init=zero_init)
     return PeriodicConvNet(dim, c_in, c_out, tuple(hidden), kernel_size, activation=activation, zero_init=zero_init)
 
 
