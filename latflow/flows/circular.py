@@ -240,6 +240,18 @@ def ncp_mixture_inverse(
 # ------------------------------------------------------------------------ spline
 
 
+def check_spline_settings(n_bins: int, min_bin_fraction: float, min_derivative: float) -> float:
+    """Validate a rational-quadratic spline's bin count, minimal bin fraction and minimal derivative; return the
+    softplus offset that makes raw derivative parameters of zero give ``d = 1``."""
+    if int(n_bins) < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins}")
+    if not 0 <= min_bin_fraction * n_bins < 1:
+        raise ValueError(f"need 0 <= n_bins * min_bin_fraction < 1, got {n_bins} * {min_bin_fraction}")
+    if not 0 < min_derivative < 1:
+        raise ValueError(f"min_derivative must lie in (0, 1), got {min_derivative}")
+    return math.log(math.expm1(1.0 - float(min_derivative)))
+
+
 def cumulative_knots(w: torch.Tensor, total: float) -> torch.Tensor:
     """Knots ``[..., K+1]`` from ``0`` to exactly ``total`` for positive bin sizes ``w`` ``[..., K]`` (normalised)."""
     c = torch.cumsum(w, dim=-1)
@@ -485,17 +497,11 @@ class CircularSpline:
         min_bin_fraction: float = 1e-3,
         min_derivative: float = 1e-3,
     ) -> None:
-        if int(n_bins) < 1:
-            raise ValueError(f"n_bins must be a positive integer, got {n_bins}")
-        if not 0 <= min_bin_fraction * n_bins < 1:
-            raise ValueError(f"need 0 <= n_bins * min_bin_fraction < 1, got {n_bins} * {min_bin_fraction}")
-        if not 0 < min_derivative < 1:
-            raise ValueError(f"min_derivative must lie in (0, 1), got {min_derivative}")
+        self._d_offset = check_spline_settings(n_bins, min_bin_fraction, min_derivative)
         self.n_bins = int(n_bins)
         self.rotate = bool(rotate)
         self.min_bin_fraction = float(min_bin_fraction)
         self.min_derivative = float(min_derivative)
-        self._d_offset = math.log(math.expm1(1.0 - self.min_derivative))
         self.n_params = 3 * self.n_bins + int(self.rotate)
 
     def __repr__(self) -> str:

@@ -71,7 +71,7 @@ from itertools import combinations
 import torch
 import torch.nn.functional as F
 
-from .circular import _bin_geometry, cumulative_knots
+from .circular import _bin_geometry, check_spline_settings, cumulative_knots
 
 __all__ = [
     "IntervalSpline",
@@ -163,16 +163,10 @@ class IntervalSpline:
     """
 
     def __init__(self, n_bins: int = 8, *, min_bin_fraction: float = 1e-3, min_derivative: float = 1e-3) -> None:
-        if int(n_bins) < 1:
-            raise ValueError(f"n_bins must be a positive integer, got {n_bins}")
-        if not 0 <= min_bin_fraction * n_bins < 1:
-            raise ValueError(f"need 0 <= n_bins * min_bin_fraction < 1, got {n_bins} * {min_bin_fraction}")
-        if not 0 < min_derivative < 1:
-            raise ValueError(f"min_derivative must lie in (0, 1), got {min_derivative}")
+        self._d_offset = check_spline_settings(n_bins, min_bin_fraction, min_derivative)
         self.n_bins = int(n_bins)
         self.min_bin_fraction = float(min_bin_fraction)
         self.min_derivative = float(min_derivative)
-        self._d_offset = math.log(math.expm1(1.0 - self.min_derivative))
         self.n_params = 3 * self.n_bins + 1
 
     def __repr__(self) -> str:
