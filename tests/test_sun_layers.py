@@ -376,10 +376,10 @@ def test_conv4d_init_matches_4d_fan_in():
     net = PeriodicConvNet(4, c_in, 26, (8,), kernel_size=k)
     bound = (c_in * k**4) ** -0.5  # torch's default uniform bound 1 / sqrt(fan_in), weights and bias
     first = net.net[0]
-    w = torch.cat([c.weight.flatten() for c in first.convs])
+    w = torch.cat([c.weight.detach().flatten() for c in first.convs])
     assert float(w.abs().max()) <= bound
     assert float(w.abs().max()) > 0.99 * bound
-    assert float(first.convs[0].bias.abs().max()) <= bound
+    assert float(first.convs[0].bias.detach().abs().max()) <= bound
 
 
 def test_4d_su3_flow_reparameterised_gradient_matches_finite_differences():
