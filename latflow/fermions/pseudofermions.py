@@ -645,22 +645,12 @@ class Nf2Pseudofermions:
         if theta.is_complex():
             mf = _link_manifold(manifold, self.dirac)
             return mf.link_force(self.link_gradient(mf.links(theta), phis), theta)
-        out = None
-        for f, phi in zip(self.factors, phis):
-            g = f.force(theta, phi)
-            out = g if out is None else out + g
-        assert out is not None
-        return out
+        return sum(f.force(theta, phi) for f, phi in zip(self.factors, phis))  # type: ignore[return-value]
 
     def link_gradient(self, U: torch.Tensor, phis: list[torch.Tensor]) -> torch.Tensor:
         """``dS/dU`` (torch convention, ``dS = Re tr(G^dagger dU)``) summed over the factors; the shape of ``U``."""
         self._check(phis)
-        out = None
-        for f, phi in zip(self.factors, phis):
-            g = f.link_gradient(U, phi)
-            out = g if out is None else out + g
-        assert out is not None
-        return out
+        return sum(f.link_gradient(U, phi) for f, phi in zip(self.factors, phis))  # type: ignore[return-value]
 
     # --- CG statistics --------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:

@@ -287,6 +287,21 @@ def _bin_geometry(xk: torch.Tensor, yk: torch.Tensor, d: torch.Tensor, idx: torc
     return x0, y0, _gather(d, idx), _gather(d, idx + 1), w, h
 
 
+def rq_bin_position(
+    y: torch.Tensor, y0: torch.Tensor, d0: torch.Tensor, d1: torch.Tensor, w: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
+    """Position ``xi`` in ``[0, 1]`` within its bin of the rational-quadratic spline value ``y`` (the inverse map):
+    the numerically stable root of the bin's quadratic (Durkan et al. 2019)."""
+    sig = h / w
+    dy = y - y0
+    c2 = d1 + d0 - 2.0 * sig
+    a = h * (sig - d0) + dy * c2
+    b = h * d0 - dy * c2
+    c = -sig * dy
+    disc = (b * b - 4.0 * a * c).clamp_min(0.0)
+    return ((2.0 * c) / (-b - torch.sqrt(disc))).clamp(0.0, 1.0)
+
+
 def _bin(v: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
     """Index ``k`` in ``[0, K-1]`` of the bin ``[knots_k, knots_{k+1})`` holding ``v``."""
     return (v.unsqueeze(-1) >= knots[..., 1:-1]).sum(dim=-1)
@@ -363,17 +378,11 @@ def circular_spline_inverse(
     xk, yk, d = _spline_knots(widths, heights, derivatives)
     idx = _bin(target, yk)
     x0, y0, d0, d1, w, h = _bin_geometry(xk, yk, d, idx)
+    xi = rq_bin_position(target, y0, d0, d1, w, h)
     sig = h / w
-    dy = target - y0
-    c2 = d1 + d0 - 2.0 * sig
-    a = h * (sig - d0) + dy * c2
-    b = h * d0 - dy * c2
-    c = -sig * dy
-    disc = (b * b - 4.0 * a * c).clamp_min(0.0)
-    xi = ((2.0 * c) / (-b - torch.sqrt(disc))).clamp(0.0, 1.0)
     x = x0 + xi * w
     xi1 = xi * (1.0 - xi)
-    denom = sig + c2 * xi1
+    denom = sig + (d1 + d0 - 2.0 * sig) * xi1
     num = sig * sig * (d1 * xi * xi + 2.0 * sig * xi1 + d0 * (1.0 - xi) ** 2)
     return x, 2.0 * torch.log(denom) - torch.log(num)
 

@@ -71,7 +71,7 @@ from itertools import combinations
 import torch
 import torch.nn.functional as F
 
-from .circular import _bin_geometry, check_spline_settings, cumulative_knots
+from .circular import _bin_geometry, check_spline_settings, cumulative_knots, rq_bin_position
 
 __all__ = [
     "IntervalSpline",
@@ -141,15 +141,7 @@ def interval_spline_inverse(
     xk, yk = cumulative_knots(widths, 1.0), cumulative_knots(heights, 1.0)
     idx = (y.unsqueeze(-1) >= yk[..., 1:-1]).sum(dim=-1)
     geom = _bin_geometry(xk, yk, derivatives, idx)
-    _, y0, d0, d1, w, h = geom
-    sig = h / w
-    dy = y - y0
-    c2 = d1 + d0 - 2.0 * sig
-    a = h * (sig - d0) + dy * c2
-    b = h * d0 - dy * c2
-    c = -sig * dy
-    disc = (b * b - 4.0 * a * c).clamp_min(0.0)
-    xi = ((2.0 * c) / (-b - torch.sqrt(disc))).clamp(0.0, 1.0)
+    xi = rq_bin_position(y, *geom[1:])
     x, _, log_dy, r0, r1 = _bin_values(xi, idx, widths.shape[-1], geom)
     return x, -log_dy, 1.0 / r0, 1.0 / r1
 
