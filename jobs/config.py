@@ -16,10 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from latflow.fermions.conditional import DEFAULT_DISPERSION
 from latflow.lattice import Lattice
 from latflow.manifolds import SUN, Euclidean, FieldManifold, U1Angles
 from latflow.theories import REGISTRY
+
+from .sampler_kinds import (
+    NON_NEGATIVE,
+    POSITIVE,
+    ConditionalSettings,
+    Rule,
+    SamplerSettings,
+    kinds_with_key,
+    sampler_kind,
+    sampler_kind_names,
+)
+
+# the base of every sampler kind's settings (each kind's [sampler] table: jobs/sampler_kinds.py)
+SamplerConfig = SamplerSettings
 
 
 class JobError(Exception):
@@ -100,71 +113,6 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class SamplerConfig:
-    """Sampler settings. ``n_samples`` and ``thermalization`` count Markov steps per chain.
-
-    Flow-MCMC uses ``batch_size`` (proposals per flow call); HMC uses the
-    remaining keys (``n_chains`` chains per process, batched). ``pf-hmc`` (theories
-    with fermions) is HMC with Nf = 2 pseudofermions and adds ``even_odd``,
-    ``hasenbusch_kappas`` (increasing, below the theory's kappa; one extra pseudofermion
-    each), ``cg_tol`` and ``cg_max_iter``. On a theory with fermions, ``hmc`` and
-    ``flow-mcmc`` use the exact effective action (dense determinants: small lattices);
-    ``pf-flow-mcmc`` is flow-MCMC in the joint space of links and pseudofermions (a
-    gauge-covariant conditional proposes the pseudofermions; CG solves, no determinants;
-    the flow is trained on the gauge action) and takes the same pseudofermion keys, plus the
-    conditional that proposes the pseudofermions: ``conditional`` (``"triangular"``, gauge-covariant
-    triangular maps; ``"exact"``, the dense heatbath, small lattices; ``"scalar"``),
-    ``conditional_dispersion`` (widens the conditional, ``M -> dispersion M``; the default 1.1 is the
-    validated one, see :data:`latflow.fermions.conditional.DEFAULT_DISPERSION`) and
-    ``conditional_nested`` (full lattice: nested triangular Schur complement).
-
-    ``thermalization``: steps discarded before the first recorded row. Default: one proposal batch
-    (``batch_size`` steps) for flow-MCMC, whose chains start from an importance-resampled proposal;
-    0 for HMC, whose ``n_tune`` tuning trajectories come first, and ``n_tune`` untuned trajectories
-    for HMC with ``tune = false`` (:attr:`burn_in`).
-
-    ``start`` (HMC and PF-HMC): where the chains begin. ``"default"``: the theory's own start (small
-    random fields ``0.1 N(0, 1)`` for real fields and U(1) angles, as always; unit links for SU(N));
-    ``"cold"``: the classical vacuum (zero fields, unit links); ``"hot"``: uniform (Haar) links, standard
-    normal real fields; any other value is a file: an ensemble ``.h5`` (its last stored configuration
-    starts every chain) or a configuration file read by ``latflow.configio.read_configuration``.
-    """
-
-    kind: Literal["flow-mcmc", "hmc", "pf-hmc", "pf-flow-mcmc"] = "flow-mcmc"
-    n_samples: int = 10000
-    thermalization: int | None = None
-    commit_every: int = 1000
-    log_every: int = 1000
-    batch_size: int = 256
-    n_chains: int = 16
-    step_size: float = 0.1
-    n_steps: int = 10
-    integrator: Literal["leapfrog", "omelyan"] = "omelyan"
-    step_jitter: float = 0.2
-    tune: bool = True
-    n_tune: int = 200
-    target_acceptance: float = 0.8
-    even_odd: bool = False
-    hasenbusch_kappas: tuple[float, ...] = ()
-    cg_tol: float = 1e-10
-    cg_max_iter: int = 10000
-    conditional: Literal["triangular", "exact", "scalar"] = "triangular"
-    conditional_dispersion: float = DEFAULT_DISPERSION
-    conditional_nested: bool = True
-    start: str = "default"
-
-    @property
-    def burn_in(self) -> int:
-        """``thermalization``, or its default for the kind (see the class notes)."""
-        if self.thermalization is not None:
-            return self.thermalization
-        if self.kind in ("flow-mcmc", "pf-flow-mcmc"):
-            return self.batch_size
-        # HMC: the n_tune tuning trajectories are the warm-up; without tuning, as many plain ones
-        return 0 if (self.tune and self.n_tune) else self.n_tune
-
-
-@dataclass(frozen=True)
 class OutputConfig:
     """``path``: the ensemble; ``model``: the flow checkpoint (default: ``<path stem>.model.pt``).
 
@@ -215,7 +163,7 @@ class JobConfig:
     lattice: LatticeConfig
     model: ModelConfig
     train: TrainConfig
-    sampler: SamplerConfig
+    sampler: SamplerSettings  # the settings class of the kind (jobs/sampler_kinds.py)
     output: OutputConfig
     run: RunConfig
     source: str = "<job>"
@@ -237,22 +185,21 @@ class JobConfig:
 
     @property
     def uses_flow(self) -> bool:
-        return self.sampler.kind in ("flow-mcmc", "pf-flow-mcmc")
+        """Whether the sampler kind samples with a trained flow (from the sampler-kind registry)."""
+        return sampler_kind(self.sampler.kind).uses_flow
 
 
 SECTIONS: dict[str, type] = {
     "lattice": LatticeConfig,
     "model": ModelConfig,
     "train": TrainConfig,
-    "sampler": SamplerConfig,
+    "sampler": SamplerSettings,  # built as the settings class of sampler.kind
     "output": OutputConfig,
     "run": RunConfig,
 }
 ALL_SECTIONS = ("theory", *SECTIONS)
-# checks on values beyond their type: (predicate, what is allowed)
-POSITIVE = (lambda v: v > 0, "a positive number")
-NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
-RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+# checks on values beyond their type: (predicate, what is allowed); the sampler kinds hold their own
+RULES: dict[str, Rule] = {
     "run.threads": NON_NEGATIVE,
     "model.n_layers": NON_NEGATIVE,
     "model.prior_beta": NON_NEGATIVE,
@@ -269,25 +216,6 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.log_every": POSITIVE,
     "train.warmup_steps": NON_NEGATIVE,
     "train.lr_min": NON_NEGATIVE,
-    "sampler.n_samples": POSITIVE,
-    "sampler.thermalization": NON_NEGATIVE,
-    "sampler.commit_every": POSITIVE,
-    "sampler.log_every": POSITIVE,
-    "sampler.batch_size": POSITIVE,
-    "sampler.n_chains": POSITIVE,
-    "sampler.step_size": POSITIVE,
-    "sampler.n_steps": POSITIVE,
-    "sampler.step_jitter": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "sampler.n_tune": NON_NEGATIVE,
-    "sampler.target_acceptance": (lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "sampler.hasenbusch_kappas": (
-        lambda v: all(0 < k < 0.5 for k in v) and all(a < b for a, b in zip(v, v[1:])),
-        "a strictly increasing list of numbers in (0, 0.5)",
-    ),
-    "sampler.cg_tol": (lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "sampler.cg_max_iter": POSITIVE,
-    "sampler.conditional_dispersion": (lambda v: 0.5 <= v <= 4, "a number in [0.5, 4] (1.1 is the validated default)"),
-    "sampler.start": (lambda v: v.strip() != "", "'default', 'cold', 'hot' or a configuration or ensemble file"),
     "output.path": (lambda v: v.strip() != "", "a non-empty file name"),
     "output.save_every": POSITIVE,
     "output.compression_level": (lambda v: 1 <= v <= 9, "an integer in [1, 9]"),
@@ -361,8 +289,11 @@ def _finite(value: Any) -> bool:
     return True
 
 
-def build_dataclass(cls: type, table: Any, section: str, source: str) -> Any:
-    """Validate the TOML table ``table`` into ``cls``; ``JobError`` names file and key."""
+def build_dataclass(cls: type, table: Any, section: str, source: str, rules: typing.Mapping[str, Rule] = RULES) -> Any:
+    """Validate the TOML table ``table`` into ``cls``; ``JobError`` names file and key.
+
+    ``rules`` checks values beyond their type, by ``"section.key"`` (default :data:`RULES`).
+    """
     if not isinstance(table, dict):
         raise JobError(f"{source}: [{section}] must be a table")
     hints = typing.get_type_hints(cls)
@@ -386,7 +317,7 @@ def build_dataclass(cls: type, table: Any, section: str, source: str) -> Any:
             raise JobError(f"{source}: '{key}' = {value!r}: expected {_describe(hints[name])}") from None
         if not _finite(value):
             raise JobError(f"{source}: '{key}' = {table[name]!r}: must be a finite number")
-        rule = RULES.get(key)
+        rule = rules.get(key)
         if rule is not None and not rule[0](value):
             raise JobError(f"{source}: '{key}' = {table[name]!r}: must be {rule[1]}")
         kwargs[name] = value
@@ -404,6 +335,40 @@ def _theory(table: Any, source: str) -> TheoryConfig:
         raise JobError(f"{source}: 'theory.name' = {name!r}: must be one of {', '.join(sorted(REGISTRY))}")
     params = build_dataclass(REGISTRY[name].params, {k: v for k, v in table.items() if k != "name"}, "theory", source)
     return TheoryConfig(name=name, couplings=params)
+
+
+def _sampler(table: Any, source: str, file_table: Any, set_keys: typing.Collection[str]) -> SamplerSettings:
+    """The ``[sampler]`` table validated into the settings class of its ``kind`` (default ``"flow-mcmc"``).
+
+    A key the kind does not use is a one-line :class:`JobError` naming the kind's keys. When ``--set
+    sampler.kind=...`` switches the file's kind (``file_table``: the table as the file has it; ``set_keys``:
+    the sampler keys given with ``--set``), the file's settings of its own kind that the new kind does not
+    use are left out; keys given with ``--set`` and keys no kind has are always checked.
+    """
+    if not isinstance(table, dict):
+        raise JobError(f"{source}: [sampler] must be a table")
+    name = table.get("kind", "flow-mcmc")
+    try:
+        kind = sampler_kind(name)
+    except KeyError:
+        known = ", ".join(map(repr, sampler_kind_names()))
+        raise JobError(f"{source}: 'sampler.kind' = {name!r}: expected one of {known}") from None
+    table = {**table, "kind": kind.name}
+    file_kind = file_table.get("kind", "flow-mcmc") if isinstance(file_table, dict) else name
+    if "kind" in set_keys and file_kind != kind.name and file_kind in sampler_kind_names():
+        old = sampler_kind(file_kind).keys
+        table = {k: v for k, v in table.items() if k in kind.keys or k in set_keys or k not in old}
+    for key, value in table.items():
+        if key in kind.keys:
+            continue
+        allowed = ", ".join(k for k in kind.keys if k != "kind")
+        users = " or ".join(map(repr, kinds_with_key(key)))
+        what = f" = {value!r} is for sampler.kind {users}, not" if users else " is not"
+        raise JobError(
+            f"{source}: 'sampler.{key}'{what} a setting of sampler kind {kind.name!r}; its settings: {allowed}"
+        )
+    rules = {f"sampler.{k}": r for k, r in kind.rules.items()}
+    return build_dataclass(kind.settings, table, "sampler", source, rules)
 
 
 def _lattice(table: Any, source: str) -> LatticeConfig:
@@ -473,6 +438,8 @@ def load_job(
     unknown = sorted(set(raw) - set(ALL_SECTIONS))
     if unknown:
         raise JobError(f"{source}: unknown section or key '{unknown[0]}'; allowed sections: {', '.join(ALL_SECTIONS)}")
+    file_sampler = dict(raw["sampler"]) if isinstance(raw.get("sampler"), dict) else raw.get("sampler")
+    set_sampler_keys = set()
     for item in overrides:
         try:
             (section, key), value = parse_override(item)
@@ -484,6 +451,8 @@ def load_job(
         if not isinstance(table, dict):
             raise JobError(f"{source}: [{section}] must be a table")
         table[key] = value
+        if section == "sampler":
+            set_sampler_keys.add(key)
     if out is not None:
         raw.setdefault("output", {})["path"] = out
     if device is not None:
@@ -497,8 +466,9 @@ def load_job(
     built = {
         name: build_dataclass(cls, raw.get(name, {}), name, source)
         for name, cls in SECTIONS.items()
-        if name != "lattice"
+        if name not in ("lattice", "sampler")
     }
+    built["sampler"] = _sampler(raw.get("sampler", {}), source, file_sampler, set_sampler_keys)
     changes = [f"--set {o}" for o in overrides]
     if out is not None:
         changes.append(f"--out {out}")
@@ -513,7 +483,17 @@ def load_job(
 MODEL_MANIFOLD = {"affine": "real", "u1-equivariant": "u1", "sun-spectral": "sun"}
 MANIFOLD_WORDS = {"real": "real scalar fields", "u1": "U(1) links", "sun": "SU(N) links"}
 START_KEYWORDS = ("default", "cold", "hot")
-HMC_KINDS = ("hmc", "pf-hmc")  # the samplers that start chains from sampler.start
+
+
+def chain_start(sampler: SamplerSettings) -> str:
+    """``sampler.start`` of the kinds whose table has it (:func:`~latflow.jobs.sampler_kinds.kinds_with_key`,
+    the HMC kinds); ``"default"`` for the others, whose chains start from their own proposals."""
+    return getattr(sampler, "start", "default")
+
+
+def pseudofermion_kinds(pseudofermions: bool = True) -> tuple[str, ...]:
+    """The registered sampler kinds with (or without) Nf = 2 pseudofermions, for messages."""
+    return tuple(k for k in sampler_kind_names() if sampler_kind(k).pseudofermions == pseudofermions)
 
 
 def field_manifold(theory: Any) -> FieldManifold:
@@ -565,18 +545,20 @@ def _check_consistency(job: JobConfig) -> None:
     except ValueError as exc:
         raise JobError(f"{src}: 'lattice.shape' = {list(job.lattice.shape)}: {exc}") from None
     fermions = has_fermions(theory)
-    pseudofermions = job.sampler.kind in ("pf-hmc", "pf-flow-mcmc")
+    s = job.sampler
+    pseudofermions = sampler_kind(s.kind).pseudofermions
     if pseudofermions and not fermions:
         raise JobError(
-            f"{src}: 'sampler.kind' = {job.sampler.kind!r} needs a theory with fermions "
-            f"({', '.join(theories_with_fermions())}); theory '{job.theory.name}' has none: use 'hmc' or 'flow-mcmc'"
+            f"{src}: 'sampler.kind' = {s.kind!r} needs a theory with fermions "
+            f"({', '.join(theories_with_fermions())}); theory '{job.theory.name}' has none: use "
+            f"{' or '.join(map(repr, pseudofermion_kinds(False)))}"
         )
     exact_dim, exact_max = getattr(theory, "dense_dim", None), getattr(theory, "dense_max_dim", None)
     if fermions and not pseudofermions and exact_dim is not None and exact_max is not None and exact_dim > exact_max:
         raise JobError(
             f"{src}: 'sampler.kind' = {job.sampler.kind!r} on 'lattice.shape' = {list(job.lattice.shape)} needs the "
             f"exact determinant of a {exact_dim}x{exact_dim} Dirac matrix (theory '{job.theory.name}' computes it up "
-            f"to {exact_max} rows); use 'pf-hmc' or 'pf-flow-mcmc', or a smaller lattice"
+            f"to {exact_max} rows); use {' or '.join(map(repr, pseudofermion_kinds()))}, or a smaller lattice"
         )
     if pseudofermions and job.sampler.even_odd:
         odd = [n for n in job.lattice.shape if n % 2]
@@ -585,7 +567,7 @@ def _check_consistency(job: JobConfig) -> None:
                 f"{src}: 'sampler.even_odd' = true on 'lattice.shape' = {list(job.lattice.shape)}: extent {odd[0]} "
                 "is odd; even/odd preconditioning needs even extents (or set sampler.even_odd = false)"
             )
-    exact_conditional = job.sampler.kind == "pf-flow-mcmc" and job.sampler.conditional == "exact"
+    exact_conditional = isinstance(s, ConditionalSettings) and s.conditional == "exact"
     if exact_conditional and math.prod(job.lattice.shape) > 256:
         raise JobError(
             f"{src}: 'sampler.conditional' = 'exact' on 'lattice.shape' = {list(job.lattice.shape)}: the exact "
@@ -601,17 +583,13 @@ def _check_consistency(job: JobConfig) -> None:
     manifold = field_manifold(theory)
     family = manifold_family(manifold)
     has = f"{MANIFOLD_WORDS.get(family, family)} ({manifold.name})"
-    if job.sampler.start != "default" and job.sampler.kind not in HMC_KINDS:
-        raise JobError(
-            f"{src}: 'sampler.start' = {job.sampler.start!r} is for sampler.kind {' or '.join(map(repr, HMC_KINDS))}; "
-            f"{job.sampler.kind!r} starts from flow proposals: remove it"
-        )
-    if job.sampler.start not in START_KEYWORDS and job.sampler.kind in HMC_KINDS:
-        start = Path(job.sampler.start)
+    # sampler.start of a kind without it is refused while building the table (kinds_with_key("start"))
+    if chain_start(s) not in START_KEYWORDS:
+        start = Path(chain_start(s))
         if not start.is_file():
             what = "is a folder" if start.is_dir() else "no such file"
             raise JobError(
-                f"{src}: 'sampler.start' = {job.sampler.start!r}: {what}; allowed: "
+                f"{src}: 'sampler.start' = {chain_start(s)!r}: {what}; allowed: "
                 f"{', '.join(map(repr, START_KEYWORDS))}, an ensemble .h5 or a configuration file"
             )
     fits = [k for k, f in MODEL_MANIFOLD.items() if f == family]
@@ -750,45 +728,19 @@ def to_dict(job: JobConfig) -> dict[str, Any]:
 def sampler_settings(job: JobConfig) -> dict[str, Any]:
     """The ``sampler`` attribute of the ensemble: kind and the settings that kind uses.
 
-    ``thermalization`` is the burn-in actually discarded (its default resolved). ``pf-flow-mcmc``
-    adds the conditional (``conditional``, ``conditional_dispersion``, ``conditional_nested``).
-    Theories whose observables have estimators to choose (Schwinger: exact dense below a volume,
-    stochastic above) add ``measurement``: their ``measurement_settings()``.
+    ``kind``, ``n_samples``, ``thermalization`` (the burn-in actually discarded, its default resolved) and
+    ``commit_every``; theories whose observables have estimators to choose (Schwinger: exact dense below a
+    volume, stochastic above) add ``measurement``: their ``measurement_settings()``; then the kind's own
+    settings (:attr:`~latflow.jobs.sampler_kinds.SamplerKind.attribute`: flow kinds ``batch_size``, ``model``,
+    ``dtype``; HMC kinds their trajectory settings; ``pf-*`` the pseudofermion keys, ``pf-flow-mcmc`` the
+    conditional). Resuming compares it.
     """
     s = job.sampler
     common = {"kind": s.kind, "n_samples": s.n_samples, "thermalization": s.burn_in, "commit_every": s.commit_every}
     theory = REGISTRY[job.theory.name].build(job.theory.couplings, Lattice(job.lattice.shape))
     if hasattr(theory, "measurement_settings"):
         common["measurement"] = theory.measurement_settings()
-    pf = {
-        "even_odd": s.even_odd,
-        "hasenbusch_kappas": list(s.hasenbusch_kappas),
-        "cg_tol": s.cg_tol,
-        "cg_max_iter": s.cg_max_iter,
-    }
-    if s.kind in ("flow-mcmc", "pf-flow-mcmc"):
-        flow = {**common, "batch_size": s.batch_size, "model": dataclasses.asdict(job.model), "dtype": job.run.dtype}
-        conditional = {
-            "conditional": s.conditional,
-            "conditional_dispersion": s.conditional_dispersion,
-            "conditional_nested": s.conditional_nested,
-        }
-        return {**flow, **pf, **conditional} if s.kind == "pf-flow-mcmc" else flow
-    return {
-        **common,
-        "n_chains": s.n_chains,
-        "step_size": s.step_size,
-        "n_steps": s.n_steps,
-        "integrator": s.integrator,
-        "step_jitter": s.step_jitter,
-        "tune": s.tune,
-        "n_tune": s.n_tune,
-        "target_acceptance": s.target_acceptance,
-        "dtype": job.run.dtype,
-        **(pf if s.kind == "pf-hmc" else {}),
-        # recorded only when chosen, so that ensembles from before the key still resume
-        **({"start": s.start} if s.start != "default" else {}),
-    }
+    return {**common, **sampler_kind(s.kind).attribute(job)}
 
 
 def storage_settings(job: JobConfig) -> dict[str, Any]:

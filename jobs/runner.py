@@ -44,16 +44,17 @@ from latflow.theories import get_spec
 from latflow.training import ReverseKLTrainer, TrainingDivergedError
 
 from .config import (
-    HMC_KINDS,
     START_KEYWORDS,
     JobConfig,
     JobError,
+    chain_start,
     field_manifold,
     sampler_settings,
     storage_settings,
     to_dict,
 )
 from .progress import Progress
+from .sampler_kinds import PseudofermionSettings
 
 log = logging.getLogger("latflow")
 
@@ -159,7 +160,9 @@ def preflight(job: JobConfig, command: str, *, resume: bool, force: bool) -> Non
     model = job.output.model_path
     model_key = "output.model" if job.output.model else "output.path"
     if command == "train" and not job.uses_flow:
-        raise JobError(f"{src}: 'sampler.kind' = 'hmc' has no flow to train; use 'latflow sample' or 'latflow run'")
+        raise JobError(
+            f"{src}: 'sampler.kind' = {job.sampler.kind!r} has no flow to train; use 'latflow sample' or 'latflow run'"
+        )
     # folders first: a missing folder explains a missing model better than "no trained model"
     paths = [("output.path", ens)] + ([(model_key, model)] if job.uses_flow else [])
     for key, p in paths:
@@ -191,7 +194,7 @@ def preflight(job: JobConfig, command: str, *, resume: bool, force: bool) -> Non
         read_checkpoint(job, model)
     if resume and command in ("sample", "run") and ens.exists():
         _check_resumable(ens, _meta(job, build_theory(job), None), check_model=False)
-    if command in ("sample", "run") and job.sampler.start not in START_KEYWORDS and job.sampler.kind in HMC_KINDS:
+    if command in ("sample", "run") and chain_start(job.sampler) not in START_KEYWORDS:
         read_start(job, build_theory(job))  # a wrong start file fails before anything is written
 
 
@@ -524,13 +527,19 @@ def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: Se
         assert model is not None
         return FlowMCMC(model, lambda x: -theory.action(x), batch_size=s.batch_size, generator=gen, chain_id=comm.rank)
     # the pseudofermion factors and their solves, common to both pseudofermion samplers
-    pf = dict(even_odd=s.even_odd, hasenbusch_kappas=tuple(s.hasenbusch_kappas), tol=s.cg_tol, max_iter=s.cg_max_iter)
+    pf = (
+        dict(even_odd=s.even_odd, hasenbusch_kappas=tuple(s.hasenbusch_kappas), tol=s.cg_tol, max_iter=s.cg_max_iter)
+        if isinstance(s, PseudofermionSettings)
+        else {}
+    )
     if s.kind == "pf-flow-mcmc":
         conditional = make_conditional(job, theory)
         check_weight_variance(job, conditional, model, device)
         return PseudofermionFlowMCMC.for_theory(
             theory, model, batch_size=s.batch_size, generator=gen, chain_id=comm.rank, conditional=conditional, **pf
         )
+    if s.kind not in ("hmc", "pf-hmc"):
+        raise JobError(f"{job.source}: 'sampler.kind' = {s.kind!r}: no sampler of this kind is wired into the runner")
     x0 = initial_field(job, theory, s.n_chains, gen, device)
     if s.kind == "pf-hmc":
         return PseudofermionHMC.for_theory(

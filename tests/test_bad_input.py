@@ -397,6 +397,18 @@ CASES = [
         _job(sampler__kind="gibbs"),
     ),
     Case(
+        "key-of-another-sampler-kind",
+        ("sample", "hmc.toml"),
+        ("hmc.toml", "'sampler.batch_size' = 64", "'flow-mcmc'", "not a setting of sampler kind 'hmc'", "n_chains"),
+        _job("hmc", "hmc.toml", sampler__batch_size=64),
+    ),
+    Case(
+        "set-key-of-another-sampler-kind",
+        ("train", "job.toml", "--set", "sampler.n_chains=4"),
+        ("job.toml", "'sampler.n_chains'", "not a setting of sampler kind 'flow-mcmc'", "batch_size"),
+        _job(),
+    ),
+    Case(
         "unknown-integrator",
         ("sample", "hmc.toml"),
         ("hmc.toml", "'sampler.integrator'", "'leapfrog'", "'omelyan'"),
