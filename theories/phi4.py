@@ -111,6 +111,19 @@ class Phi4Theory:
             return None
         return free_log_z(self.lattice.shape, float(self.params.m2))
 
+    def sample_exact(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
+        """Independent exact draws ``[n, L0, ...]`` (float64) of the free field (``lam = 0``); None otherwise.
+
+        ``phi = F^{-1} sqrt(G(k)) F xi`` with white noise ``xi``: a Gaussian field with covariance
+        ``G = (2 A)^{-1}`` (:func:`free_propagator`). The start of annealing in ``lam``.
+        """
+        if self.params.lam != 0:
+            return None
+        g = torch.from_numpy(free_propagator(self.lattice.shape, float(self.params.m2)))
+        xi = torch.randn((int(n), *self.lattice.shape), generator=generator, dtype=torch.float64)
+        dims = tuple(range(1, xi.dim()))
+        return torch.fft.ifftn(g.sqrt() * torch.fft.fftn(xi, dim=dims), dim=dims).real.contiguous()
+
     def field_log_volume(self) -> float:
         """0: the field measure is already the Lebesgue measure ``prod_x dphi_x`` (no compact volume to add)."""
         return 0.0

@@ -420,6 +420,20 @@ class SchwingerModel:
             "topological_susceptibility": Derived(("topological_charge_sq",), lambda q2: q2 / v, "<Q^2> / V (per site)")
         }
 
+    def exact_log_z(self) -> float | None:
+        """At ``kappa = 0`` (``D = 1``, the pure U(1) gauge theory) the exact ``log Z`` under the Haar probability
+        measure; None otherwise."""
+        return self.gauge.exact_log_z() if self.kappa == 0 else None
+
+    def field_log_volume(self) -> float:
+        """``n_links log(2 pi)`` (as for :class:`U1GaugeAction`)."""
+        return self.gauge.field_log_volume()
+
+    def sample_exact(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
+        """Exact draws ``[n, 2, L0, L1]`` at ``kappa = 0`` (the pure gauge theory); None otherwise.
+        The start of annealing in ``kappa``."""
+        return self.gauge.sample_exact(n, generator) if self.kappa == 0 else None
+
     def exact_means(self) -> dict[str, float]:
         """Means fixed by symmetry: ``<Q> = 0`` (charge conjugation ``theta -> -theta`` maps ``Q -> -Q`` and
         leaves the gauge action and ``det(D^dag D)`` invariant)."""

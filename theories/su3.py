@@ -296,10 +296,20 @@ class SUNGaugeAction:
         return means
 
     def exact_log_z(self) -> float | None:
-        """Exact ``log Z`` under the Haar probability measure (:func:`exact_log_z`); ``None`` for ``d != 2``."""
+        """Exact ``log Z`` under the Haar probability measure (:func:`exact_log_z`); ``None`` for ``d != 2``
+        (except ``beta = 0``: 0 in any ``d``)."""
+        if self.beta == 0:
+            return 0.0
         if self.lattice.dim != 2:
             return None
         return exact_log_z(self.beta, self.n, self.lattice.shape)
+
+    def sample_exact(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
+        """``n`` independent exact draws (Haar links, complex128 ``[n, d, L..., N, N]``) at ``beta = 0``; None
+        otherwise. The start of annealing in ``beta``."""
+        if self.beta != 0:
+            return None
+        return haar_sun((int(n), *self.field_shape[:-2]), self.n, generator, dtype=torch.complex128)
 
     def field_log_volume(self) -> float:
         """0: fields, flows' ``log q`` and :meth:`exact_log_z` all refer to the Haar probability measure."""

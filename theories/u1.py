@@ -209,10 +209,13 @@ class U1GaugeAction:
         return means
 
     def exact_log_z(self) -> float | None:
-        """Exact ``log Z`` under the Haar probability measure (:func:`exact_log_z`); ``None`` for ``d != 2``.
+        """Exact ``log Z`` under the Haar probability measure (:func:`exact_log_z`); ``None`` for ``d != 2``
+        (except ``beta = 0``: 0 in any ``d``).
 
         Against the Lebesgue measure on link angles add :meth:`field_log_volume`.
         """
+        if self.beta == 0:
+            return 0.0
         if self.lattice.dim != 2:
             return None
         return exact_log_z(self.beta, self.lattice.shape)
@@ -220,6 +223,17 @@ class U1GaugeAction:
     def field_log_volume(self) -> float:
         """``n_links log(2 pi)``: log Lebesgue volume of the link-angle space ``(-pi, pi]^{n_links}``, any ``d``."""
         return self.lattice.dim * self.lattice.volume * math.log(2 * math.pi)
+
+    def sample_exact(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
+        """``n`` independent exact draws ``[n, d, L...]`` (float64 angles in ``(-pi, pi]``), or None where no
+        exact sampler exists: any ``beta`` in 2D (:func:`sample_exact_2d`), uniform links at ``beta = 0`` in any ``d``.
+        The starts of annealing along the coupling."""
+        if self.lattice.dim == 2:
+            return sample_exact_2d(self.beta, self.lattice.shape, n, generator)
+        if self.beta == 0:
+            u = torch.rand((n, *self.field_shape), generator=generator, dtype=torch.float64)
+            return wrap_angle(2 * math.pi * u - math.pi)
+        return None
 
     def exact_charge_distribution(self, q_max: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(Q [K], P(Q) [K])`` of the geometric charge (:func:`exact_q_distribution`); 2D only."""
