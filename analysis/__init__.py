@@ -8,6 +8,7 @@ from .ess import acceptance_rate, ess, reweighting_log_w
 from .gamma import GammaResult, gamma_method, gamma_method_derived
 from .report import AnalysisInputError, DerivedObservable, analyze_ensemble, format_table
 from .sectors import SectorCheck, sector_check
+from .weighted import WeightedResult, weighted_estimate, weighted_estimate_derived
 
 __all__ = [
     "GammaResult",
@@ -24,4 +25,7 @@ __all__ = [
     "ParetoTail",
     "sector_check",
     "SectorCheck",
+    "weighted_estimate",
+    "weighted_estimate_derived",
+    "WeightedResult",
 ]

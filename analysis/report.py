@@ -10,9 +10,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .diagnostics import accepted_warning, frozen_chains, khat_warning, pareto_khat, series_warnings
+from .diagnostics import (
+    KHAT_UNRELIABLE,
+    accepted_warning,
+    frozen_chains,
+    khat_warning,
+    pareto_khat,
+    series_warnings,
+)
 from .ess import ess as _ess
 from .gamma import GammaResult, gamma_method, gamma_method_derived
+from .weighted import WeightedResult, weighted_estimate_derived
 
 if TYPE_CHECKING:
     from latflow.ensemble import EnsembleReader
@@ -106,7 +114,6 @@ def _check_known_means(known: Mapping[str, float], allowed: list[str]) -> dict[s
 
 def _ensemble_checks(reader: EnsembleReader, path: Path, check_checksums: bool, result: dict) -> list[str]:
     """Completeness and checksums of the file; fills ``result`` and returns warnings."""
-    from latflow.ensemble import EnsembleError, verify
     from latflow.ensemble.completeness import completeness
 
     warnings: list[str] = []
@@ -117,6 +124,14 @@ def _ensemble_checks(reader: EnsembleReader, path: Path, check_checksums: bool, 
             f"incomplete ensemble: {done.describe()}; the run was interrupted or is still writing "
             "(continue it with --resume)"
         )
+    return warnings + _checksum_checks(path, check_checksums, result)
+
+
+def _checksum_checks(path: Path, check_checksums: bool, result: dict) -> list[str]:
+    """``verify`` of the file: refuses a damaged file, or (not ``check_checksums``) returns warnings."""
+    from latflow.ensemble import EnsembleError, verify
+
+    warnings: list[str] = []
     problems = verify(path)
     if not problems:
         result["checksums"] = "verified"
@@ -176,8 +191,13 @@ def analyze_ensemble(
     S: float = 1.5,
     known_means: Mapping[str, float] | None = None,
     check_checksums: bool = True,
+    exact_log_z: float | None = None,
 ) -> dict:
     """Gamma-method analysis of every observable in an ensemble file, with diagnostics.
+
+    A weighted ensemble (annealing runs: ``annealing/log_z`` present) is analysed by
+    :func:`_analyze_weighted` instead: the runs combined with their ``Z`` estimates, errors from a
+    jackknife over runs (:mod:`latflow.analysis.weighted`), never the Gamma method over particles.
 
     Rows ``[0, n_committed)`` are split into chains by ``markov/chain`` (one chain if
     absent) and ordered by ``markov/step`` within each chain; each chain is one
@@ -204,6 +224,9 @@ def analyze_ensemble(
     check_checksums : bool, optional
         Refuse (:class:`~latflow.ensemble.EnsembleError`) a file whose checksums or layout do
         not verify (default). False: analyse it anyway, with a warning per problem.
+    exact_log_z : float, optional
+        Weighted ensembles only: the exact ``log Z`` (normalisation of ENSEMBLE_FORMAT.md) to compare
+        the runs' combined ``log Z`` with (a z-score).
 
     Returns
     -------
@@ -234,6 +257,8 @@ def analyze_ensemble(
     result: dict = {"observables": {}, "derived": {}}
     warnings: list[str] = []
     with EnsembleReader(path) as reader:
+        if reader.is_weighted:
+            return _analyze_weighted(reader, Path(path), derived, known_means, check_checksums, exact_log_z)
         n = int(reader.n_committed)
         chains = _chain_index(reader, n)
         result.update(
@@ -318,6 +343,166 @@ def analyze_ensemble(
     return result
 
 
+#: Fewest runs behind a jackknife-over-runs error without a warning.
+MIN_RUNS = 10
+#: Smallest final ESS fraction of a run without a warning.
+MIN_RUN_ESS = 0.1
+
+
+def _analyze_weighted(
+    reader: EnsembleReader,
+    path: Path,
+    derived: Mapping[str, DerivedObservable] | None,
+    known_means: Mapping[str, float] | None,
+    check_checksums: bool,
+    exact_log_z: float | None,
+) -> dict:
+    """:func:`analyze_ensemble` of a weighted ensemble (annealing runs), see :mod:`latflow.analysis.weighted`.
+
+    Returns the same ensemble-wide keys as the Markov-chain analysis (``n_chains`` counts runs,
+    ``steps_per_chain`` their particles, ``n_samples`` the runs the sampler was asked for, ``complete``
+    whether they all are committed), ``"weighted": True``
+    and ``"runs"``: ``{"n_runs", "particles_per_run" (list), "ess_mean", "ess_min", "log_z",
+    "log_z_err", "exact_log_z", "log_z_z"}``; each observable's entry holds ``mean``, ``err``,
+    ``method`` (``"runs"`` or ``"ess"``), ``n``, ``n_runs``, ``known_mean``, ``z`` (with a known mean)
+    and ``warnings``.
+    """
+    from latflow.ensemble import RUN_GROUP, combine_log_z
+
+    result: dict = {"observables": {}, "derived": {}, "weighted": True}
+    warnings: list[str] = []
+    n = int(reader.n_committed)
+    runs = reader.runs()
+    run_log_z = np.asarray(runs[f"{RUN_GROUP}/log_z"], dtype=np.float64)
+    run_chain = np.asarray(runs[f"{RUN_GROUP}/chain"])
+    particles = [int(p) for p in runs[f"{RUN_GROUP}/n_particles"]]
+    run_ess = np.asarray(runs[f"{RUN_GROUP}/ess"], dtype=np.float64)
+    n_runs = int(run_log_z.size)
+    raw = reader.sampler.get("n_samples") if isinstance(reader.sampler, dict) else None
+    n_samples = raw if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0 else None  # runs asked for
+    result.update(
+        theory=str(reader.theory),
+        couplings=dict(reader.couplings),
+        lattice_shape=[int(x) for x in reader.lattice_shape],
+        n_committed=n,
+        n_chains=n_runs,
+        n_samples=n_samples,
+        steps_per_chain=particles,
+        complete=n_samples is None or n_runs >= n_samples,
+    )
+    overall = (
+        []
+        if result["complete"]
+        else [
+            f"incomplete ensemble: {n_runs} of {n_samples} runs committed; the run was interrupted or is still "
+            "writing (continue it with --resume)"
+        ]
+    )
+    overall += _checksum_checks(path, check_checksums, result)
+    log_z, log_z_err = combine_log_z(run_log_z)
+    summary: dict = {
+        "n_runs": n_runs,
+        "particles_per_run": particles,
+        "ess_mean": float(run_ess.mean()) if n_runs else None,
+        "ess_min": float(run_ess.min()) if n_runs else None,
+        "log_z": float(log_z),
+        "log_z_err": float(log_z_err),
+        "exact_log_z": None if exact_log_z is None else float(exact_log_z),
+        "log_z_z": None,
+    }
+    if exact_log_z is not None and np.isfinite(log_z_err) and log_z_err > 0:
+        summary["log_z_z"] = float((log_z - float(exact_log_z)) / log_z_err)
+    result["runs"] = summary
+    result["known_means"] = {}
+    if n == 0 or n_runs == 0:
+        result["warnings"] = [*overall, "no committed runs"]
+        return result
+    chain = np.asarray(reader.read("markov/chain")).reshape(-1)
+    log_w = np.asarray(reader.read("weights/log_w"), dtype=np.float64).reshape(-1)
+    low = np.flatnonzero(run_ess < MIN_RUN_ESS)
+    if low.size:
+        overall.append(
+            f"final ESS fraction below {MIN_RUN_ESS:g} in {low.size} of {n_runs} run(s) (lowest {run_ess.min():.3g}, "
+            f"run {int(run_chain[int(np.argmin(run_ess))])}): few distinct particles carry the weight"
+        )
+    # pooled weights: particle i of run r carries Z_r W_ri of the combined estimate
+    pooled = np.empty(n)
+    for lz, c in zip(run_log_z, run_chain, strict=True):
+        idx = np.flatnonzero(chain == c)
+        lw = log_w[idx]
+        top = float(lw.max())
+        norm = top + float(np.log(np.sum(np.exp(lw - top)))) if top > -np.inf else 0.0
+        pooled[idx] = lz + lw - norm
+    try:
+        tail = pareto_khat(pooled)
+        result["pareto_khat"] = {"pooled log_w": {"khat": tail.khat, "m_tail": tail.m_tail, "n": tail.n}}
+        if tail.khat is not None and tail.khat > KHAT_UNRELIABLE:
+            overall.append(
+                f"heavy-tailed pooled weights: Pareto k-hat {tail.khat:.2f} > {KHAT_UNRELIABLE}: a few particles "
+                "dominate, estimates are unreliable"
+            )
+    except ValueError as exc:
+        warnings.append(f"Pareto k-hat of the pooled weights skipped: {exc}")
+    if n_runs == 1:
+        overall.append(
+            "one run: errors are the self-normalised importance-sampling delta method (method 'ess'), which "
+            "ignores the correlations between resampled particles and underestimates the error after resampling"
+        )
+    elif n_runs < MIN_RUNS:
+        overall.append(f"only {n_runs} runs back the jackknife errors (method 'runs'): unreliable below {MIN_RUNS}")
+
+    data = {ds: np.asarray(reader.read(f"observables/{ds}")) for ds in reader.names("observables")}
+    columns = {ds: _components(ds, values) for ds, values in data.items()}
+    allowed = sorted(set(columns) | {name for cols in columns.values() for name in cols})
+    known = _check_known_means(dict(known_means or {}), allowed)
+    result["known_means"] = dict(known)
+    series: dict[str, np.ndarray] = {}
+
+    def estimate(func: Callable[..., float], cols: list[np.ndarray]) -> WeightedResult:
+        return weighted_estimate_derived(func, cols, chain, log_w, run_log_z, run_chain=run_chain)
+
+    for ds, cols in columns.items():
+        about = _observable_about(reader, ds)
+        for name, col in cols.items():
+            values = np.asarray(col, dtype=np.float64)
+            try:
+                res = estimate(lambda m: m, [values])
+            except ValueError as exc:
+                warnings.append(f"observable {name!r} skipped: {exc}")
+                continue
+            series[name] = values
+            result["observables"][name] = {**_weighted_entry(res, known.get(name, known.get(ds)), overall), **about}
+
+    for name, spec in (derived or {}).items():
+        missing = [i for i in spec.inputs if i not in series]
+        if missing:
+            warnings.append(f"derived {name!r} skipped: missing inputs {missing}")
+            continue
+        try:
+            res = estimate(spec.func, [series[i] for i in spec.inputs])
+        except (ValueError, ZeroDivisionError, FloatingPointError) as exc:
+            warnings.append(f"derived {name!r} skipped: {exc}")
+            continue
+        entry = _weighted_entry(res, None, overall)
+        entry.update(inputs=list(spec.inputs), description=spec.description)
+        result["derived"][name] = entry
+    result["warnings"] = overall + warnings
+    return result
+
+
+def _weighted_entry(res: WeightedResult, known_mean: float | None, overall: list[str]) -> dict:
+    """JSON entry of one observable of a weighted ensemble, with the z-score against a known mean."""
+    entry = res.as_dict()
+    own: list[str] = []
+    entry["known_mean"] = known_mean
+    if known_mean is not None:
+        entry["z"] = float((res.mean - known_mean) / res.err) if res.err > 0 else None
+        if entry["z"] is not None and abs(entry["z"]) > 3:
+            own.append(f"differs from its known mean {known_mean:g} by {entry['z']:.1f} standard errors")
+    entry["warnings"] = [*overall, *own]
+    return entry
+
+
 def _observable_about(reader: EnsembleReader, ds: str) -> dict[str, str]:
     """What the file says about an observable: ``description`` and ``estimator`` ("exact"/"stochastic")."""
     attrs = reader.dataset_attrs(f"observables/{ds}")
@@ -396,8 +581,11 @@ def format_table(result: dict) -> str:
         observable and derived observable with columns observable | mean | error |
         value(error) | tau_int | tau_int err | W (window) | n | ``!`` (the row has warnings),
         then the warnings: ensemble-wide ones once, then each row's own, prefixed by its name, then
-        a note naming the stochastic estimators.
+        a note naming the stochastic estimators. A weighted ensemble (annealing runs) has its own table
+        (:func:`_format_weighted_table`).
     """
+    if result.get("weighted"):
+        return _format_weighted_table(result)
     couplings = ", ".join(f"{k}={v}" for k, v in result.get("couplings", {}).items())
     head = [f"theory: {result.get('theory', '?')}   couplings: {couplings or '-'}"]
     if result.get("lattice_shape"):
@@ -446,4 +634,73 @@ def format_table(result: dict) -> str:
         out.append(
             f"note: stochastic estimates (noise sources; their noise is part of the error): {', '.join(stochastic)}"
         )
+    return "\n".join(out)
+
+
+def _weighted_row(name: str, r: Mapping, width: int, flag: str = "") -> str:
+    z = r.get("z")
+    return (
+        f"{name:<{width}} {r['mean']:>15.8g} {r['err']:>11.3g} "
+        f"{format_value_error(r['mean'], r['err']):>18} {r['method']:>6} {r['n_runs']:>6d} {r['n']:>9d} "
+        f"{'' if z is None else f'{z:+.2f}':>7} {flag:<1}"
+    )
+
+
+def _format_weighted_table(result: dict) -> str:
+    """Plain-text table of the analysis of a weighted ensemble (annealing runs).
+
+    Header: theory, couplings, lattice; rows, runs, particles per run; ESS fraction (mean, min) of the
+    runs' final populations, ``log Z = value(err)`` (and the exact value with its z-score), the pooled
+    Pareto k-hat, known means. Columns: observable | mean | error | value(error) | method (``runs``:
+    jackknife over runs, ``ess``: one run's delta method) | runs | n | z (against a known mean) | ``!``.
+    Then the warnings, as in :func:`format_table`.
+    """
+    couplings = ", ".join(f"{k}={v}" for k, v in result.get("couplings", {}).items())
+    head = [f"theory: {result.get('theory', '?')}   couplings: {couplings or '-'}"]
+    if result.get("lattice_shape"):
+        head[0] += "   lattice: " + "x".join(str(x) for x in result["lattice_shape"])
+    runs = result.get("runs", {})
+    particles = runs.get("particles_per_run") or []
+    per_run = (
+        "-"
+        if not particles
+        else (str(particles[0]) if min(particles) == max(particles) else f"{min(particles)}-{max(particles)}")
+    )
+    of = f" of {result['n_samples']}" if result.get("n_samples") is not None else ""
+    head.append(
+        f"n_committed: {result.get('n_committed', 0)}   weighted ensemble: {runs.get('n_runs', 0)}{of} runs"
+        f"{'' if result.get('complete', True) else ' (INCOMPLETE)'}   particles per run: {per_run}"
+    )
+    line = ""
+    if runs.get("ess_mean") is not None:
+        line += f"ESS fraction: mean {runs['ess_mean']:.3g}, min {runs['ess_min']:.3g}   "
+    if runs.get("log_z") is not None:
+        line += f"log Z = {format_value_error(runs['log_z'], runs['log_z_err'])}"
+        if runs.get("exact_log_z") is not None:
+            z = runs.get("log_z_z")
+            line += f" (exact {runs['exact_log_z']:.10g}" + ("" if z is None else f", z = {z:+.2f}") + ")"
+        line += "   "
+    for name, tail in result.get("pareto_khat", {}).items():
+        khat = "-" if tail["khat"] is None else f"{tail['khat']:.2f}"
+        line += f"Pareto k-hat ({name}): {khat}   "
+    if line:
+        head.append(line.rstrip())
+    if result.get("known_means"):
+        head.append("known means: " + ", ".join(f"{k}={v:g}" for k, v in result["known_means"].items()))
+
+    overall = list(result.get("warnings", []))
+    rows = {**result.get("observables", {}), **result.get("derived", {})}
+    width = max([len("observable")] + [len(k) for k in rows])
+    cols = (
+        f"{'observable':<{width}} {'mean':>15} {'error':>11} {'value(error)':>18} "
+        f"{'method':>6} {'runs':>6} {'n':>9} {'z':>7} {'!':<1}"
+    )
+    out = head + ["", cols, "-" * len(cols)]
+    flag = {k: "!" if _own_warnings(r, overall) else "" for k, r in rows.items()}
+    out += [_weighted_row(k, r, width, flag[k]) for k, r in result.get("observables", {}).items()]
+    if result.get("derived"):
+        out.append("-" * len(cols))
+        out += [_weighted_row(k, r, width, flag[k]) for k, r in result["derived"].items()]
+    out += [f"warning: {w}" for w in overall]
+    out += [f"warning: {k}: {w}" for k, r in rows.items() for w in _own_warnings(r, overall)]
     return "\n".join(out)

@@ -260,6 +260,7 @@ def _parse_means(items: list[str]) -> dict[str, float]:
 _ENSEMBLE_KEYS = (
     *("theory", "couplings", "lattice_shape", "n_committed", "n_chains", "n_samples", "steps_per_chain"),
     *("complete", "checksums", "known_means", "accepted_proposals", "pareto_khat", "warnings"),
+    *("weighted", "runs"),  # weighted ensembles (annealing runs)
 )
 
 

@@ -941,7 +941,11 @@ def analyze(path: str | Path, *, means: dict[str, float] | None = None, check_ch
     derived = _derived_of(theory)
     known = {k: v for k, v in _exact_means_of(theory).items() if k in present}
     known.update(means or {})
-    return analyze_ensemble(path, derived=derived, known_means=known, check_checksums=check_checksums)
+    exact = getattr(theory, "exact_log_z", None)  # weighted ensembles compare their log Z with it
+    log_z = exact() if callable(exact) else None
+    return analyze_ensemble(
+        path, derived=derived, known_means=known, check_checksums=check_checksums, exact_log_z=log_z
+    )
 
 
 def log_job(job: JobConfig, comm: SerialComm) -> None:

@@ -34,6 +34,15 @@ The caller serialises its sampler state (RNG states included) to ``bytes``; this
 blob verbatim in one of two slots, ``checkpoint/state_0`` and ``checkpoint/state_1`` (``uint8``,
 attributes ``n_committed`` and ``nbytes``), alternating between commits. The current slot is the one
 whose ``n_committed`` attribute equals the root ``n_committed``.
+
+Weighted ensembles
+------------------
+Annealing samplers (SMC, AIS, ...) write a weighted population: one run per "chain" (``markov/chain``
+is the run id, ``weights/log_w`` the particle's final log weight within its run) and one entry per run
+in every ``annealing/<name>`` dataset, committed with the run's rows (``append(rows, state, runs=...)``).
+The root attribute ``n_runs_committed`` is raised in step 2 with the checksums (so it may be one commit
+ahead of ``n_committed``; readers clamp it to the runs whose rows are committed), together with
+``log_z`` and ``log_z_err`` (:func:`combine_log_z` of the committed runs).
 """
 
 from __future__ import annotations
@@ -44,18 +53,22 @@ from ._h5 import require_hdf5_file, sha256_of_rows
 from .integrity import verify
 from .meta import EnsembleError, EnsembleExistsError, EnsembleMeta
 from .reader import EnsembleReader
+from .runs import RUN_GROUP, RUN_REQUIRED, combine_log_z
 from .writer import EnsembleWriter
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "REQUIRED_ATTRS",
+    "RUN_GROUP",
+    "RUN_REQUIRED",
     "ROW_GROUPS",
     "EnsembleError",
     "EnsembleExistsError",
     "EnsembleMeta",
     "EnsembleReader",
     "EnsembleWriter",
+    "combine_log_z",
     "require_hdf5_file",
     "sha256_of_rows",
     "verify",

@@ -11,6 +11,7 @@ import numpy as np
 from ._format import FIELD_INDEX, _committed_rows, _common_length, _parse_shape, _root_problems, _row_datasets
 from ._h5 import _decode, _open_h5, sha256_of_rows
 from .meta import EnsembleError, _one_line
+from .runs import RUN_REQUIRED, check_runs_against_rows, combine_log_z, committed_runs, run_datasets
 
 
 def verify(path: str | os.PathLike[str]) -> list[str]:
@@ -21,7 +22,11 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
     (``format``, ``format_version`` = 1, JSON ``couplings``/``sampler`` with a ``kind``, integer
     ``lattice_shape``, ``seed``, ``n_committed``); every per-row dataset has at least
     ``n_committed`` rows; ``fields/phi`` / ``fields/links`` match ``lattice_shape``; every
-    ``fields/*`` dataset has a ``sha256`` attribute that matches its rows.
+    ``fields/*`` dataset has a ``sha256`` attribute that matches its rows. Weighted ensembles
+    (``annealing/*`` datasets): the required per-run datasets and ``n_runs_committed`` exist, every
+    per-run dataset holds the committed runs and matches its ``sha256`` where it has one, the committed
+    runs are exactly the committed rows (``markov/chain``, ``n_particles``), and the root ``log_z``,
+    ``log_z_err`` are those of the committed runs.
 
     The checksum covers rows ``[0, sha256_rows)`` where the dataset has a ``sha256_rows``
     attribute and ``[0, n_committed)`` otherwise; ``sha256_rows > n_committed`` (a writer killed
@@ -66,11 +71,49 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
             idx = datasets[FIELD_INDEX][: committed[FIELD_INDEX]]
             if idx.size and (int(idx[0]) < 0 or bool(np.any(np.diff(idx) <= 0))):
                 problems.append(f"{path}: {FIELD_INDEX} is not a strictly increasing list of rows")
+        runs = run_datasets(f)
+        if runs:
+            chain = datasets["markov/chain"][:n] if "markov/chain" in datasets else np.zeros(n, np.int64)
+            problems += [f"{path}: {p}" for p in _run_problems(attrs, runs, chain, n)]
     except Exception as exc:  # a damaged file can fail anywhere
         problems.append(_one_line(f"{path}: cannot read: {type(exc).__name__}: {exc}"))
     finally:
         f.close()
     return [_one_line(p) for p in problems]
+
+
+def _run_problems(attrs: dict, runs: dict[str, h5py.Dataset], chain: np.ndarray, n: int) -> list[str]:
+    """Problems with the per-run datasets of a weighted ensemble (``chain``: committed ``markov/chain``)."""
+    missing = [k for k in RUN_REQUIRED if k not in runs]
+    if missing:
+        return [f"weighted ensemble lacks per-run dataset(s) {missing}"]
+    n_attr = attrs.get("n_runs_committed")
+    if n_attr is None:
+        return ["weighted ensemble has no root attribute 'n_runs_committed'"]
+    if isinstance(n_attr, bool) or not isinstance(n_attr, int) or n_attr < 0:
+        return ["root attribute 'n_runs_committed' is not a non-negative integer"]
+    problems: list[str] = []
+    for name, ds in runs.items():
+        if ds.ndim == 0 or ds.shape[0] < n_attr:
+            problems.append(f"{name} has {ds.shape[0] if ds.ndim else 0} entries < n_runs_committed={n_attr}")
+    if problems:
+        return problems
+    r = committed_runs(n_attr, runs["annealing/n_particles"][:n_attr], n)
+    for name, ds in runs.items():
+        if "sha256" in ds.attrs:
+            problems += _dataset_problems(name, ds, r, None)
+    head = {k: runs[k][:r] for k in ("annealing/chain", "annealing/n_particles")}
+    problems += check_runs_against_rows(head, chain, what=f"the {r} committed run(s)")
+    if r == n_attr and not problems:
+        expected = combine_log_z(runs["annealing/log_z"][:r])
+        for key, want in zip(("log_z", "log_z_err"), expected, strict=True):
+            got = attrs.get(key)
+            ok = isinstance(got, float) and (
+                (np.isnan(got) and np.isnan(want)) or bool(np.isclose(got, want, rtol=1e-12, atol=1e-12))
+            )
+            if not ok:
+                problems.append(f"root attribute {key!r} is {got!r}, the committed runs give {want!r}")
+    return problems
 
 
 def _dataset_problems(name: str, ds: h5py.Dataset, n: int, shape: tuple[int, ...] | None) -> list[str]:
@@ -85,7 +128,7 @@ def _dataset_problems(name: str, ds: h5py.Dataset, n: int, shape: tuple[int, ...
             problems.append(f"{name} shape {ds.shape} does not match lattice_shape {list(shape)}")
         if name == "fields/links" and (ds.ndim < 2 + d or ds.shape[1] != d or tuple(ds.shape[2 : 2 + d]) != shape):
             problems.append(f"{name} shape {ds.shape} does not match (n, {d}, {', '.join(map(str, shape))}, ...)")
-    if not name.startswith("fields/"):
+    if not name.startswith(("fields/", "annealing/")):
         return problems
     if "sha256" not in ds.attrs:
         return problems + [f"{name} has no sha256 attribute"]

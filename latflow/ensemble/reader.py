@@ -13,6 +13,7 @@ import numpy as np
 from ._format import ROW_GROUPS, _committed_rows, _common_length, _meta_from_attrs, _row_datasets
 from ._h5 import _decode, _open_h5
 from .meta import EnsembleError
+from .runs import RUN_GROUP, combine_log_z, committed_runs, run_datasets
 
 
 class EnsembleReader:
@@ -39,6 +40,9 @@ class EnsembleReader:
     seed : int
     n_committed : int
         Rows ``[0, n_committed)`` are the ensemble.
+    is_weighted : bool
+        The ensemble is a weighted population of annealing runs (``annealing/log_z`` exists); see
+        :meth:`runs`, :attr:`n_runs_committed`, :attr:`log_z`.
     attrs : dict
         Every root attribute decoded (bytes -> str, numpy scalars -> Python; JSON stays str).
     meta : EnsembleMeta
@@ -65,6 +69,56 @@ class EnsembleReader:
         self.lattice_shape: tuple[int, ...] = self.meta.lattice_shape
         self.sampler: dict = self.meta.sampler
         self.seed: int = self.meta.seed
+        self.is_weighted: bool = self.has(f"{RUN_GROUP}/log_z")
+
+    @property
+    def n_runs_committed(self) -> int:
+        """Committed annealing runs (0 unless :attr:`is_weighted`).
+
+        The root attribute ``n_runs_committed``, clamped to the runs whose rows are all committed (a
+        writer killed between its last two flushes leaves the attribute one commit ahead).
+        """
+        if not self.is_weighted:
+            return 0
+        raw = self.attrs.get("n_runs_committed", 0)
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+            raise EnsembleError(f"{self.path}: root attribute 'n_runs_committed' is not a non-negative integer")
+        n_particles = self._f().get(f"{RUN_GROUP}/n_particles")
+        if not isinstance(n_particles, h5py.Dataset):
+            raise EnsembleError(f"{self.path}: weighted ensemble without {RUN_GROUP}/n_particles; file is damaged")
+        return committed_runs(raw, n_particles[: min(raw, n_particles.shape[0])], self.n_committed)
+
+    def runs(self) -> dict[str, np.ndarray]:
+        """Per-run datasets of a weighted ensemble, committed runs only.
+
+        Returns
+        -------
+        dict of str to np.ndarray
+            ``{"annealing/log_z": (R,), "annealing/ess": (R,), "annealing/n_particles": (R,),
+            "annealing/chain": (R,), ...}`` with ``R = n_runs_committed``; ``{}`` unless weighted.
+
+        Raises
+        ------
+        EnsembleError
+            A per-run dataset has fewer entries than the committed runs.
+        """
+        r = self.n_runs_committed
+        out: dict[str, np.ndarray] = {}
+        for name, ds in run_datasets(self._f()).items():
+            if ds.ndim == 0 or ds.shape[0] < r:
+                raise EnsembleError(f"{self.path}: {name} has fewer entries than the {r} committed runs; damaged")
+            out[name] = ds[:r]
+        return out if self.is_weighted else {}
+
+    @property
+    def log_z(self) -> float:
+        """``log Z`` combined over the committed runs (:func:`~latflow.ensemble.combine_log_z`); NaN if none."""
+        return combine_log_z(self.runs().get(f"{RUN_GROUP}/log_z", np.zeros(0)))[0]
+
+    @property
+    def log_z_err(self) -> float:
+        """Standard error of :attr:`log_z` from the spread over runs; NaN with fewer than 2 runs."""
+        return combine_log_z(self.runs().get(f"{RUN_GROUP}/log_z", np.zeros(0)))[1]
 
     def _f(self) -> h5py.File:
         if self._file is None:

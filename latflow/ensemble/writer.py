@@ -28,6 +28,8 @@ from ._h5 import (
 )
 from ._layout import _create_row_dataset, _init_file, _storage_array, _validate_meta
 from .meta import EnsembleError, EnsembleExistsError, EnsembleMeta
+from .runs import RUN_DESCRIPTIONS, RUN_GROUP, RUN_REQUIRED, check_runs_against_rows, combine_log_z, committed_runs
+from .runs import run_datasets as _run_datasets
 
 
 def _configure_cache(f: h5py.File) -> None:
@@ -78,6 +80,11 @@ class EnsembleWriter:
         self._broken: str | None = None
         self._datasets: dict[str, h5py.Dataset] = {}  # open handles (h5py look-ups are slow)
         self._slots = tuple(file[CHECKPOINT_GROUP][name] for name in _SLOTS)
+        # weighted ensembles (annealing samplers): committed runs, their keys, log Z and last run id
+        self._r = 0
+        self._run_keys: frozenset[str] | None = None  # fixed after the first commit (empty: not weighted)
+        self._run_log_z = np.zeros(0)
+        self._last_run = -(2**63)
         self._checkpoint = file[CHECKPOINT_GROUP]
 
     # -- construction ----------------------------------------------------------------------
@@ -207,16 +214,25 @@ class EnsembleWriter:
             for name, ds in datasets.items():
                 if name.startswith("fields/"):
                     hashers[name] = _check_and_hash(path, name, ds, committed[name])
+            runs, r = _run_datasets(f), 0
+            if runs:
+                r = _resumable_runs(path, f, runs, attrs, n)
+                for name, ds in runs.items():
+                    committed[name] = r
+                    hashers[name] = _check_and_hash(path, name, ds, r)
             state, slot = _read_state(f, n)
-            # -- from here on the file is modified: discard uncommitted rows, repair attributes
-            for name, ds in datasets.items():
+            # -- from here on the file is modified: discard uncommitted rows and runs, repair attributes
+            for name, ds in {**datasets, **runs}.items():
                 if ds.shape[0] != committed[name]:
                     ds.resize(committed[name], axis=0)
             f.flush()
             for name, h in hashers.items():
-                ds = datasets[name]
+                ds = datasets[name] if name in datasets else runs[name]
                 _set_attr(ds, "sha256", _fixed(h.hexdigest(), _SHA_DTYPE))
                 _set_attr(ds, "sha256_rows", np.int64(committed[name]))
+            run_log_z = np.asarray(runs["annealing/log_z"][:r], dtype=np.float64) if runs else np.zeros(0)
+            if runs:
+                _set_run_attrs(f, r, run_log_z)
             _ensure_checkpoint(f)
             _set_attr(f[CHECKPOINT_GROUP], "current", np.int64(slot))
             f.flush()
@@ -234,6 +250,12 @@ class EnsembleWriter:
         w._hashers = hashers
         w._slot = slot
         w._keys = frozenset(datasets) if n > 0 else None
+        if n > 0:
+            w._run_keys = frozenset(runs)
+        w._r = r
+        w._run_log_z = run_log_z
+        if r:
+            w._last_run = int(runs["annealing/chain"][r - 1])
         return w, state
 
     # -- properties ------------------------------------------------------------------------
@@ -244,13 +266,23 @@ class EnsembleWriter:
         return self._n
 
     @property
+    def n_runs_committed(self) -> int:
+        """Number of annealing runs fully committed so far (0 for a Markov-chain ensemble)."""
+        return self._r
+
+    @property
     def closed(self) -> bool:
         return self._file is None
 
     # -- appending -------------------------------------------------------------------------
 
-    def append(self, rows: Mapping[str, np.ndarray], state: bytes | None = None) -> None:
-        """Append ``n`` rows and the sampler state as ONE crash-safe commit.
+    def append(
+        self,
+        rows: Mapping[str, np.ndarray],
+        state: bytes | None = None,
+        runs: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Append ``n`` rows (and, for a weighted ensemble, ``R`` runs) and the sampler state as ONE crash-safe commit.
 
         Parameters
         ----------
@@ -263,11 +295,22 @@ class EnsembleWriter:
             row shapes are fixed.
         state : bytes or None
             Opaque sampler-state blob stored with this commit (returned by :meth:`resume`).
+        runs : mapping of str to array, or None
+            Weighted ensembles (annealing samplers) only: the runs whose particles are the rows of
+            this commit, one entry per run along axis 0 (shape ``(R,)`` or ``(R, ...)``):
+            ``"annealing/log_z"`` (float, the run's log Z estimate), ``"annealing/ess"`` (float, the
+            final population's ESS fraction), ``"annealing/n_particles"`` and ``"annealing/chain"``
+            (int, the run id, greater than every earlier run's), and any further ``"annealing/<name>"``.
+            The rows must be exactly these runs' particles (``markov/chain`` = run id, ``n_particles``
+            rows each). Either every commit of a file passes runs or none does. The root attributes
+            ``n_runs_committed``, ``log_z`` and ``log_z_err`` (:func:`combine_log_z` of all committed runs)
+            are updated with the commit.
 
         Raises
         ------
         ValueError
-            Inconsistent rows (leading lengths, keys, row shapes, dtypes); nothing is written.
+            Inconsistent rows or runs (leading lengths, keys, row shapes, dtypes, runs that do not
+            match the rows); nothing is written.
         EnsembleError
             The writer is closed, or a previous commit failed part-way (resume the file).
         """
@@ -275,12 +318,15 @@ class EnsembleWriter:
         if state is not None and not isinstance(state, (bytes, bytearray, memoryview)):
             raise TypeError(f"state must be bytes or None, got {type(state).__name__}")
         arrays = self._prepare(rows)
+        run_arrays = self._prepare_runs(runs, arrays)
         n_add = next(a.shape[0] for k, a in arrays.items() if not k.startswith("fields/"))
         n_new = self._n + n_add
         m_new = self._m + (arrays[FIELD_INDEX].shape[0] if FIELD_INDEX in arrays else n_add)
+        r_new = self._r + (run_arrays["annealing/log_z"].shape[0] if run_arrays else 0)
+        run_log_z = np.concatenate([self._run_log_z, run_arrays["annealing/log_z"]]) if run_arrays else self._run_log_z
         new_hashers: dict[str, Any] = {}
-        for key, arr in arrays.items():
-            if key.startswith("fields/"):
+        for key, arr in {**arrays, **run_arrays}.items():
+            if key.startswith(("fields/", f"{RUN_GROUP}/")):
                 h = self._hashers[key].copy() if key in self._hashers else hashlib.sha256()
                 h.update(_raw_le_bytes(arr, arr.dtype))
                 new_hashers[key] = h
@@ -297,12 +343,24 @@ class EnsembleWriter:
                 ds.resize(stop, axis=0)
                 if stop > start:
                     ds[start:stop] = arr
+            for key, arr in run_arrays.items():
+                ds = self._dataset(key)
+                if ds is None:
+                    attrs = {"description": RUN_DESCRIPTIONS[key]} if key in RUN_DESCRIPTIONS else {}
+                    attrs.update(self._dataset_attrs.get(key, {}))
+                    ds = self._datasets[key] = _create_row_dataset(f, key, arr, None, attrs)
+                    ds.attrs.create("sha256", _fixed(hashlib.sha256().hexdigest(), _SHA_DTYPE))
+                    ds.attrs.create("sha256_rows", np.int64(0))
+                ds.resize(r_new, axis=0)
+                ds[self._r : r_new] = arr
             _write_state(self._slots[slot], state, n_new)
             f.flush()
-            # 2. checksums covering the new rows, and the slot pointer
+            # 2. checksums covering the new rows (and runs), the runs' attributes, and the slot pointer
             for key, h in new_hashers.items():
                 _set_attr(self._datasets[key], "sha256", _fixed(h.hexdigest(), _SHA_DTYPE))
-                _set_attr(self._datasets[key], "sha256_rows", np.int64(m_new))
+                _set_attr(self._datasets[key], "sha256_rows", np.int64(r_new if key in run_arrays else m_new))
+            if run_arrays:
+                _set_run_attrs(f, r_new, run_log_z)
             _set_attr(self._checkpoint, "current", np.int64(slot))
             _set_attr(f, "last_commit_utc", _fixed(_utc_now(), _UTC_DTYPE))
             f.flush()
@@ -317,6 +375,11 @@ class EnsembleWriter:
         self._hashers.update(new_hashers)
         self._keys = frozenset(arrays)
         self._slot = slot
+        self._run_keys = frozenset(run_arrays)
+        if run_arrays:
+            self._r = r_new
+            self._run_log_z = run_log_z
+            self._last_run = int(run_arrays["annealing/chain"][-1])
 
     def _dataset(self, key: str) -> h5py.Dataset | None:
         ds = self._datasets.get(key)
@@ -403,6 +466,71 @@ class EnsembleWriter:
                 out[key] = arr.astype(ds.dtype)
         return out
 
+    def _prepare_runs(
+        self, runs: Mapping[str, np.ndarray] | None, arrays: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Validate the per-run arrays of a commit against its (prepared) rows; ``{}`` without runs."""
+        expected = self._run_keys
+        if expected is None and self._n == 0:
+            assert self._file is not None
+            expected = frozenset(_run_datasets(self._file)) or None
+        if runs is None or (isinstance(runs, Mapping) and not runs):
+            if expected:
+                raise ValueError("this ensemble is weighted (annealing runs): every commit needs runs=")
+            return {}
+        if not isinstance(runs, Mapping):
+            raise ValueError("runs must be a mapping of 'annealing/<name>' to an array with one entry per run")
+        if self._n > 0 and not expected:
+            raise ValueError("runs= given, but the ensemble's earlier commits have no runs (not a weighted ensemble)")
+        out: dict[str, np.ndarray] = {}
+        for raw_key, value in runs.items():
+            key = str(raw_key).strip("/")
+            parts = key.split("/")
+            if len(parts) != 2 or parts[0] != RUN_GROUP or not parts[1]:
+                raise ValueError(f"run key {raw_key!r} is not '{RUN_GROUP}/<name>'")
+            arr = np.asarray(value)
+            if arr.ndim == 0:
+                raise ValueError(f"{key}: needs a leading run axis, got a scalar")
+            if key in RUN_REQUIRED and arr.ndim != 1:
+                raise ValueError(f"{key}: must have shape (R,), got {arr.shape}")
+            if key in ("annealing/log_z", "annealing/ess"):
+                if arr.dtype.kind not in "iuf":
+                    raise ValueError(f"{key}: must be real, got {arr.dtype}")
+                arr = arr.astype(np.float64)
+            if key in ("annealing/n_particles", "annealing/chain") and arr.dtype.kind not in "iu":
+                raise ValueError(f"{key}: must be integer, got {arr.dtype}")
+            out[key] = _storage_array(key, arr)
+        missing = [k for k in RUN_REQUIRED if k not in out]
+        if missing:
+            raise ValueError(f"runs lack {missing}")
+        n_runs = out["annealing/log_z"].shape[0]
+        for key, arr in out.items():
+            if arr.shape[0] != n_runs:
+                raise ValueError(f"{key}: has {arr.shape[0]} runs, annealing/log_z has {n_runs}")
+        if expected is not None and frozenset(out) != expected:
+            missing, extra = sorted(expected - frozenset(out)), sorted(frozenset(out) - expected)
+            raise ValueError(f"runs must have exactly the keys of earlier commits; missing {missing}, extra {extra}")
+        if "markov/chain" not in arrays:
+            raise ValueError("a weighted commit needs markov/chain (the run id of each row)")
+        problems = check_runs_against_rows(out, arrays["markov/chain"], self._n, what="runs of this commit")
+        if problems:
+            raise ValueError(problems[0])
+        if int(out["annealing/chain"][0]) <= self._last_run:
+            raise ValueError(f"annealing/chain: run ids must exceed the last committed run's ({self._last_run})")
+        if np.any(np.isnan(out["annealing/log_z"])) or np.any(out["annealing/log_z"] == np.inf):
+            raise ValueError("annealing/log_z must not be NaN or +inf")
+        for key, arr in out.items():
+            ds = self._dataset(key)
+            if ds is None:
+                continue
+            if tuple(ds.shape[1:]) != arr.shape[1:]:
+                raise ValueError(f"{key}: shape {arr.shape[1:]} differs from the stored {tuple(ds.shape[1:])}")
+            if arr.dtype != ds.dtype:
+                if not np.can_cast(arr.dtype, ds.dtype, casting="same_kind"):
+                    raise ValueError(f"{key}: dtype {arr.dtype} cannot be stored as {ds.dtype}")
+                out[key] = arr.astype(ds.dtype)
+        return out
+
     # -- closing ---------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -427,6 +555,38 @@ class EnsembleWriter:
 
 
 _PRIVATE = object()
+
+
+def _set_run_attrs(f: h5py.File, n_runs: int, run_log_z: np.ndarray) -> None:
+    """Root attributes ``n_runs_committed``, ``log_z``, ``log_z_err`` for the first ``n_runs`` runs."""
+    log_z, log_z_err = combine_log_z(run_log_z[:n_runs])
+    _set_attr(f, "n_runs_committed", np.int64(n_runs))
+    _set_attr(f, "log_z", np.float64(log_z))
+    _set_attr(f, "log_z_err", np.float64(log_z_err))
+
+
+def _resumable_runs(
+    path: Path, f: h5py.File, runs: Mapping[str, h5py.Dataset], attrs: Mapping[str, Any], n: int
+) -> int:
+    """Committed runs of a weighted file being resumed, after checking they match the committed rows."""
+    missing = [k for k in RUN_REQUIRED if k not in runs]
+    if missing:
+        raise EnsembleError(f"{path}: weighted ensemble lacks {missing}; file is damaged")
+    n_attr = attrs.get("n_runs_committed", 0)
+    if isinstance(n_attr, bool) or not isinstance(n_attr, int) or n_attr < 0:
+        raise EnsembleError(f"{path}: root attribute 'n_runs_committed' is not a non-negative integer")
+    for name, ds in runs.items():
+        if ds.ndim == 0 or ds.shape[0] < min(n_attr, runs["annealing/n_particles"].shape[0]):
+            raise EnsembleError(f"{path}: {name} has fewer entries than the committed runs; file is damaged")
+        if ds.chunks is None or ds.maxshape[0] is not None:
+            raise EnsembleError(f"{path}: {name} is not resizable along axis 0; cannot append")
+    r = committed_runs(n_attr, runs["annealing/n_particles"], n)
+    head = {k: runs[k][:r] for k in ("annealing/chain", "annealing/n_particles")}
+    chain = f["markov/chain"][:n] if "markov/chain" in f else np.zeros(n, np.int64)
+    problems = check_runs_against_rows(head, chain, what="committed runs")
+    if problems:
+        raise EnsembleError(f"{path}: {problems[0]}; file is damaged")
+    return r
 
 
 def _check_and_hash(path: Path, name: str, ds: h5py.Dataset, n: int) -> Any:
