@@ -938,11 +938,12 @@ def analyze(path: str | Path, *, means: dict[str, float] | None = None, check_ch
     with EnsembleReader(path) as r:
         theory = _theory_of_ensemble(r.theory, r.couplings, tuple(r.lattice_shape))
         present = set(r.names("observables"))
+        weighted = r.is_weighted
     derived = _derived_of(theory)
     known = {k: v for k, v in _exact_means_of(theory).items() if k in present}
     known.update(means or {})
     exact = getattr(theory, "exact_log_z", None)  # weighted ensembles compare their log Z with it
-    log_z = exact() if callable(exact) else None
+    log_z = exact() if weighted and callable(exact) else None
     return analyze_ensemble(
         path, derived=derived, known_means=known, check_checksums=check_checksums, exact_log_z=log_z
     )
