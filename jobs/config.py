@@ -20,6 +20,7 @@ from latflow.lattice import Lattice
 from latflow.manifolds import SUN, Euclidean, FieldManifold, U1Angles
 from latflow.theories import REGISTRY
 
+from . import annealing_kinds  # noqa: F401  (registers the annealing sampler kinds)
 from .sampler_kinds import (
     NON_NEGATIVE,
     POSITIVE,
@@ -186,7 +187,8 @@ class JobConfig:
     @property
     def uses_flow(self) -> bool:
         """Whether the sampler kind samples with a trained flow (from the sampler-kind registry)."""
-        return sampler_kind(self.sampler.kind).uses_flow
+        uses = sampler_kind(self.sampler.kind).uses_flow
+        return bool(uses(self.sampler)) if callable(uses) else bool(uses)
 
 
 SECTIONS: dict[str, type] = {
@@ -362,7 +364,8 @@ def _sampler(table: Any, source: str, file_table: Any, set_keys: typing.Collecti
         if key in kind.keys:
             continue
         allowed = ", ".join(k for k in kind.keys if k != "kind")
-        users = " or ".join(map(repr, kinds_with_key(key)))
+        names = [repr(k) for k in kinds_with_key(key)]
+        users = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
         what = f" = {value!r} is for sampler.kind {users}, not" if users else " is not"
         raise JobError(
             f"{source}: 'sampler.{key}'{what} a setting of sampler kind {kind.name!r}; its settings: {allowed}"

@@ -43,6 +43,7 @@ from latflow.samplers import HMC, FlowMCMC, PseudofermionFlowMCMC, Pseudofermion
 from latflow.theories import get_spec
 from latflow.training import ReverseKLTrainer, TrainingDivergedError
 
+from . import annealing, annealing_kinds
 from .config import (
     START_KEYWORDS,
     JobConfig,
@@ -144,7 +145,10 @@ def _model_signature(job: JobConfig) -> str:
         del model["prior"], model["prior_beta"]
     elif model["prior_beta"] is None:
         model["prior_beta"] = float(job.theory.couplings.beta)
-    return json.dumps({"model": model, "lattice": list(job.lattice.shape), "dtype": job.run.dtype}, sort_keys=True)
+    extra = getattr(job.sampler, "transport_signature", None)  # CRAFT: the transitions its flows belong to
+    extra = extra() if callable(extra) else {}
+    signature = {"model": model, "lattice": list(job.lattice.shape), "dtype": job.run.dtype, **extra}
+    return json.dumps(signature, sort_keys=True)
 
 
 def preflight(job: JobConfig, command: str, *, resume: bool, force: bool) -> None:
@@ -252,6 +256,8 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
     """Train the job's flow by reverse KL; returns the checkpoint path."""
     device = rank_device(job, comm)
     theory = build_theory(job)
+    if annealing_kinds.trains_craft(job.sampler):
+        return annealing.train_craft(job, resume=resume, comm=comm, device=device, theory=theory)
     model = build_model(job, device)
     if not any(p.requires_grad for p in model.parameters()):
         return _save_untrained(job, model, comm)
@@ -812,14 +818,34 @@ def _check_resumable(path: Path, meta: EnsembleMeta, *, check_model: bool = True
             raise JobError(f"{path}: cannot resume: the file's {name} {a} differs from this job's {b}")
 
 
+def _open_writer(
+    job: JobConfig, theory: Any, meta: EnsembleMeta, path: Path, *, resume: bool, force: bool
+) -> tuple[EnsembleWriter, bytes | None]:
+    """Rank 0: the ensemble writer, resumed (with the stored sampler state) or created."""
+    if resume and path.exists():
+        _check_resumable(path, meta)
+        writer, blob = EnsembleWriter.resume(path)
+        writer.set_dataset_attrs(dataset_attrs(theory))
+        log.info("resuming %s at %d committed rows", path, writer.n_committed)
+        return writer, blob
+    return EnsembleWriter.create(path, meta, force=force, dataset_attrs=dataset_attrs(theory)), None
+
+
 def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Path:
     """Sample the job's ensemble (rank 0 writes; every rank runs its own chain(s))."""
     device = rank_device(job, comm)
     theory = build_theory(job)
+    path = Path(job.output.path)
+    if annealing_kinds.is_weighted(job.sampler):
+
+        def open_weighted(sha: str) -> tuple[EnsembleWriter, bytes | None]:
+            meta = dataclasses.replace(_meta(job, theory, None), model_sha256=sha)
+            return _open_writer(job, theory, meta, path, resume=resume, force=force)
+
+        return annealing.sample_weighted(job, theory, device, comm=comm, open_writer=open_weighted, measure=measure)
     model = load_model(job, device, comm) if job.uses_flow else None
     sampler = _make_sampler(job, theory, model, comm, device)
     s = job.sampler
-    path = Path(job.output.path)
     meta = _meta(job, theory, model)
 
     writer = None
@@ -828,13 +854,7 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
     if comm.is_root:
         # rank 0 opens the file; the outcome is broadcast so that no rank waits on a failed one
         try:
-            if resume and path.exists():
-                _check_resumable(path, meta)
-                writer, blob = EnsembleWriter.resume(path)
-                writer.set_dataset_attrs(dataset_attrs(theory))
-                log.info("resuming %s at %d committed rows", path, writer.n_committed)
-            else:
-                writer = EnsembleWriter.create(path, meta, force=force, dataset_attrs=dataset_attrs(theory))
+            writer, blob = _open_writer(job, theory, meta, path, resume=resume, force=force)
         except (JobError, EnsembleError) as exc:
             error = str(exc)
     blob, error = comm.bcast((blob, error))

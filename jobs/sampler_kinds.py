@@ -236,7 +236,8 @@ class SamplerKind:
         Frozen dataclass of the kind's ``[sampler]`` table, a subclass of :class:`SamplerSettings` (so it has
         ``kind``, ``n_samples``, ``thermalization``, ``commit_every`` and ``log_every``).
     uses_flow
-        Whether the kind samples with a trained flow (``latflow train`` applies, ``[model]`` and ``[train]``
+        Whether the kind samples with a trained flow, or ``settings -> bool`` where a key decides it
+        (``latflow train`` applies, ``[model]`` and ``[train]``
         are checked, the checkpoint is needed).
     default_burn_in
         ``settings -> int``: the steps per chain discarded when ``thermalization`` is not given.
@@ -251,7 +252,7 @@ class SamplerKind:
 
     name: str
     settings: type[SamplerSettings]
-    uses_flow: bool
+    uses_flow: bool | Callable[[Any], bool]
     default_burn_in: Callable[[Any], int]
     attribute: Callable[[JobConfig], dict[str, Any]]
     rules: Mapping[str, Rule] = field(default_factory=dict)

@@ -1,0 +1,432 @@
+"""Runs the annealing sampler kinds of job files (:mod:`latflow.jobs.annealing_kinds`).
+
+Builds the path, schedule, kernel and transport flows from a validated job, trains CRAFT flows
+(``latflow train``), and writes weighted ensembles: every run is one "chain" of ``n_particles`` rows with its
+``weights/log_w``, and one entry in the per-run datasets ``annealing/*`` (``log_z`` in the normalisation of the
+ensemble format: compact fields under the Haar probability measure, real fields under Lebesgue measure).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from latflow import checkpoint
+from latflow.ensemble import EnsembleError, EnsembleWriter
+from latflow.flows import model_sha256
+from latflow.lattice import Lattice
+from latflow.mpi import SerialComm
+from latflow.rng import make_generator
+from latflow.samplers import state_from_bytes, state_to_bytes
+from latflow.samplers.annealing import (
+    AIS,
+    SMC,
+    AdaptiveSchedule,
+    CouplingPath,
+    GeometricPath,
+    HMCKernel,
+    RandomWalkMetropolis,
+    StepSize,
+    fixed_schedule,
+)
+from latflow.samplers.annealing.aft import AFT
+from latflow.samplers.annealing.core import AnnealResult
+from latflow.samplers.annealing.craft import CRAFT
+from latflow.samplers.annealing.transport import (
+    TransportFlow,
+    affine_transport,
+    sun_spectral_transport,
+    u1_equivariant_transport,
+)
+from latflow.theories import get_spec
+
+from .annealing_kinds import AFTSettings, AISSettings, AnnealingSettings, CRAFTSettings, PIMHSettings
+from .config import JobConfig, JobError, field_manifold
+from .progress import Progress
+
+log = logging.getLogger("latflow")
+
+STREAM_SAMPLE, STREAM_TRAIN = 1, 0  # the runner's stream numbers (jobs/runner.py)
+
+
+# --- the path ------------------------------------------------------------------------------
+
+
+def _dtype(job: JobConfig) -> torch.dtype:
+    return {"float64": torch.float64, "float32": torch.float32}[job.run.dtype]
+
+
+def _cast(x: torch.Tensor, job: JobConfig, device: torch.device) -> torch.Tensor:
+    real = _dtype(job)
+    return x.to(device=device, dtype=real.to_complex() if x.is_complex() else real)
+
+
+def coupling_path(job: JobConfig, theory: Any, device: torch.device) -> CouplingPath:
+    """``path = "coupling"``: the target with ``sampler.coupling`` moved from ``coupling_start`` to its value."""
+    s = job.sampler
+    spec = get_spec(job.theory.name)
+    params = job.theory.couplings
+    names = [f.name for f in dataclasses.fields(params)]
+    src = job.source
+    if s.coupling not in names:
+        raise JobError(f"{src}: 'sampler.coupling' = {s.coupling!r}: theory {job.theory.name!r} has couplings {names}")
+    lattice = Lattice(job.lattice.shape)
+    c0, c1 = float(s.coupling_start), float(getattr(params, s.coupling))
+
+    def at(c: float) -> Any:
+        value: Any = c
+        if isinstance(getattr(params, s.coupling), int):
+            value = int(round(c))
+        try:
+            return spec.build(dataclasses.replace(params, **{s.coupling: value}), lattice)
+        except (TypeError, ValueError) as exc:
+            raise JobError(f"{src}: 'sampler.coupling_start' = {c0}: theory cannot be built there ({exc})") from None
+
+    start = at(c0)
+    sampler = getattr(start, "sample_exact", None)
+    exact = getattr(start, "exact_log_z", None)
+    log_z0 = exact() if callable(exact) else None
+    probe = sampler(1, torch.Generator().manual_seed(0)) if callable(sampler) else None
+    if probe is None or log_z0 is None:
+        raise JobError(
+            f"{src}: 'sampler.path' = 'coupling' needs an exactly solvable start, but theory {job.theory.name!r} at "
+            f"{s.coupling} = {c0} has no exact sampler or log Z; choose 'sampler.coupling_start' where it has one "
+            "(beta = 0 for gauge theories, kappa = 0 for the Schwinger model, lam = 0 for phi^4) or path = 'geometric'"
+        )
+    log_z0 += float(start.field_log_volume())
+    cache: dict[float, Any] = {0.0: start}
+
+    def theory_at(t: float) -> Any:
+        if t not in cache:
+            cache[t] = theory if t == 1.0 else at(c0 + t * (c1 - c0))
+        return cache[t]
+
+    def log_density(x: torch.Tensor, t: float) -> torch.Tensor:
+        return -theory_at(t).action(x)
+
+    def draw(n: int, generator: torch.Generator) -> torch.Tensor:
+        # exact samplers draw on the CPU in float64 from a CPU stream seeded from the run's generator
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        return _cast(start.sample_exact(n, torch.Generator().manual_seed(seed)), job, device)
+
+    linear = None
+    x = _cast(probe, job, device)
+    a, b, mid = log_density(x, 0.0), log_density(x, 1.0), log_density(x, 0.5)
+    if torch.allclose(mid, 0.5 * (a + b), rtol=1e-9, atol=1e-9 * float(a.abs().max() + b.abs().max() + 1)):
+
+        def linear(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            a = log_density(y, 0.0)
+            return a, log_density(y, 1.0) - a
+
+    return CouplingPath(draw, log_z0, log_density, linear)
+
+
+def build_path(job: JobConfig, theory: Any, device: torch.device) -> Any:
+    """The job's annealing path (``sampler.path``)."""
+    if job.sampler.path == "coupling":
+        return coupling_path(job, theory, device)
+    from .runner import build_model
+
+    prior = build_model(job, device).prior
+    return GeometricPath(prior, lambda x: -theory.action(x))
+
+
+def build_schedule(s: AnnealingSettings) -> list[float] | AdaptiveSchedule:
+    if s.schedule == "adaptive":
+        return AdaptiveSchedule(s.target_cess)
+    return fixed_schedule(s.n_transitions, s.schedule_power)
+
+
+def build_kernel(s: AnnealingSettings, theory: Any) -> Any:
+    if s.kernel == "none":
+        return None
+    step = StepSize(s.step_size if isinstance(s.step_size, float) else list(s.step_size))
+    manifold = field_manifold(theory)
+    if s.kernel == "rwm":
+        return RandomWalkMetropolis(step, s.n_steps, manifold=manifold)
+    return HMCKernel(step, s.n_steps, s.n_trajectories, integrator=s.integrator, manifold=manifold)
+
+
+# --- transport flows (AFT, CRAFT) -------------------------------------------------------------
+
+TransportFactory = Callable[[JobConfig, Lattice, torch.device], TransportFlow]
+
+
+def _affine(job: JobConfig, lattice: Lattice, device: torch.device) -> TransportFlow:
+    m = job.model
+    return affine_transport(lattice, m.n_layers, m.hidden, m.kernel_size, dtype=_dtype(job), device=device)
+
+
+def _u1(job: JobConfig, lattice: Lattice, device: torch.device) -> TransportFlow:
+    m = job.model
+    return u1_equivariant_transport(
+        lattice, m.n_layers, m.hidden, m.kernel_size, inner=m.inner, n_bins=m.n_bins, n_mix=m.n_mix,
+        dtype=_dtype(job), device=device,
+    )  # fmt: skip
+
+
+def _sun(job: JobConfig, lattice: Lattice, device: torch.device) -> TransportFlow:
+    m = job.model
+    n = int(job.theory.couplings.n)
+    return sun_spectral_transport(
+        lattice, n, m.n_layers, m.hidden, m.kernel_size, n_bins=m.n_bins, dtype=_dtype(job), device=device
+    )
+
+
+# the transport flow of each [model] kind
+TRANSPORTS: dict[str, TransportFactory] = {"affine": _affine, "u1-equivariant": _u1, "sun-spectral": _sun}
+
+
+def make_transport(job: JobConfig, device: torch.device) -> TransportFlow:
+    """One identity-initialised transport flow of the job's ``[model]``."""
+    return TRANSPORTS[job.model.kind](job, Lattice(job.lattice.shape), device)
+
+
+def _flow_seed(job: JobConfig) -> int:
+    from latflow.rng import stream_seed
+
+    from .runner import STREAM_INIT
+
+    return stream_seed(job.run.seed, STREAM_INIT)
+
+
+def build_craft(job: JobConfig, theory: Any, device: torch.device) -> CRAFT:
+    """CRAFT with ``n_transitions`` identity-initialised flows of ``[model]`` (weights from ``run.seed``)."""
+    s = job.sampler
+    assert isinstance(s, CRAFTSettings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_flow_seed(job))
+        flows = [make_transport(job, device) for _ in range(s.n_transitions)]
+    return CRAFT(
+        build_path(job, theory, device),
+        build_kernel(s, theory),
+        fixed_schedule(s.n_transitions, s.schedule_power),
+        flows,
+        resample_threshold=s.resample_threshold,
+        resampling=s.resampling,
+        lr=s.lr,
+        grad_clip=s.grad_clip or None,
+    )
+
+
+def build_annealer(job: JobConfig, theory: Any, device: torch.device) -> Any:
+    """The engine object of a weighted kind: ``run(n_particles, generator, n_populations=P) -> AnnealResult``."""
+    s = job.sampler
+    path = build_path(job, theory, device)
+    kernel = build_kernel(s, theory)
+    if isinstance(s, CRAFTSettings):
+        craft = build_craft(job, theory, device)
+        load_craft(job, craft, device)
+        return craft
+    if isinstance(s, AFTSettings):
+        seed = _flow_seed(job)
+
+        def make_flow() -> TransportFlow:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return make_transport(job, device)
+
+        return AFT(
+            path, kernel, fixed_schedule(s.n_transitions, s.schedule_power), make_flow,
+            n_opt_steps=s.n_opt_steps, lr=s.lr, resample_threshold=s.resample_threshold, resampling=s.resampling,
+        )  # fmt: skip
+    if isinstance(s, AISSettings):
+        return AIS(path, kernel, build_schedule(s))
+    return SMC(path, kernel, build_schedule(s), resample_threshold=s.resample_threshold, resampling=s.resampling)
+
+
+# --- CRAFT training -------------------------------------------------------------------------------
+
+
+def craft_signature(job: JobConfig) -> str:
+    from .runner import _model_signature
+
+    return _model_signature(job)
+
+
+def load_craft(job: JobConfig, craft: CRAFT, device: torch.device) -> dict[str, Any]:
+    """Load the trained CRAFT flows from ``output.model``; ``JobError`` if absent or made for another job."""
+    from .runner import read_checkpoint
+
+    path = job.output.model_path
+    if not path.exists():
+        raise JobError(f"{path}: no trained CRAFT flows; train them first ('latflow run' trains and samples)")
+    state = read_checkpoint(job, path, device)
+    craft.flows.load_state_dict(state["model"])
+    if "optimizer" in state:
+        craft.optimizer.load_state_dict(state["optimizer"])
+    craft.iteration = int(state.get("step", 0))
+    return state
+
+
+def train_craft(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch.device, theory: Any) -> Path:
+    """``n_iterations`` CRAFT iterations (rank 0; the other ranks wait), checkpointed to ``output.model``.
+
+    The checkpoint holds the flows (``model``), the optimiser, the iteration (``step``), the generator state and
+    the history of per-iteration ``log Z`` estimates and ESS; ``--resume`` continues it bit for bit.
+    """
+    s = job.sampler
+    assert isinstance(s, CRAFTSettings)
+    path = job.output.model_path
+    if comm.is_root:
+        craft = build_craft(job, theory, device)
+        gen = make_generator(job.run.seed, STREAM_TRAIN, 0, device=device)
+        history: dict[str, list] = {"log_z": [], "ess": [], "loss": []}
+        if resume and path.exists():
+            state = load_craft(job, craft, device)
+            gen.set_state(state["generator"])
+            history = {k: list(v) for k, v in state.get("history", history).items()}
+            log.info("resuming CRAFT training from %s at iteration %d", path, craft.iteration)
+        n = s.train_particles or s.n_particles
+        every = max(1, min(50, s.n_iterations // 10 or 1))
+        volume = float(getattr(theory, "field_log_volume", lambda: 0.0)())
+        bar = Progress(s.n_iterations, "craft", every=every, initial=craft.iteration)
+
+        def save(complete: bool) -> None:
+            checkpoint.save_atomic(
+                {
+                    "model": craft.flows.state_dict(),
+                    "optimizer": craft.optimizer.state_dict(),
+                    "step": craft.iteration,
+                    "generator": gen.get_state(),
+                    "history": history,
+                    "complete": complete,
+                    "signature": craft_signature(job),
+                    "job": job.record,
+                    "theory": job.theory.name,
+                },
+                path,
+            )
+
+        try:
+            while craft.iteration < s.n_iterations:
+                r = craft.train_iteration(n, gen)
+                lz = float(r.log_z[0]) - volume
+                history["log_z"].append(lz)
+                history["ess"].append(float(r.final_ess()[0]))
+                history["loss"].append(float(np.sum(r.extra["loss"])))
+                bar.update(1, log_z=lz, loss=history["loss"][-1])
+                if not all(math.isfinite(v) for v in r.extra["loss"]):
+                    raise JobError(f"{path}: CRAFT training diverged at iteration {craft.iteration} (non-finite loss)")
+                if craft.iteration % max(1, job.train.checkpoint_every) == 0:
+                    save(False)
+        finally:
+            bar.close()
+        save(True)
+        k = min(len(history["log_z"]), 20)
+        if k:
+            log.info(
+                "CRAFT: %d iterations; last %d: log Z %.4f (mean), ESS %.3f (mean)",
+                craft.iteration, k, float(np.mean(history["log_z"][-k:])), float(np.mean(history["ess"][-k:])),
+            )  # fmt: skip
+    comm.barrier()
+    return path
+
+
+# --- weighted ensembles ---------------------------------------------------------------------------
+
+
+def run_rows(theory: Any, result: AnnealResult, first_run: int, measure: Callable) -> tuple[dict, dict]:
+    """Ensemble rows and per-run entries of the populations of ``result`` (run ids from ``first_run``)."""
+    p, n = result.n_populations, result.n_particles
+    chain = np.repeat(np.arange(first_run, first_run + p, dtype=np.int64), n)
+    volume = float(getattr(theory, "field_log_volume", lambda: 0.0)())
+    x = result.x.detach()
+    rows = {
+        f"fields/{theory.field_name}": x.cpu().numpy(),
+        "markov/chain": chain,
+        "markov/step": np.tile(np.arange(n, dtype=np.int64), p),
+        "markov/accepted": np.ones(p * n, dtype=bool),
+        "weights/log_p": result.log_p.detach().double().cpu().numpy(),
+        "weights/log_q": np.zeros(p * n),
+        "weights/log_w": result.log_w.detach().double().reshape(-1).cpu().numpy(),
+    }
+    rows.update(measure(theory, x))
+    runs = {
+        "annealing/log_z": result.log_z.detach().double().cpu().numpy() - volume,
+        "annealing/ess": result.final_ess().double().cpu().numpy(),
+        "annealing/n_particles": np.full(p, n, dtype=np.int64),
+        "annealing/chain": np.arange(first_run, first_run + p, dtype=np.int64),
+        "annealing/n_resample": result.n_resampled().cpu().numpy().astype(np.int64),
+        "annealing/n_transitions": np.full(p, len(result.ts) - 1, dtype=np.int64),
+    }
+    return rows, runs
+
+
+def sample_weighted(
+    job: JobConfig,
+    theory: Any,
+    device: torch.device,
+    *,
+    comm: SerialComm,
+    open_writer: Callable[[str], tuple[EnsembleWriter, bytes | None]],
+    measure: Callable,
+) -> Path:
+    """Write ``n_samples`` independent runs of a weighted kind, ``commit_every`` runs per pass and commit.
+
+    Each rank runs its own passes (its own random stream); rank 0 gathers and writes. ``--resume``
+    continues after the last committed pass with the generator state stored with it.
+    """
+    s = job.sampler
+    device = (
+        torch.device("cpu")
+        if job.run.device == "cpu"
+        else torch.device("cuda", comm.rank % max(1, torch.cuda.device_count()))
+    )
+    from .runner import build_theory
+
+    theory = build_theory(job)
+    annealer = build_annealer(job, theory, device)
+    sha = model_sha256(annealer.flows) if isinstance(annealer, CRAFT) else ""
+    gen = make_generator(job.run.seed, STREAM_SAMPLE, comm.rank, device=device)
+    writer, blob, error = None, None, ""
+    if comm.is_root:
+        try:
+            writer, blob = open_writer(sha)
+        except (JobError, EnsembleError) as exc:
+            error = str(exc)
+    blob, error = comm.bcast((blob, error))
+    if error:
+        raise JobError(error)
+    done = 0
+    if blob is not None:
+        state = state_from_bytes(blob)
+        if len(state["ranks"]) != comm.size:
+            raise JobError(
+                f"{job.output.path}: written by {len(state['ranks'])} rank(s); resume it with the same number"
+            )
+        gen.set_state(state["ranks"][comm.rank]["generator"])
+        done = int(state["recorded"])
+    bar = Progress(s.n_samples, s.kind, every=1, enabled=comm.is_root, initial=done)
+    try:
+        while done < s.n_samples:
+            p = max(1, min(s.commit_every, math.ceil((s.n_samples - done) / comm.size)))
+            result = annealer.run(s.n_particles, gen, n_populations=p)
+            first = done + comm.rank * p
+            rows, runs = run_rows(theory, result, first, measure)
+            gathered = comm.gather((rows, runs, {"generator": gen.get_state()}))
+            done += p * comm.size
+            if comm.is_root:
+                assert gathered is not None and writer is not None
+                merged = {k: np.concatenate([g[0][k] for g in gathered]) for k in rows}
+                merged_runs = {k: np.concatenate([g[1][k] for g in gathered]) for k in runs}
+                blob = state_to_bytes({"ranks": [g[2] for g in gathered], "recorded": done})
+                writer.append(merged, blob, runs=merged_runs)
+                bar.update(p * comm.size, log_z=float(np.mean(merged_runs["annealing/log_z"])),
+                           ess=float(np.mean(merged_runs["annealing/ess"])))  # fmt: skip
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    return Path(job.output.path)
+
+
+def is_pimh(job: JobConfig) -> bool:
+    return isinstance(job.sampler, PIMHSettings)
