@@ -368,6 +368,7 @@ def _analyze_weighted(
     and ``warnings``.
     """
     from latflow.ensemble import RUN_GROUP, combine_log_z
+    from latflow.ensemble.completeness import completeness
 
     result: dict = {"observables": {}, "derived": {}, "weighted": True}
     warnings: list[str] = []
@@ -378,24 +379,23 @@ def _analyze_weighted(
     particles = [int(p) for p in runs[f"{RUN_GROUP}/n_particles"]]
     run_ess = np.asarray(runs[f"{RUN_GROUP}/ess"], dtype=np.float64)
     n_runs = int(run_log_z.size)
-    raw = reader.sampler.get("n_samples") if isinstance(reader.sampler, dict) else None
-    n_samples = raw if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0 else None  # runs asked for
+    done = completeness(reader)  # n_samples counts runs
     result.update(
         theory=str(reader.theory),
         couplings=dict(reader.couplings),
         lattice_shape=[int(x) for x in reader.lattice_shape],
         n_committed=n,
         n_chains=n_runs,
-        n_samples=n_samples,
+        n_samples=done.n_samples,
         steps_per_chain=particles,
-        complete=n_samples is None or n_runs >= n_samples,
+        complete=done.complete,
     )
     overall = (
         []
-        if result["complete"]
+        if done.complete
         else [
-            f"incomplete ensemble: {n_runs} of {n_samples} runs committed; the run was interrupted or is still "
-            "writing (continue it with --resume)"
+            f"incomplete ensemble: {done.describe()}; the run was interrupted or is still writing "
+            "(continue it with --resume)"
         ]
     )
     overall += _checksum_checks(path, check_checksums, result)

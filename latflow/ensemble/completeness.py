@@ -22,21 +22,39 @@ class Completeness:
         where the file does not record it.
     steps : tuple of int
         Committed steps (rows) of each chain, in order of the sorted ``markov/chain`` ids (one
-        chain if there is no ``markov/chain``); ``()`` for an empty ensemble.
+        chain if there is no ``markov/chain``); ``()`` for an empty ensemble. Weighted ensembles:
+        the particles of each committed run.
+    weighted : bool
+        A weighted ensemble (annealing runs), whose ``n_samples`` counts runs.
     """
 
     n_samples: int | None
     steps: tuple[int, ...]
+    weighted: bool = False
 
     @property
     def complete(self) -> bool:
-        """Every chain holds at least ``n_samples`` steps (True where ``n_samples`` is unknown)."""
+        """Every chain holds at least ``n_samples`` steps, or (weighted) ``n_samples`` runs are committed
+        (True where ``n_samples`` is unknown)."""
         if self.n_samples is None:
             return True
+        if self.weighted:
+            return len(self.steps) >= self.n_samples
         return bool(self.steps) and min(self.steps) >= self.n_samples
 
     def describe(self) -> str:
-        """E.g. ``"4000 of 20000 steps per chain committed (4 chains)"``."""
+        """E.g. ``"4000 of 20000 steps per chain committed (4 chains)"``, ``"12 of 16 runs committed (64 particles
+        per run)"``."""
+        if self.weighted:
+            of = f" of {self.n_samples}" if self.n_samples is not None else ""
+            size = (
+                ""
+                if not self.steps
+                else str(self.steps[0])
+                if min(self.steps) == max(self.steps)
+                else (f"{min(self.steps)}-{max(self.steps)}")
+            )
+            return f"{len(self.steps)}{of} runs committed" + (f" ({size} particles per run)" if size else "")
         if not self.steps:
             done = "0"
         elif min(self.steps) == max(self.steps):
@@ -63,6 +81,9 @@ def completeness(reader: EnsembleReader) -> Completeness:
     raw = reader.sampler.get("n_samples") if isinstance(reader.sampler, dict) else None
     n_samples = raw if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0 else None
     n = int(reader.n_committed)
+    if getattr(reader, "is_weighted", False):
+        particles = reader.runs().get("annealing/n_particles", np.zeros(0, np.int64))
+        return Completeness(n_samples, tuple(int(p) for p in particles), weighted=True)
     if n == 0:
         return Completeness(n_samples, ())
     if reader.has("markov/chain"):
