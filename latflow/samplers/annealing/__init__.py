@@ -9,9 +9,11 @@ from .ais import AIS
 from .core import AnnealResult, conditional_ess_fraction, ess_fraction, log_mean_exp, normalise_log_weights, reweight
 from .kernels import HMCKernel, MarkovKernel, RandomWalkMetropolis, StepSize
 from .paths import AnnealingPath, CouplingPath, GeometricPath
+from .pimh import PIMH
 from .resampling import RESAMPLERS, ancestor_index, multinomial, systematic
 from .schedules import AdaptiveSchedule, fixed_schedule
 from .smc import SMC, Transport
+from .snf import SNF, Langevin
 
 __all__ = [
     "AIS",
@@ -21,10 +23,13 @@ __all__ = [
     "CouplingPath",
     "GeometricPath",
     "HMCKernel",
+    "Langevin",
     "MarkovKernel",
+    "PIMH",
     "RESAMPLERS",
     "RandomWalkMetropolis",
     "SMC",
+    "SNF",
     "StepSize",
     "Transport",
     "ancestor_index",
