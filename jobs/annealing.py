@@ -39,6 +39,8 @@ from latflow.samplers.annealing import (
 from latflow.samplers.annealing.aft import AFT
 from latflow.samplers.annealing.core import AnnealResult
 from latflow.samplers.annealing.craft import CRAFT
+from latflow.samplers.annealing.pimh import PIMH
+from latflow.samplers.annealing.snf import SNF, Langevin
 from latflow.samplers.annealing.transport import (
     TransportFlow,
     affine_transport,
@@ -47,7 +49,7 @@ from latflow.samplers.annealing.transport import (
 )
 from latflow.theories import get_spec
 
-from .annealing_kinds import AFTSettings, AISSettings, AnnealingSettings, CRAFTSettings, PIMHSettings
+from .annealing_kinds import AFTSettings, AISSettings, AnnealingSettings, CRAFTSettings, PIMHSettings, SNFSettings
 from .config import JobConfig, JobError, field_manifold
 from .progress import Progress
 
@@ -219,12 +221,16 @@ def build_craft(job: JobConfig, theory: Any, device: torch.device) -> CRAFT:
 def build_annealer(job: JobConfig, theory: Any, device: torch.device) -> Any:
     """The engine object of a weighted kind: ``run(n_particles, generator, n_populations=P) -> AnnealResult``."""
     s = job.sampler
+    if isinstance(s, SNFSettings):
+        snf = build_snf(job, theory, device)
+        load_trained(job, snf.flows, None, device)
+        return snf
+    if isinstance(s, CRAFTSettings) and not (isinstance(s, PIMHSettings) and s.proposal == "smc"):
+        craft = build_craft(job, theory, device)
+        load_trained(job, craft.flows, craft.optimizer, device)
+        return craft
     path = build_path(job, theory, device)
     kernel = build_kernel(s, theory)
-    if isinstance(s, CRAFTSettings):
-        craft = build_craft(job, theory, device)
-        load_craft(job, craft, device)
-        return craft
     if isinstance(s, AFTSettings):
         seed = _flow_seed(job)
 
@@ -239,7 +245,22 @@ def build_annealer(job: JobConfig, theory: Any, device: torch.device) -> Any:
         )  # fmt: skip
     if isinstance(s, AISSettings):
         return AIS(path, kernel, build_schedule(s))
+    assert isinstance(s, (CRAFTSettings, AFTSettings)) or hasattr(s, "resample_threshold")
     return SMC(path, kernel, build_schedule(s), resample_threshold=s.resample_threshold, resampling=s.resampling)
+
+
+def build_pimh(job: JobConfig, theory: Any, device: torch.device, generator: torch.Generator, comm: SerialComm) -> PIMH:
+    """``kind = "pimh"``: chains over SMC runs, or CRAFT runs with the trained flows (``proposal = "craft"``)."""
+    s = job.sampler
+    assert isinstance(s, PIMHSettings)
+    proposal = build_annealer(job, theory, device)
+    return PIMH(proposal, s.n_particles, n_chains=s.n_chains, generator=generator, chain_offset=comm.rank * s.n_chains)
+
+
+def trained_sha(job: JobConfig, theory: Any, device: torch.device) -> str:
+    """``model_sha256`` of the trained flows of a CRAFT, SNF or PIMH-over-CRAFT job ("" for the others)."""
+    annealer = build_annealer(job, theory, device)
+    return model_sha256(annealer.flows) if isinstance(annealer, (CRAFT, SNF)) else ""
 
 
 # --- CRAFT training -------------------------------------------------------------------------------
@@ -251,18 +272,19 @@ def craft_signature(job: JobConfig) -> str:
     return _model_signature(job)
 
 
-def load_craft(job: JobConfig, craft: CRAFT, device: torch.device) -> dict[str, Any]:
-    """Load the trained CRAFT flows from ``output.model``; ``JobError`` if absent or made for another job."""
+def load_trained(
+    job: JobConfig, flows: torch.nn.Module, optimizer: torch.optim.Optimizer | None, device: torch.device
+) -> dict[str, Any]:
+    """Load trained flows (CRAFT, SNF) from ``output.model``; ``JobError`` if absent or made for another job."""
     from .runner import read_checkpoint
 
     path = job.output.model_path
     if not path.exists():
-        raise JobError(f"{path}: no trained CRAFT flows; train them first ('latflow run' trains and samples)")
+        raise JobError(f"{path}: no trained flows; train them first ('latflow run' trains and samples)")
     state = read_checkpoint(job, path, device)
-    craft.flows.load_state_dict(state["model"])
-    if "optimizer" in state:
-        craft.optimizer.load_state_dict(state["optimizer"])
-    craft.iteration = int(state.get("step", 0))
+    flows.load_state_dict(state["model"])
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
     return state
 
 
@@ -280,7 +302,8 @@ def train_craft(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch
         gen = make_generator(job.run.seed, STREAM_TRAIN, 0, device=device)
         history: dict[str, list] = {"log_z": [], "ess": [], "loss": []}
         if resume and path.exists():
-            state = load_craft(job, craft, device)
+            state = load_trained(job, craft.flows, craft.optimizer, device)
+            craft.iteration = int(state.get("step", 0))
             gen.set_state(state["generator"])
             history = {k: list(v) for k, v in state.get("history", history).items()}
             log.info("resuming CRAFT training from %s at iteration %d", path, craft.iteration)
@@ -326,6 +349,73 @@ def train_craft(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch
                 "CRAFT: %d iterations; last %d: log Z %.4f (mean), ESS %.3f (mean)",
                 craft.iteration, k, float(np.mean(history["log_z"][-k:])), float(np.mean(history["ess"][-k:])),
             )  # fmt: skip
+    comm.barrier()
+    return path
+
+
+def build_snf(job: JobConfig, theory: Any, device: torch.device) -> SNF:
+    """A stochastic normalising flow of ``n_transitions`` blocks (flows of ``[model]``, weights from ``run.seed``)."""
+    s = job.sampler
+    assert isinstance(s, SNFSettings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_flow_seed(job))
+        flows = [make_transport(job, device) for _ in range(s.n_transitions)]
+    step = StepSize(s.step_size if isinstance(s.step_size, float) else list(s.step_size))
+    manifold = field_manifold(theory)
+    if s.kernel == "langevin":
+        if manifold.name != "real":
+            raise JobError(f"{job.source}: 'sampler.kernel' = 'langevin' needs real fields; use 'rwm' or 'hmc'")
+        stochastic: Any = Langevin(step, s.n_steps)
+    elif s.kernel == "rwm":
+        stochastic = RandomWalkMetropolis(step, s.n_steps, manifold=manifold)
+    else:
+        stochastic = HMCKernel(step, s.n_steps, s.n_trajectories, integrator=s.integrator, manifold=manifold)
+    return SNF(build_path(job, theory, device), flows, stochastic, fixed_schedule(s.n_transitions, s.schedule_power))
+
+
+def train_snf(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch.device, theory: Any) -> Path:
+    """Train an SNF by its path-space reverse KL (``[train]``: steps, batch_size, lr), rank 0, checkpointed."""
+    t = job.train
+    path = job.output.model_path
+    if comm.is_root:
+        snf = build_snf(job, theory, device)
+        opt = torch.optim.Adam(snf.parameters(), lr=t.lr)
+        gen = make_generator(job.run.seed, STREAM_TRAIN, 0, device=device)
+        step, history = 0, {"loss": []}
+        if resume and path.exists():
+            state = load_trained(job, snf.flows, opt, device)
+            step, history = int(state.get("step", 0)), {k: list(v) for k, v in state.get("history", history).items()}
+            gen.set_state(state["generator"])
+        bar = Progress(t.steps, "snf", every=t.log_every, initial=step)
+
+        def save(complete: bool) -> None:
+            checkpoint.save_atomic(
+                {
+                    "model": snf.flows.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "generator": gen.get_state(), "history": history, "complete": complete,
+                    "signature": craft_signature(job), "job": job.record, "theory": job.theory.name,
+                },
+                path,
+            )  # fmt: skip
+
+        try:
+            while step < t.steps:
+                opt.zero_grad(set_to_none=True)
+                loss = snf.loss(t.batch_size, gen)
+                if not torch.isfinite(loss):
+                    raise JobError(f"{path}: SNF training diverged at step {step} (non-finite loss)")
+                loss.backward()
+                if t.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(snf.parameters(), t.grad_clip)
+                opt.step()
+                step += 1
+                history["loss"].append(float(loss.detach()))
+                bar.update(1, loss=history["loss"][-1])
+                if t.checkpoint_every and step % t.checkpoint_every == 0:
+                    save(False)
+        finally:
+            bar.close()
+        save(True)
     comm.barrier()
     return path
 

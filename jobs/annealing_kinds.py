@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .config import JobConfig
 
 UNIT_OPEN: Rule = (lambda v: 0 < v < 1, "a number in (0, 1)")
+SCHEDULE_FIXED: Rule = (lambda v: v == "power", "'power' (flows belong to fixed transitions)")
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,29 @@ class PIMHSettings(CRAFTSettings):
     n_chains: int = 4
 
 
+@dataclass(frozen=True)
+class SNFSettings(AnnealingSettings):
+    """Stochastic normalising flow (``kind = "snf"``; Wu, Köhler, Noé 2020): ``n_transitions`` blocks of a flow
+    (architecture ``[model]``) followed by a stochastic layer at the block's annealing temperature, trained end to
+    end by ``[train]`` (``steps``, ``batch_size``, ``lr``, ``checkpoint_every``) on the path's reverse KL, then
+    ``n_samples`` weighted runs.
+
+    Attributes
+    ----------
+    kernel
+        The stochastic layer: ``"rwm"`` (``n_steps`` random-walk Metropolis sweeps, any field; the accept decision
+        is held fixed in the gradient), ``"langevin"`` (``n_steps`` unadjusted Langevin steps with the weights of
+        the Gaussian transition densities; real fields) or ``"hmc"`` (exact weights, no gradient through it).
+    """
+
+    kernel: Literal["rwm", "langevin", "hmc"] = "rwm"
+    n_steps: int = 1
+
+    def transport_signature(self) -> dict[str, Any]:
+        """What an SNF checkpoint must match beyond ``[model]``: its blocks."""
+        return {"snf": {"n_transitions": self.n_transitions, "schedule_power": self.schedule_power}}
+
+
 ANNEALING_RULES: dict[str, Rule] = {
     **COMMON_RULES,
     "n_particles": POSITIVE,
@@ -203,6 +227,7 @@ CRAFT_RULES: dict[str, Rule] = {
     "n_iterations": POSITIVE,
     "train_particles": NON_NEGATIVE,
     "grad_clip": NON_NEGATIVE,
+    "schedule": SCHEDULE_FIXED,
 }
 
 
@@ -212,7 +237,8 @@ def _attribute(job: JobConfig) -> dict[str, Any]:
     common = {f.name for f in dataclasses.fields(SamplerSettings)}
     out = {k: v for k, v in dataclasses.asdict(s).items() if k not in common}
     out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
-    if isinstance(s, (AFTSettings, CRAFTSettings)) and not (isinstance(s, PIMHSettings) and s.proposal == "smc"):
+    flows = isinstance(s, (AFTSettings, CRAFTSettings, SNFSettings))
+    if flows and not (isinstance(s, PIMHSettings) and s.proposal == "smc"):
         out["model"] = dataclasses.asdict(job.model)
     out["dtype"] = job.run.dtype
     return out
@@ -224,6 +250,11 @@ def _no_burn_in(s: Any) -> int:
 
 def _pimh_burn_in(s: Any) -> int:
     return 10
+
+
+def trains_snf(settings: Any) -> bool:
+    """Whether ``latflow train`` trains a stochastic normalising flow for this job."""
+    return isinstance(settings, SNFSettings)
 
 
 def is_weighted(settings: Any) -> bool:
@@ -249,13 +280,16 @@ register_sampler_kind(
         False,
         _no_burn_in,
         _attribute,
-        {**WEIGHTED_RULES, **RESAMPLING_RULES, **FLOW_RULES, "n_opt_steps": NON_NEGATIVE},
+        {**WEIGHTED_RULES, **RESAMPLING_RULES, **FLOW_RULES, "n_opt_steps": NON_NEGATIVE, "schedule": SCHEDULE_FIXED},
     )
 )
 register_sampler_kind(
     SamplerKind(
         "craft", CRAFTSettings, True, _no_burn_in, _attribute, {**WEIGHTED_RULES, **RESAMPLING_RULES, **CRAFT_RULES}
     )
+)
+register_sampler_kind(
+    SamplerKind("snf", SNFSettings, True, _no_burn_in, _attribute, {**WEIGHTED_RULES, "schedule": SCHEDULE_FIXED})
 )
 register_sampler_kind(
     SamplerKind(

@@ -258,6 +258,8 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
     theory = build_theory(job)
     if annealing_kinds.trains_craft(job.sampler):
         return annealing.train_craft(job, resume=resume, comm=comm, device=device, theory=theory)
+    if annealing_kinds.trains_snf(job.sampler):
+        return annealing.train_snf(job, resume=resume, comm=comm, device=device, theory=theory)
     model = build_model(job, device)
     if not any(p.requires_grad for p in model.parameters()):
         return _save_untrained(job, model, comm)
@@ -532,6 +534,8 @@ def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: Se
     if s.kind == "flow-mcmc":
         assert model is not None
         return FlowMCMC(model, lambda x: -theory.action(x), batch_size=s.batch_size, generator=gen, chain_id=comm.rank)
+    if isinstance(s, annealing_kinds.PIMHSettings):
+        return annealing.build_pimh(job, theory, device, gen, comm)
     # the pseudofermion factors and their solves, common to both pseudofermion samplers
     pf = (
         dict(even_odd=s.even_odd, hasenbusch_kappas=tuple(s.hasenbusch_kappas), tol=s.cg_tol, max_iter=s.cg_max_iter)
@@ -843,10 +847,13 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
             return _open_writer(job, theory, meta, path, resume=resume, force=force)
 
         return annealing.sample_weighted(job, theory, device, comm=comm, open_writer=open_weighted, measure=measure)
-    model = load_model(job, device, comm) if job.uses_flow else None
+    pimh = isinstance(job.sampler, annealing_kinds.PIMHSettings)
+    model = load_model(job, device, comm) if job.uses_flow and not pimh else None
     sampler = _make_sampler(job, theory, model, comm, device)
     s = job.sampler
     meta = _meta(job, theory, model)
+    if pimh and job.uses_flow:  # PIMH over CRAFT runs: the hash of the trained transport flows
+        meta = dataclasses.replace(meta, model_sha256=annealing.trained_sha(job, theory, device))
 
     writer = None
     blob: bytes | None = None
