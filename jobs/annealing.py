@@ -153,7 +153,9 @@ def build_kernel(s: AnnealingSettings, theory: Any) -> Any:
     manifold = field_manifold(theory)
     if s.kernel == "rwm":
         return RandomWalkMetropolis(step, s.n_steps, manifold=manifold)
-    return HMCKernel(step, s.n_steps, s.n_trajectories, integrator=s.integrator, manifold=manifold)
+    return HMCKernel(
+        step, s.n_steps, s.n_trajectories, integrator=s.integrator, manifold=manifold, step_jitter=s.step_jitter
+    )
 
 
 # --- transport flows (AFT, CRAFT) -------------------------------------------------------------
@@ -369,7 +371,9 @@ def build_snf(job: JobConfig, theory: Any, device: torch.device) -> SNF:
     elif s.kernel == "rwm":
         stochastic = RandomWalkMetropolis(step, s.n_steps, manifold=manifold)
     else:
-        stochastic = HMCKernel(step, s.n_steps, s.n_trajectories, integrator=s.integrator, manifold=manifold)
+        stochastic = HMCKernel(
+            step, s.n_steps, s.n_trajectories, integrator=s.integrator, manifold=manifold, step_jitter=s.step_jitter
+        )
     return SNF(build_path(job, theory, device), flows, stochastic, fixed_schedule(s.n_transitions, s.schedule_power))
 
 

@@ -64,6 +64,9 @@ class AnnealingSettings(SamplerSettings):
         Kernel step size: one number, or values at evenly spaced annealing times (piecewise linear in ``t``).
     n_steps, n_trajectories, integrator
         Of the kernel.
+    step_jitter
+        HMC: each trajectory's step size is drawn in ``step_size [1 - step_jitter, 1 + step_jitter]`` (fixed-length
+        trajectories leave some modes of a free field unmoved, so resampled copies would never spread out).
     """
 
     n_samples: int = 16
@@ -82,6 +85,7 @@ class AnnealingSettings(SamplerSettings):
     n_steps: int = 5
     n_trajectories: int = 1
     integrator: Literal["leapfrog", "omelyan"] = "omelyan"
+    step_jitter: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,7 @@ ANNEALING_RULES: dict[str, Rule] = {
     ),
     "n_steps": POSITIVE,
     "n_trajectories": POSITIVE,
+    "step_jitter": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
 }
 WEIGHTED_RULES: dict[str, Rule] = {
     **ANNEALING_RULES,

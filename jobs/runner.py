@@ -198,6 +198,8 @@ def preflight(job: JobConfig, command: str, *, resume: bool, force: bool) -> Non
         read_checkpoint(job, model)
     if resume and command in ("sample", "run") and ens.exists():
         _check_resumable(ens, _meta(job, build_theory(job), None), check_model=False)
+    if getattr(job.sampler, "path", None) == "coupling":  # an annealing start without an exact sampler fails here
+        annealing.coupling_path(job, build_theory(job), torch.device("cpu"))
     if command in ("sample", "run") and chain_start(job.sampler) not in START_KEYWORDS:
         read_start(job, build_theory(job))  # a wrong start file fails before anything is written
 

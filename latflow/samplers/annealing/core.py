@@ -26,7 +26,8 @@ def normalise_log_weights(log_w: torch.Tensor) -> torch.Tensor:
     """``log W`` ``[P, N]`` with ``sum_i W_i = 1`` in each population, from unnormalised ``log_w`` ``[P, N]``.
 
     Non-finite entries (``nan``, ``-inf``: a particle whose target density vanished or could not be evaluated)
-    get weight zero; a population with no finite weight keeps uniform weights and is flagged by its ESS.
+    get weight zero; a population with no finite weight keeps uniform weights (:func:`ess_fraction` gives it 0,
+    and :func:`reweight` a log Z increment of ``-inf``).
     """
     lw = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
     norm = torch.logsumexp(lw, dim=-1, keepdim=True)
@@ -38,9 +39,12 @@ def normalise_log_weights(log_w: torch.Tensor) -> torch.Tensor:
 
 
 def ess_fraction(log_w: torch.Tensor) -> torch.Tensor:
-    """Effective sample size per particle ``(sum w)^2 / (N sum w^2)`` ``[P]`` of log weights ``[P, N]``."""
+    """Effective sample size per particle ``(sum w)^2 / (N sum w^2)`` ``[P]`` of log weights ``[P, N]``; 0 for a
+    population without a finite weight."""
     lw = normalise_log_weights(log_w)
-    return torch.exp(-torch.logsumexp(2 * lw, dim=-1)) / log_w.shape[-1]
+    out = torch.exp(-torch.logsumexp(2 * lw, dim=-1)) / log_w.shape[-1]
+    alive = torch.isfinite(log_w).any(dim=-1)
+    return torch.where(alive, out, torch.zeros_like(out))
 
 
 def conditional_ess_fraction(log_w: torch.Tensor, log_increment: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,10 @@ class HMCKernel:
         ``"leapfrog"`` or ``"omelyan"``.
     manifold
         The field's manifold (default real fields).
+    step_jitter
+        Each trajectory draws its step size uniformly in ``eps(t) [1 - step_jitter, 1 + step_jitter]``: a fixed
+        trajectory length leaves modes with ``omega tau = k pi`` unmoved, so copies made by resampling would never
+        spread out along them (free fields, Gaussian targets). 0 disables it.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class HMCKernel:
         *,
         integrator: str = "leapfrog",
         manifold: FieldManifold | None = None,
+        step_jitter: float = 0.0,
     ) -> None:
         self.step_size = step_size if isinstance(step_size, StepSize) else StepSize(step_size)
         if n_steps < 1 or n_trajectories < 1:
@@ -93,6 +98,9 @@ class HMCKernel:
         self.n_trajectories = int(n_trajectories)
         self.integrator = integrator
         self.manifold = manifold if manifold is not None else Euclidean()
+        if not 0 <= step_jitter < 1:
+            raise ValueError(f"step_jitter must be in [0, 1), got {step_jitter}")
+        self.step_jitter = float(step_jitter)
 
     def move(
         self,
@@ -110,6 +118,7 @@ class HMCKernel:
             generator=generator,
             integrator=self.integrator,
             manifold=self.manifold,
+            step_jitter=self.step_jitter,
         )
         n_acc = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         for _ in range(self.n_trajectories):
