@@ -127,7 +127,13 @@ def coupling_path(job: JobConfig, theory: Any, device: torch.device) -> Coupling
             a = log_density(y, 0.0)
             return a, log_density(y, 1.0) - a
 
-    return CouplingPath(draw, log_z0, log_density, linear)
+    force = None
+    if callable(getattr(theory, "force", None)):
+
+        def force(y: torch.Tensor, t: float) -> torch.Tensor:
+            return theory_at(t).force(y)
+
+    return CouplingPath(draw, log_z0, log_density, linear, force)
 
 
 def build_path(job: JobConfig, theory: Any, device: torch.device) -> Any:
@@ -137,7 +143,7 @@ def build_path(job: JobConfig, theory: Any, device: torch.device) -> Any:
     from .runner import build_model
 
     prior = build_model(job, device).prior
-    return GeometricPath(prior, lambda x: -theory.action(x))
+    return GeometricPath(prior, lambda x: -theory.action(x), getattr(theory, "force", None))
 
 
 def build_schedule(s: AnnealingSettings) -> list[float] | AdaptiveSchedule:

@@ -269,6 +269,10 @@ class UniformU1Prior(PriorModule):
         value = -self.n_links * math.log(_TWO_PI)
         return torch.full((theta.shape[0],), value, dtype=theta.dtype, device=theta.device)
 
+    def force(self, theta: torch.Tensor) -> torch.Tensor:
+        """``-d log r / dtheta = 0`` ``[B, d, L...]``: the Haar density is constant."""
+        return torch.zeros_like(theta)
+
 
 def _line(t_mu: torch.Tensor, mu: int, length: int) -> torch.Tensor:
     """``sum_{k=0}^{length-1} t_mu(x + k mu)``: angle of a straight line of links, ``[B, L...]``."""

@@ -78,3 +78,7 @@ class NormalPrior(PriorModule):
         n = math.prod(self.shape)
         sq = (z / self.sigma).pow(2).flatten(1).sum(dim=1)
         return -0.5 * sq - n * (0.5 * math.log(2 * math.pi) + math.log(self.sigma))
+
+    def force(self, z: torch.Tensor) -> torch.Tensor:
+        """``-d log r / dz = z / sigma^2`` ``[B, *shape]`` (the prior's HMC force)."""
+        return z / self.sigma**2

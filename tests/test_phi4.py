@@ -486,3 +486,17 @@ def test_interacting_reference_is_reproducible(record_z):
     z = report("short vs long run", res, reference_results())
     record_all(record_z, z)
     assert all(abs(v) < 3 for v in z.values()), z
+
+
+def test_analytic_force_equals_autograd():
+    """``Phi4Theory.force`` (used by HMC and annealing kernels) equals the autograd gradient of the action."""
+    import torch
+
+    from latflow.lattice import Lattice
+    from latflow.manifolds import action_gradient
+    from latflow.theories.phi4 import Phi4Params, Phi4Theory
+
+    for shape, m2, lam in (((6, 4), -4.0, 6.975), ((4, 4, 2), 1.25, 0.0)):
+        theory = Phi4Theory(Phi4Params(m2, lam), Lattice(shape))
+        x = torch.randn((3, *shape), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        torch.testing.assert_close(theory.force(x), action_gradient(theory.action, x), rtol=1e-12, atol=1e-12)

@@ -75,6 +75,14 @@ class Phi4Theory:
         density = kinetic + self.params.m2 * phi2 + self.params.lam * phi2 * phi2
         return density.flatten(1).sum(dim=1)
 
+    def force(self, phi: torch.Tensor) -> torch.Tensor:
+        """Analytic ``dS/dphi`` ``[B, L0, ...]``: ``2 sum_mu (2 phi_x - phi_{x+mu} - phi_{x-mu}) + 2 m2 phi_x
+        + 4 lam phi_x^3`` (the HMC force)."""
+        lap = torch.zeros_like(phi)
+        for mu in range(self.lattice.dim):
+            lap = lap + (2 * phi - shift(phi, mu, 1) - shift(phi, mu, -1))
+        return 2 * lap + (2 * self.params.m2) * phi + (4 * self.params.lam) * phi * phi * phi
+
     def observables(self, phi: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-configuration observables, each ``[B]`` (see module docstring)."""
         v = self.lattice.volume

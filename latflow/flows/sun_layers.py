@@ -189,6 +189,10 @@ class SUNHaarPrior(PriorModule):
         """Zeros ``[B]`` (real dtype)."""
         return torch.zeros(u.shape[0], dtype=self.dtype, device=u.device)
 
+    def force(self, u: torch.Tensor) -> torch.Tensor:
+        """The su(N) force of ``-log r``: zero (the Haar density is constant), ``[B, ..., N, N]``."""
+        return torch.zeros_like(u)
+
 
 def _make_net(
     dim: int, c_in: int, c_out: int, hidden: Sequence[int], kernel_size: int, activation: str, zero_init: bool

@@ -49,7 +49,8 @@ class StepSize:
 
 
 class MarkovKernel(Protocol):
-    """``move(x, log_gamma, t, generator) -> (x', accepted [B] bool)``, invariant for ``exp(log_gamma)``."""
+    """``move(x, log_gamma, t, generator, force=None) -> (x', accepted [B])``, invariant for ``exp(log_gamma)``;
+    ``force`` is an optional analytic ``-d log_gamma / dx`` (kernels without gradients ignore it)."""
 
     def move(
         self,
@@ -57,6 +58,7 @@ class MarkovKernel(Protocol):
         log_gamma: Callable[[torch.Tensor], torch.Tensor],
         t: float,
         generator: torch.Generator,
+        force: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -108,8 +110,11 @@ class HMCKernel:
         log_gamma: Callable[[torch.Tensor], torch.Tensor],
         t: float,
         generator: torch.Generator,
+        force: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` ``[B, ...]`` -> ``(x', accepted [B])``; ``accepted`` counts trajectories accepted (int64)."""
+        """``x`` ``[B, ...]`` -> ``(x', accepted [B])``; ``accepted`` counts trajectories accepted (int64).
+
+        ``force``: analytic ``-d log_gamma/dx`` in the manifold's coordinates (autograd otherwise)."""
         hmc = HMC(
             lambda y: -log_gamma(y),
             x,
@@ -119,6 +124,7 @@ class HMCKernel:
             integrator=self.integrator,
             manifold=self.manifold,
             step_jitter=self.step_jitter,
+            force=force,
         )
         n_acc = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         for _ in range(self.n_trajectories):
@@ -163,8 +169,9 @@ class RandomWalkMetropolis:
         log_gamma: Callable[[torch.Tensor], torch.Tensor],
         t: float,
         generator: torch.Generator,
+        force: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` ``[B, ...]`` -> ``(x', accepted [B])`` (int64 count of accepted updates)."""
+        """``x`` ``[B, ...]`` -> ``(x', accepted [B])`` (int64 count of accepted updates); ``force`` is unused."""
         sigma = self.step_size(t)
         mf = self.manifold
         lg = log_gamma(x)

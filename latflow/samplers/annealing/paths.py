@@ -49,6 +49,10 @@ class AnnealingPath(Protocol):
         Lets adaptive schedules search ``t`` without evaluating the path again."""
         ...
 
+    #: ``(x, t) -> -d log gamma_t / dx`` in the manifold's coordinates (an analytic HMC force), or None: the
+    #: kernels then differentiate :meth:`log_gamma` by autograd.
+    force: Callable[[torch.Tensor, float], torch.Tensor] | None
+
 
 class GeometricPath:
     """``log gamma_t(x) = (1 - t) log r(x) + t log p(x)``.
@@ -60,13 +64,31 @@ class GeometricPath:
         (the flows' priors of :mod:`latflow.priors`, :mod:`latflow.gauge`, ...).
     log_target
         ``x [B, ...] -> log p [B]`` (``-S``; the effective action where fermions are integrated out).
+    target_force
+        Optional analytic ``dS/dx`` of the target in the manifold's coordinates (a theory's ``force``); with a prior
+        that has ``force(x)`` (``-d log r/dx``) the path's HMC force is then analytic too.
     """
 
     log_z0 = 0.0
 
-    def __init__(self, prior: object, log_target: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        prior: object,
+        log_target: Callable[[torch.Tensor], torch.Tensor],
+        target_force: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.prior = prior
         self.log_target = log_target
+        prior_force = getattr(prior, "force", None)
+        self.force = None
+        if target_force is not None and callable(prior_force):
+
+            def force(x: torch.Tensor, t: float) -> torch.Tensor:
+                if t == 1.0:
+                    return target_force(x)
+                return (1.0 - t) * prior_force(x) + t * target_force(x)
+
+            self.force = force
 
     def sample_initial(self, n: int, generator: torch.Generator) -> torch.Tensor:
         x, _ = self.prior.sample(n, generator)  # type: ignore[attr-defined]
@@ -98,6 +120,8 @@ class CouplingPath:
     linear
         ``x -> (a, b)`` with ``log gamma_t = a + t b`` when the coupling enters linearly (e.g. ``beta t`` in a
         Wilson action); None otherwise.
+    force
+        Optional analytic ``(x, t) -> -d log gamma_t / dx`` in the manifold's coordinates.
     """
 
     def __init__(
@@ -106,7 +130,9 @@ class CouplingPath:
         log_z0: float,
         log_density: Callable[[torch.Tensor, float], torch.Tensor],
         linear: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        force: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
     ) -> None:
+        self.force = force
         self._sample = sample_initial
         self.log_z0 = float(log_z0)
         self._log_density = log_density

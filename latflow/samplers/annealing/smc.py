@@ -154,7 +154,9 @@ class SMC:
                 x, lg_prev = x[rows], lg_prev[rows]
                 log_w = resampled_log_weights(log_w, which)
             if self.kernel is not None:
-                x, n_acc = self.kernel.move(x, lambda z, s=t_next: path.log_gamma(z, s), t_next, generator)
+                path_force = getattr(path, "force", None)
+                force = None if path_force is None else (lambda z, s=t_next: path_force(z, s))
+                x, n_acc = self.kernel.move(x, lambda z, s=t_next: path.log_gamma(z, s), t_next, generator, force=force)
                 result.acceptance.append(float(n_acc.double().mean()) / self.kernel.proposals)  # type: ignore[attr-defined]
                 with torch.no_grad():
                     lg_prev = path.log_gamma(x, t_next).double()
