@@ -565,6 +565,29 @@ def _row(name: str, r: Mapping, width: int, flag: str = "") -> str:
     )
 
 
+def _table_body(
+    result: Mapping, head: list[str], columns: str, row: Callable[[str, Mapping, int, str], str]
+) -> tuple[list[str], dict]:
+    """The lines of a result table after ``head``: known means, the column header (``mean``, ``error``,
+    ``value(error)`` and then ``columns``), a ``row(name, entry, width, flag)`` per observable and derived
+    observable, and the warnings. Returns the lines and the rows by name."""
+    if result.get("known_means"):
+        head.append("known means: " + ", ".join(f"{k}={v:g}" for k, v in result["known_means"].items()))
+    overall = list(result.get("warnings", []))
+    rows = {**result.get("observables", {}), **result.get("derived", {})}
+    width = max([len("observable")] + [len(k) for k in rows])
+    cols = f"{'observable':<{width}} {'mean':>15} {'error':>11} {'value(error)':>18} {columns}"
+    out = head + ["", cols, "-" * len(cols)]
+    flag = {k: "!" if _own_warnings(r, overall) else "" for k, r in rows.items()}
+    out += [row(k, r, width, flag[k]) for k, r in result.get("observables", {}).items()]
+    if result.get("derived"):
+        out.append("-" * len(cols))
+        out += [row(k, r, width, flag[k]) for k, r in result["derived"].items()]
+    out += [f"warning: {w}" for w in overall]
+    out += [f"warning: {k}: {w}" for k, r in rows.items() for w in _own_warnings(r, overall)]
+    return out, rows
+
+
 def format_table(result: dict) -> str:
     """Fixed-width plain-text table of an :func:`analyze_ensemble` result.
 
@@ -611,24 +634,12 @@ def format_table(result: dict) -> str:
         line += f"Pareto k-hat ({name.split('/')[-1]}): {khat}   "
     if line:
         head.append(line.rstrip())
-    if result.get("known_means"):
-        head.append("known means: " + ", ".join(f"{k}={v:g}" for k, v in result["known_means"].items()))
-
-    overall = list(result.get("warnings", []))
-    rows = {**result.get("observables", {}), **result.get("derived", {})}
-    width = max([len("observable")] + [len(k) for k in rows])
-    cols = (
-        f"{'observable':<{width}} {'mean':>15} {'error':>11} {'value(error)':>18} "
-        f"{'tau_int':>9} {'tau_int err':>11} {'W':>6} {'n':>9} {'!':<1}"
+    out, rows = _table_body(
+        result,
+        head,
+        f"{'tau_int':>9} {'tau_int err':>11} {'W':>6} {'n':>9} {'!':<1}",
+        _row,
     )
-    out = head + ["", cols, "-" * len(cols)]
-    flag = {k: "!" if _own_warnings(r, overall) else "" for k, r in rows.items()}
-    out += [_row(k, r, width, flag[k]) for k, r in result.get("observables", {}).items()]
-    if result.get("derived"):
-        out.append("-" * len(cols))
-        out += [_row(k, r, width, flag[k]) for k, r in result["derived"].items()]
-    out += [f"warning: {w}" for w in overall]
-    out += [f"warning: {k}: {w}" for k, r in rows.items() for w in _own_warnings(r, overall)]
     stochastic = [k for k, r in rows.items() if r.get("estimator") == "stochastic"]
     if stochastic:
         out.append(
@@ -685,22 +696,5 @@ def _format_weighted_table(result: dict) -> str:
         line += f"Pareto k-hat ({name}): {khat}   "
     if line:
         head.append(line.rstrip())
-    if result.get("known_means"):
-        head.append("known means: " + ", ".join(f"{k}={v:g}" for k, v in result["known_means"].items()))
-
-    overall = list(result.get("warnings", []))
-    rows = {**result.get("observables", {}), **result.get("derived", {})}
-    width = max([len("observable")] + [len(k) for k in rows])
-    cols = (
-        f"{'observable':<{width}} {'mean':>15} {'error':>11} {'value(error)':>18} "
-        f"{'method':>6} {'runs':>6} {'n':>9} {'z':>7} {'!':<1}"
-    )
-    out = head + ["", cols, "-" * len(cols)]
-    flag = {k: "!" if _own_warnings(r, overall) else "" for k, r in rows.items()}
-    out += [_weighted_row(k, r, width, flag[k]) for k, r in result.get("observables", {}).items()]
-    if result.get("derived"):
-        out.append("-" * len(cols))
-        out += [_weighted_row(k, r, width, flag[k]) for k, r in result["derived"].items()]
-    out += [f"warning: {w}" for w in overall]
-    out += [f"warning: {k}: {w}" for k, r in rows.items() for w in _own_warnings(r, overall)]
+    out, _ = _table_body(result, head, f"{'method':>6} {'runs':>6} {'n':>9} {'z':>7} {'!':<1}", _weighted_row)
     return "\n".join(out)

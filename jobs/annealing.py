@@ -296,6 +296,30 @@ def load_trained(
     return state
 
 
+def save_trained(
+    job: JobConfig,
+    flows: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    generator: torch.Generator,
+    history: dict[str, list],
+    complete: bool,
+) -> None:
+    """Atomic checkpoint of trained annealing flows (CRAFT, SNF) at ``output.model``, read by :func:`load_trained`."""
+    state = {
+        "model": flows.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "generator": generator.get_state(),
+        "history": history,
+        "complete": complete,
+        "signature": craft_signature(job),
+        "job": job.record,
+        "theory": job.theory.name,
+    }
+    checkpoint.save_atomic(state, job.output.model_path)
+
+
 def train_craft(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch.device, theory: Any) -> Path:
     """``n_iterations`` CRAFT iterations (rank 0; the other ranks wait), checkpointed to ``output.model``.
 
@@ -321,20 +345,7 @@ def train_craft(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch
         bar = Progress(s.n_iterations, "craft", every=every, initial=craft.iteration)
 
         def save(complete: bool) -> None:
-            checkpoint.save_atomic(
-                {
-                    "model": craft.flows.state_dict(),
-                    "optimizer": craft.optimizer.state_dict(),
-                    "step": craft.iteration,
-                    "generator": gen.get_state(),
-                    "history": history,
-                    "complete": complete,
-                    "signature": craft_signature(job),
-                    "job": job.record,
-                    "theory": job.theory.name,
-                },
-                path,
-            )
+            save_trained(job, craft.flows, craft.optimizer, craft.iteration, gen, history, complete)
 
         try:
             while craft.iteration < s.n_iterations:
@@ -399,14 +410,7 @@ def train_snf(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch.d
         bar = Progress(t.steps, "snf", every=t.log_every, initial=step)
 
         def save(complete: bool) -> None:
-            checkpoint.save_atomic(
-                {
-                    "model": snf.flows.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "generator": gen.get_state(), "history": history, "complete": complete,
-                    "signature": craft_signature(job), "job": job.record, "theory": job.theory.name,
-                },
-                path,
-            )  # fmt: skip
+            save_trained(job, snf.flows, opt, step, gen, history, complete)
 
         try:
             while step < t.steps:
