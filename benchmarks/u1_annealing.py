@@ -30,9 +30,10 @@ with a total including training for ``--total-q`` independent Q.
 
 Usage::
 
-    python benchmarks/u1_annealing.py            # betas 6 and 7, L = 16: the BENCHMARKS.md run (~15 min on 2 cores)
-    python benchmarks/u1_annealing.py --quick    # a minute; checks the script runs
-    python benchmarks/u1_annealing.py --betas 7 --craft-train-seconds 900 --runs 32 --hmc-traj 60000
+    python benchmarks/u1_annealing.py                  # betas 6 and 7, L = 16 (~16 min on 2 cores at load 4)
+    python benchmarks/u1_annealing.py --hmc-traj 12000 # the BENCHMARKS.md run (~20 min at load 4)
+    python benchmarks/u1_annealing.py --quick          # half a minute; checks the script runs
+    python benchmarks/u1_annealing.py --betas 7 --methods craft --hmc-traj 0 --craft-train-seconds 900
 """
 
 from __future__ import annotations
@@ -332,61 +333,65 @@ def run_beta(beta: float, args: argparse.Namespace) -> None:
         )
 
     power = args.schedule_power
-    for k in (args.smc_transitions, args.craft_transitions):
+    for k in (args.smc_transitions, args.craft_transitions) if "smc" in args.methods else ():
         smc = SMC(haar, kernel, fixed_schedule(k, power), resample_threshold=args.resample_threshold)
         report(weighted_runs(f"SMC Haar K={k}", smc_runner(smc), theory, args, make_generator(args.seed, 2, k)))
 
-    # CRAFT from Haar
-    k = args.craft_transitions
-    craft = CRAFT(
-        haar, kernel, fixed_schedule(k, power), make_flows(lat, k, args),
-        resample_threshold=args.resample_threshold, lr=args.lr, grad_clip=args.grad_clip,
-    )  # fmt: skip
-    secs, hist = train_craft(
-        craft, args.craft_train_seconds, args.craft_max_iterations, args.train_particles, make_generator(args.seed, 3)
-    )
-    print_training(f"CRAFT Haar K={k}x{args.craft_layers}", hist, secs, theory)
-    report(
-        weighted_runs(
-            f"CRAFT Haar K={k}x{args.craft_layers}",
-            lambda p, g: craft.run(args.particles, g, n_populations=p),
-            theory,
-            args,
-            make_generator(args.seed, 4),
-            secs,
+    if "craft" in args.methods:  # CRAFT from Haar
+        k = args.craft_transitions
+        craft = CRAFT(
+            haar, kernel, fixed_schedule(k, power), make_flows(lat, k, args),
+            resample_threshold=args.resample_threshold, lr=args.lr, grad_clip=args.grad_clip,
         )  # fmt: skip
-    )
+        secs, hist = train_craft(
+            craft,
+            args.craft_train_seconds,
+            args.craft_max_iterations,
+            args.train_particles,
+            make_generator(args.seed, 3),
+        )
+        print_training(f"CRAFT Haar K={k}x{args.craft_layers}", hist, secs, theory)
+        report(
+            weighted_runs(
+                f"CRAFT Haar K={k}x{args.craft_layers}",
+                lambda p, g: craft.run(args.particles, g, n_populations=p),
+                theory,
+                args,
+                make_generator(args.seed, 4),
+                secs,
+            )  # fmt: skip
+        )
 
-    # from the plaquette prior
-    prior = PlaquettePriorWithForce(U1PlaquettePrior(lat, beta, dtype=torch.float64))
-    err = check_prior_force(prior, make_generator(args.seed, 9))
-    if err > 1e-9:
-        raise RuntimeError(f"plaquette prior force differs from autograd by {err:.2e}")
-    geo = GeometricPath(prior, lambda x: -theory.action(x), theory.force)
-    imp = SMC(geo, None, [0.0, 1.0], resample_threshold=0.0)
-    report(weighted_runs("IS plaquette prior", smc_runner(imp), theory, args, make_generator(args.seed, 5)))
-    kp = args.prior_transitions
-    smc = SMC(geo, kernel, fixed_schedule(kp), resample_threshold=args.resample_threshold)
-    report(weighted_runs(f"SMC prior K={kp}", smc_runner(smc), theory, args, make_generator(args.seed, 6)))
-    craft_p = CRAFT(
-        geo, kernel, fixed_schedule(kp), make_flows(lat, kp, args),
-        resample_threshold=args.resample_threshold, lr=args.lr, grad_clip=args.grad_clip,
-    )  # fmt: skip
-    secs, hist = train_craft(
-        craft_p, args.prior_craft_train_seconds, args.craft_max_iterations, args.train_particles,
-        make_generator(args.seed, 7),
-    )  # fmt: skip
-    print_training(f"CRAFT prior K={kp}x{args.craft_layers}", hist, secs, theory)
-    report(
-        weighted_runs(
-            f"CRAFT prior K={kp}x{args.craft_layers}",
-            lambda p, g: craft_p.run(args.particles, g, n_populations=p),
-            theory,
-            args,
-            make_generator(args.seed, 8),
-            secs,
+    if "prior" in args.methods:  # from the plaquette prior
+        prior = PlaquettePriorWithForce(U1PlaquettePrior(lat, beta, dtype=torch.float64))
+        err = check_prior_force(prior, make_generator(args.seed, 9))
+        if err > 1e-9:
+            raise RuntimeError(f"plaquette prior force differs from autograd by {err:.2e}")
+        geo = GeometricPath(prior, lambda x: -theory.action(x), theory.force)
+        imp = SMC(geo, None, [0.0, 1.0], resample_threshold=0.0)
+        report(weighted_runs("IS plaquette prior", smc_runner(imp), theory, args, make_generator(args.seed, 5)))
+        kp = args.prior_transitions
+        smc = SMC(geo, kernel, fixed_schedule(kp), resample_threshold=args.resample_threshold)
+        report(weighted_runs(f"SMC prior K={kp}", smc_runner(smc), theory, args, make_generator(args.seed, 6)))
+        craft_p = CRAFT(
+            geo, kernel, fixed_schedule(kp), make_flows(lat, kp, args),
+            resample_threshold=args.resample_threshold, lr=args.lr, grad_clip=args.grad_clip,
         )  # fmt: skip
-    )
+        secs, hist = train_craft(
+            craft_p, args.prior_craft_train_seconds, args.craft_max_iterations, args.train_particles,
+            make_generator(args.seed, 7),
+        )  # fmt: skip
+        print_training(f"CRAFT prior K={kp}x{args.craft_layers}", hist, secs, theory)
+        report(
+            weighted_runs(
+                f"CRAFT prior K={kp}x{args.craft_layers}",
+                lambda p, g: craft_p.run(args.particles, g, n_populations=p),
+                theory,
+                args,
+                make_generator(args.seed, 8),
+                secs,
+            )  # fmt: skip
+        )
 
     # the table
     taus = [("this run", hmc.tau), ("table", TAU_TABLE.get(beta, float("nan")))]
@@ -421,6 +426,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--betas", type=float, nargs="+", default=[6.0, 7.0])
     p.add_argument("--L", type=int, default=16)
+    p.add_argument(
+        "--methods", nargs="+", default=["smc", "craft", "prior"], choices=["smc", "craft", "prior"],
+        help="smc: SMC from Haar; craft: CRAFT from Haar; prior: IS, SMC and CRAFT from the plaquette prior",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
     p.add_argument("--runs", type=int, default=16, help="independent runs R per annealing method")
     p.add_argument("--particles", type=int, default=128, help="particles N per run")
@@ -441,7 +450,7 @@ def main() -> None:
     p.add_argument("--prior-transitions", type=int, default=4)
     p.add_argument("--prior-craft-train-seconds", type=float, default=60.0)
     p.add_argument("--hmc-chains", type=int, default=64, help="chains of the tau_int(Q) runs (exact starts)")
-    p.add_argument("--hmc-traj", type=int, default=12000, help="trajectories per chain (0: timing only)")
+    p.add_argument("--hmc-traj", type=int, default=6000, help="trajectories per chain (0: timing only)")
     p.add_argument("--hmc-time-chains", type=int, default=256)
     p.add_argument("--hmc-time-traj", type=int, default=100)
     p.add_argument("--total-q", type=float, default=1e4, help="independent Q of the 'total including training'")
