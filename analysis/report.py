@@ -405,6 +405,10 @@ def _analyze_weighted(
         "particles_per_run": particles,
         "ess_mean": float(run_ess.mean()) if n_runs else None,
         "ess_min": float(run_ess.min()) if n_runs else None,
+        # the smallest ESS fraction met along the anneal (before resampling), where the sampler records it
+        "ess_min_anneal": (
+            float(np.min(runs[f"{RUN_GROUP}/ess_min"])) if n_runs and f"{RUN_GROUP}/ess_min" in runs else None
+        ),
         "log_z": float(log_z),
         "log_z_err": float(log_z_err),
         "exact_log_z": None if exact_log_z is None else float(exact_log_z),
@@ -684,7 +688,10 @@ def _format_weighted_table(result: dict) -> str:
     )
     line = ""
     if runs.get("ess_mean") is not None:
-        line += f"ESS fraction: mean {runs['ess_mean']:.3g}, min {runs['ess_min']:.3g}   "
+        line += f"ESS fraction: mean {runs['ess_mean']:.3g}, min {runs['ess_min']:.3g}"
+        if runs.get("ess_min_anneal") is not None:
+            line += f" (along the anneal, before resampling: min {runs['ess_min_anneal']:.3g})"
+        line += "   "
     if runs.get("log_z") is not None:
         line += f"log Z = {format_value_error(runs['log_z'], runs['log_z_err'])}"
         if runs.get("exact_log_z") is not None:

@@ -459,6 +459,8 @@ def run_rows(theory: Any, result: AnnealResult, first_run: int, measure: Callabl
         "annealing/n_particles": np.full(p, n, dtype=np.int64),
         "annealing/chain": np.arange(first_run, first_run + p, dtype=np.int64),
         "annealing/n_resample": result.n_resampled().cpu().numpy().astype(np.int64),
+        # the final weights are uniform after a last resampling: the ESS met along the way says more
+        "annealing/ess_min": torch.stack(result.ess).min(0).values.double().cpu().numpy() if result.ess else np.ones(p),
         "annealing/n_transitions": np.full(p, len(result.ts) - 1, dtype=np.int64),
     }
     return rows, runs

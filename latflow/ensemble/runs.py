@@ -25,6 +25,9 @@ RUN_DESCRIPTIONS: dict[str, str] = {
     "annealing/ess": "ESS fraction (sum w)^2 / (N sum w^2) of the run's final particle population",
     "annealing/n_particles": "number of particles N of the run (its rows)",
     "annealing/chain": "the run id: markov/chain of the run's rows",
+    "annealing/ess_min": "smallest ESS fraction of the run's population along the anneal, before resampling",
+    "annealing/n_resample": "number of times the run's population was resampled",
+    "annealing/n_transitions": "number of annealing transitions of the run",
 }
 
 
