@@ -115,6 +115,18 @@ class HMCKernel:
         """``x`` ``[B, ...]`` -> ``(x', accepted [B])``; ``accepted`` counts trajectories accepted (int64).
 
         ``force``: analytic ``-d log_gamma/dx`` in the manifold's coordinates (autograd otherwise)."""
+        x, n_acc, _ = self.move_evaluated(x, log_gamma, t, generator, force)
+        return x, n_acc
+
+    def move_evaluated(
+        self,
+        x: torch.Tensor,
+        log_gamma: Callable[[torch.Tensor], torch.Tensor],
+        t: float,
+        generator: torch.Generator,
+        force: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`move`, and ``log_gamma(x')`` ``[B]`` as the last accept/reject left it (no extra evaluation)."""
         hmc = HMC(
             lambda y: -log_gamma(y),
             x,
@@ -130,7 +142,7 @@ class HMCKernel:
         for _ in range(self.n_trajectories):
             acc, _ = hmc.trajectory()
             n_acc += acc.long()
-        return hmc.x, n_acc
+        return hmc.x, n_acc, -hmc.s
 
     @property
     def proposals(self) -> int:
@@ -162,7 +174,6 @@ class RandomWalkMetropolis:
         self.n_sweeps = int(n_sweeps)
         self.manifold = manifold if manifold is not None else Euclidean()
 
-    @torch.no_grad()
     def move(
         self,
         x: torch.Tensor,
@@ -172,6 +183,19 @@ class RandomWalkMetropolis:
         force: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``[B, ...]`` -> ``(x', accepted [B])`` (int64 count of accepted updates); ``force`` is unused."""
+        x, n_acc, _ = self.move_evaluated(x, log_gamma, t, generator, force)
+        return x, n_acc
+
+    @torch.no_grad()
+    def move_evaluated(
+        self,
+        x: torch.Tensor,
+        log_gamma: Callable[[torch.Tensor], torch.Tensor],
+        t: float,
+        generator: torch.Generator,
+        force: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`move`, and ``log_gamma(x')`` ``[B]`` (no extra evaluation)."""
         sigma = self.step_size(t)
         mf = self.manifold
         lg = log_gamma(x)
@@ -184,7 +208,7 @@ class RandomWalkMetropolis:
             x = torch.where(acc.view(-1, *([1] * (x.dim() - 1))), y, x)
             lg = torch.where(acc, lg_y, lg)
             n_acc += acc.long()
-        return x, n_acc
+        return x, n_acc, lg
 
     @property
     def proposals(self) -> int:

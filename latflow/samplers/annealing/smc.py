@@ -156,10 +156,16 @@ class SMC:
             if self.kernel is not None:
                 path_force = getattr(path, "force", None)
                 force = None if path_force is None else (lambda z, s=t_next: path_force(z, s))
-                x, n_acc = self.kernel.move(x, lambda z, s=t_next: path.log_gamma(z, s), t_next, generator, force=force)
+                log_gamma = lambda z, s=t_next: path.log_gamma(z, s)  # noqa: E731
+                evaluated = getattr(self.kernel, "move_evaluated", None)
+                if evaluated is not None:  # the kernel knows log gamma where it left the particles
+                    x, n_acc, lg = evaluated(x, log_gamma, t_next, generator, force)
+                    lg_prev = lg.detach().double()
+                else:
+                    x, n_acc = self.kernel.move(x, log_gamma, t_next, generator, force=force)
+                    with torch.no_grad():
+                        lg_prev = path.log_gamma(x, t_next).double()
                 result.acceptance.append(float(n_acc.double().mean()) / self.kernel.proposals)  # type: ignore[attr-defined]
-                with torch.no_grad():
-                    lg_prev = path.log_gamma(x, t_next).double()
             else:
                 result.acceptance.append(float("nan"))
             t = t_next
