@@ -126,6 +126,13 @@ class KernelClock:
         self.seconds += time.perf_counter() - t0
         return out
 
+    def move_evaluated(self, *a: Any, **kw: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kernel's ``move_evaluated`` (the moved particles with their ``log gamma``), timed."""
+        t0 = time.perf_counter()
+        out = self.kernel.move_evaluated(*a, **kw)
+        self.seconds += time.perf_counter() - t0
+        return out
+
     @property
     def proposals(self) -> int:
         return self.kernel.proposals
