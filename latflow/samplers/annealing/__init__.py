@@ -5,8 +5,10 @@ They anneal populations of particles from an exactly sampled start to the target
 particles with an unbiased estimate of the partition function ``Z``; they never open files.
 """
 
+from .aft import AFT
 from .ais import AIS
 from .core import AnnealResult, conditional_ess_fraction, ess_fraction, log_mean_exp, normalise_log_weights, reweight
+from .craft import CRAFT
 from .kernels import HMCKernel, MarkovKernel, RandomWalkMetropolis, StepSize
 from .paths import AnnealingPath, CouplingPath, GeometricPath
 from .pimh import PIMH
@@ -14,9 +16,16 @@ from .resampling import RESAMPLERS, ancestor_index, multinomial, systematic
 from .schedules import AdaptiveSchedule, fixed_schedule
 from .smc import SMC, Transport
 from .snf import SNF, Langevin
+from .transport import TransportFlow, affine_transport, sun_spectral_transport, u1_equivariant_transport
 
 __all__ = [
+    "AFT",
     "AIS",
+    "CRAFT",
+    "TransportFlow",
+    "affine_transport",
+    "sun_spectral_transport",
+    "u1_equivariant_transport",
     "AdaptiveSchedule",
     "AnnealResult",
     "AnnealingPath",
