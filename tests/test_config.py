@@ -326,7 +326,8 @@ def test_key_of_no_kind_names_the_kinds_settings(tmp_path) -> None:
 
 
 def test_a_key_set_on_the_command_line_is_checked_against_the_kind(tmp_path) -> None:
-    with pytest.raises(JobError, match=r"'sampler.n_chains' = 2 is for sampler.kind 'hmc', 'pf-hmc' or 'pimh', not a setting"):
+    message = r"'sampler.n_chains' = 2 is for sampler.kind 'hmc', 'pf-hmc' or 'pimh', not a setting"
+    with pytest.raises(JobError, match=message):
         load_job(_write(tmp_path, 'kind = "flow-mcmc"'), ["sampler.n_chains=2"])
 
 
