@@ -58,6 +58,57 @@ MODEL, MEASUREMENT = "MODEL", "MEASUREMENT"  # stand for dataclasses.asdict(job.
 # the ensembles' sampler attribute of every example as it was before the per-kind tables, key order included:
 # resuming an ensemble compares it, so it must not change
 PINNED_SAMPLER_ATTRIBUTES = {
+    "phi4_craft.toml": {
+        "kind": "craft",
+        "n_samples": 16,
+        "thermalization": 0,
+        "commit_every": 8,
+        "n_particles": 256,
+        "path": "geometric",
+        "coupling": "beta",
+        "coupling_start": 0.0,
+        "schedule": "power",
+        "n_transitions": 10,
+        "schedule_power": 1.0,
+        "target_cess": 0.95,
+        "kernel": "hmc",
+        "step_size": [0.3, 0.15, 0.1],
+        "n_steps": 10,
+        "n_trajectories": 2,
+        "integrator": "leapfrog",
+        "step_jitter": 0.2,
+        "resample_threshold": 0.3,
+        "resampling": "systematic",
+        "n_iterations": 150,
+        "train_particles": 0,
+        "lr": 0.001,
+        "grad_clip": 0.0,
+        "model": None,
+        "dtype": "float32",
+    },
+    "u1_smc.toml": {
+        "kind": "smc",
+        "n_samples": 16,
+        "thermalization": 0,
+        "commit_every": 8,
+        "n_particles": 256,
+        "path": "coupling",
+        "coupling": "beta",
+        "coupling_start": 0.0,
+        "schedule": "power",
+        "n_transitions": 100,
+        "schedule_power": 2.0,
+        "target_cess": 0.95,
+        "kernel": "hmc",
+        "step_size": [0.5, 0.3, 0.2],
+        "n_steps": 4,
+        "n_trajectories": 1,
+        "integrator": "omelyan",
+        "step_jitter": 0.2,
+        "resample_threshold": 0.5,
+        "resampling": "systematic",
+        "dtype": "float64",
+    },  # fmt: skip
     "phi4_default.toml": {
         "kind": "flow-mcmc",
         "n_samples": 100000,
@@ -281,7 +332,8 @@ def test_every_example_loads_into_its_kinds_settings() -> None:
         job = load_job(path)
         kind = sampler_kind(job.sampler.kind)
         assert type(job.sampler) is kind.settings, path.name
-        assert job.uses_flow == kind.uses_flow == (job.sampler.kind in ("flow-mcmc", "pf-flow-mcmc")), path.name
+        flows = ("flow-mcmc", "pf-flow-mcmc", "craft", "snf")
+        assert job.uses_flow == (job.sampler.kind in flows), path.name
 
 
 @pytest.mark.parametrize("name", sorted(PINNED_SAMPLER_ATTRIBUTES))
