@@ -262,9 +262,11 @@ def test_snf_free_phi4_log_z(record_z):
     snf = SNF(path, flows, Langevin(0.02, 2), 4)
     gen = make_generator(seed)
     snf.train(30, 64, 0.01, gen)
-    res = snf.run(500, gen, n_populations=20)
+    # 30 x 1000 particles: with 20 x 500 the skew of log Z per population left z at -3.07 at one of 20 offsets
+    # (mean z -0.23); at 30 x 1000 offsets 0-19 give mean -0.15, spread 0.93, largest |z| 2.42
+    res = snf.run(1000, gen, n_populations=30)
     exact = free_log_z(lat.shape, 1.0)
     z = z_score_log_z(res.log_z, exact)
     record_z("snf phi4 log Z", z)
-    assert abs(z) < 3, (float(torch.logsumexp(res.log_z, 0) - math.log(20)), exact)
+    assert abs(z) < 3, (float(torch.logsumexp(res.log_z, 0) - math.log(30)), exact)
     assert float(res.final_ess().mean()) > 0.35, res.final_ess()
