@@ -49,20 +49,19 @@ from latflow.samplers.annealing.transport import (
 )
 from latflow.theories import get_spec
 
+from . import runner  # runner imports this module too: its names are looked up at call time
 from .annealing_kinds import AFTSettings, AISSettings, AnnealingSettings, CRAFTSettings, PIMHSettings, SNFSettings
 from .config import JobConfig, JobError, field_manifold
 from .progress import Progress
 
 log = logging.getLogger("latflow")
 
-STREAM_SAMPLE, STREAM_TRAIN = 1, 0  # the runner's stream numbers (jobs/runner.py)
-
 
 # --- the path ------------------------------------------------------------------------------
 
 
 def _dtype(job: JobConfig) -> torch.dtype:
-    return {"float64": torch.float64, "float32": torch.float32}[job.run.dtype]
+    return runner.torch_dtype(job)
 
 
 def _cast(x: torch.Tensor, job: JobConfig, device: torch.device) -> torch.Tensor:
@@ -140,9 +139,7 @@ def build_path(job: JobConfig, theory: Any, device: torch.device) -> Any:
     """The job's annealing path (``sampler.path``)."""
     if job.sampler.path == "coupling":
         return coupling_path(job, theory, device)
-    from .runner import build_model
-
-    prior = build_model(job, device).prior
+    prior = runner.build_model(job, device).prior
     return GeometricPath(prior, lambda x: -theory.action(x), getattr(theory, "force", None))
 
 
@@ -202,9 +199,7 @@ def make_transport(job: JobConfig, device: torch.device) -> TransportFlow:
 def _flow_seed(job: JobConfig) -> int:
     from latflow.rng import stream_seed
 
-    from .runner import STREAM_INIT
-
-    return stream_seed(job.run.seed, STREAM_INIT)
+    return stream_seed(job.run.seed, runner.STREAM_INIT)
 
 
 def build_craft(job: JobConfig, theory: Any, device: torch.device) -> CRAFT:
@@ -253,7 +248,6 @@ def build_annealer(job: JobConfig, theory: Any, device: torch.device) -> Any:
         )  # fmt: skip
     if isinstance(s, AISSettings):
         return AIS(path, kernel, build_schedule(s))
-    assert isinstance(s, (CRAFTSettings, AFTSettings)) or hasattr(s, "resample_threshold")
     return SMC(path, kernel, build_schedule(s), resample_threshold=s.resample_threshold, resampling=s.resampling)
 
 
@@ -265,31 +259,22 @@ def build_pimh(job: JobConfig, theory: Any, device: torch.device, generator: tor
     return PIMH(proposal, s.n_particles, n_chains=s.n_chains, generator=generator, chain_offset=comm.rank * s.n_chains)
 
 
-def trained_sha(job: JobConfig, theory: Any, device: torch.device) -> str:
-    """``model_sha256`` of the trained flows of a CRAFT, SNF or PIMH-over-CRAFT job ("" for the others)."""
-    annealer = build_annealer(job, theory, device)
+def flows_sha(annealer: Any) -> str:
+    """``model_sha256`` of an annealing sampler's trained flows (CRAFT, SNF); "" for samplers without them."""
     return model_sha256(annealer.flows) if isinstance(annealer, (CRAFT, SNF)) else ""
 
 
 # --- CRAFT training -------------------------------------------------------------------------------
 
 
-def craft_signature(job: JobConfig) -> str:
-    from .runner import _model_signature
-
-    return _model_signature(job)
-
-
 def load_trained(
     job: JobConfig, flows: torch.nn.Module, optimizer: torch.optim.Optimizer | None, device: torch.device
 ) -> dict[str, Any]:
     """Load trained flows (CRAFT, SNF) from ``output.model``; ``JobError`` if absent or made for another job."""
-    from .runner import read_checkpoint
-
     path = job.output.model_path
     if not path.exists():
         raise JobError(f"{path}: no trained flows; train them first ('latflow run' trains and samples)")
-    state = read_checkpoint(job, path, device)
+    state = runner.read_checkpoint(job, path, device)
     flows.load_state_dict(state["model"])
     if optimizer is not None and "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
@@ -313,7 +298,7 @@ def save_trained(
         "generator": generator.get_state(),
         "history": history,
         "complete": complete,
-        "signature": craft_signature(job),
+        "signature": runner._model_signature(job),
         "job": job.record,
         "theory": job.theory.name,
     }
@@ -331,7 +316,7 @@ def train_craft(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch
     path = job.output.model_path
     if comm.is_root:
         craft = build_craft(job, theory, device)
-        gen = make_generator(job.run.seed, STREAM_TRAIN, 0, device=device)
+        gen = make_generator(job.run.seed, runner.STREAM_TRAIN, 0, device=device)
         history: dict[str, list] = {"log_z": [], "ess": [], "loss": []}
         if resume and path.exists():
             state = load_trained(job, craft.flows, craft.optimizer, device)
@@ -401,7 +386,7 @@ def train_snf(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch.d
     if comm.is_root:
         snf = build_snf(job, theory, device)
         opt = torch.optim.Adam(snf.parameters(), lr=t.lr)
-        gen = make_generator(job.run.seed, STREAM_TRAIN, 0, device=device)
+        gen = make_generator(job.run.seed, runner.STREAM_TRAIN, 0, device=device)
         step, history = 0, {"loss": []}
         if resume and path.exists():
             state = load_trained(job, snf.flows, opt, device)
@@ -481,17 +466,9 @@ def sample_weighted(
     continues after the last committed pass with the generator state stored with it.
     """
     s = job.sampler
-    device = (
-        torch.device("cpu")
-        if job.run.device == "cpu"
-        else torch.device("cuda", comm.rank % max(1, torch.cuda.device_count()))
-    )
-    from .runner import build_theory
-
-    theory = build_theory(job)
     annealer = build_annealer(job, theory, device)
-    sha = model_sha256(annealer.flows) if isinstance(annealer, CRAFT) else ""
-    gen = make_generator(job.run.seed, STREAM_SAMPLE, comm.rank, device=device)
+    sha = flows_sha(annealer)
+    gen = make_generator(job.run.seed, runner.STREAM_SAMPLE, comm.rank, device=device)
     writer, blob, error = None, None, ""
     if comm.is_root:
         try:
@@ -532,7 +509,3 @@ def sample_weighted(
         if writer is not None:
             writer.close()
     return Path(job.output.path)
-
-
-def is_pimh(job: JobConfig) -> bool:
-    return isinstance(job.sampler, PIMHSettings)

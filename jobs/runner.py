@@ -855,7 +855,7 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
     s = job.sampler
     meta = _meta(job, theory, model)
     if pimh and job.uses_flow:  # PIMH over CRAFT runs: the hash of the trained transport flows
-        meta = dataclasses.replace(meta, model_sha256=annealing.trained_sha(job, theory, device))
+        meta = dataclasses.replace(meta, model_sha256=annealing.flows_sha(sampler.proposal))
 
     writer = None
     blob: bytes | None = None

@@ -62,7 +62,35 @@ class MarkovKernel(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-class HMCKernel:
+class EvaluatingKernel:
+    """Base of the kernels here: :meth:`move` is :meth:`move_evaluated` without the final ``log_gamma``."""
+
+    def move(
+        self,
+        x: torch.Tensor,
+        log_gamma: Callable[[torch.Tensor], torch.Tensor],
+        t: float,
+        generator: torch.Generator,
+        force: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` ``[B, ...]`` -> ``(x', accepted [B])``: the int64 count of accepted updates per particle.
+
+        ``force``: analytic ``-d log_gamma/dx`` in the manifold's coordinates (kernels without gradients ignore it)."""
+        x, n_acc, _ = self.move_evaluated(x, log_gamma, t, generator, force)
+        return x, n_acc
+
+    def move_evaluated(
+        self,
+        x: torch.Tensor,
+        log_gamma: Callable[[torch.Tensor], torch.Tensor],
+        t: float,
+        generator: torch.Generator,
+        force: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class HMCKernel(EvaluatingKernel):
     """``n_trajectories`` HMC trajectories of ``n_steps`` integrator steps at the step size of time ``t``.
 
     Parameters
@@ -104,20 +132,6 @@ class HMCKernel:
             raise ValueError(f"step_jitter must be in [0, 1), got {step_jitter}")
         self.step_jitter = float(step_jitter)
 
-    def move(
-        self,
-        x: torch.Tensor,
-        log_gamma: Callable[[torch.Tensor], torch.Tensor],
-        t: float,
-        generator: torch.Generator,
-        force: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` ``[B, ...]`` -> ``(x', accepted [B])``; ``accepted`` counts trajectories accepted (int64).
-
-        ``force``: analytic ``-d log_gamma/dx`` in the manifold's coordinates (autograd otherwise)."""
-        x, n_acc, _ = self.move_evaluated(x, log_gamma, t, generator, force)
-        return x, n_acc
-
     def move_evaluated(
         self,
         x: torch.Tensor,
@@ -149,7 +163,7 @@ class HMCKernel:
         return self.n_trajectories
 
 
-class RandomWalkMetropolis:
+class RandomWalkMetropolis(EvaluatingKernel):
     """``n_sweeps`` random-walk Metropolis updates of the whole field.
 
     The proposal moves every component along a standard Gaussian direction of the manifold
@@ -173,18 +187,6 @@ class RandomWalkMetropolis:
             raise ValueError(f"RandomWalkMetropolis needs n_sweeps >= 1, got {n_sweeps}")
         self.n_sweeps = int(n_sweeps)
         self.manifold = manifold if manifold is not None else Euclidean()
-
-    def move(
-        self,
-        x: torch.Tensor,
-        log_gamma: Callable[[torch.Tensor], torch.Tensor],
-        t: float,
-        generator: torch.Generator,
-        force: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` ``[B, ...]`` -> ``(x', accepted [B])`` (int64 count of accepted updates); ``force`` is unused."""
-        x, n_acc, _ = self.move_evaluated(x, log_gamma, t, generator, force)
-        return x, n_acc
 
     @torch.no_grad()
     def move_evaluated(

@@ -69,6 +69,7 @@ class PIMH:
         run = getattr(sampler, "run", None)
         if run is None and not callable(sampler):
             raise TypeError("PIMH needs an annealing sampler with run(n_particles, generator, n_populations=...)")
+        self.proposal = sampler  # the annealing sampler (or callable) whose runs are the proposed systems
         self._run_systems: SystemSampler = run if run is not None else sampler
         self.n_particles = int(n_particles)
         self.n_chains = int(n_chains)

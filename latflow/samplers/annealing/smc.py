@@ -170,7 +170,7 @@ class SMC:
                 result.acceptance.append(float("nan"))
             t = t_next
             result.ts.append(t)
-        result.x = x.to(dtype=x.dtype)
+        result.x = x
         result.log_w = log_w
         result.log_z = log_z
         result.log_p = lg_prev.to(real)
