@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from . import phi4, schwinger, su3, su3_nf2, u1
+from . import phi4, schwinger, su3, su3_nf2, u1, yukawa
 from .base import Derived, Theory, TheorySpec
 
 REGISTRY: dict[str, TheorySpec] = {
-    spec.name: spec for spec in (phi4.SPEC, u1.SPEC, schwinger.SPEC, su3.SPEC, su3_nf2.SPEC)
+    spec.name: spec for spec in (phi4.SPEC, u1.SPEC, schwinger.SPEC, su3.SPEC, su3_nf2.SPEC, yukawa.SPEC)
 }
 
 

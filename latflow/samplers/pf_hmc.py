@@ -29,7 +29,7 @@ import torch
 
 from latflow.fermions.pseudofermions import Nf2Pseudofermions
 from latflow.fermions.wilson import WilsonDirac
-from latflow.manifolds import SUN, FieldManifold, U1Angles
+from latflow.manifolds import SUN, Euclidean, FieldManifold, U1Angles
 
 from .hmc import HMC, action_force
 from .records import SampleBlock
@@ -64,7 +64,13 @@ class PseudofermionHMC(HMC):
         raises :class:`latflow.fermions.solvers.ConvergenceError`.
     manifold
         The field's manifold; ``None``: :class:`~latflow.manifolds.U1Angles` for ``n_colors = 1``,
-        ``SUN(n_colors)`` otherwise. It must provide ``links`` and ``link_force``.
+        ``SUN(n_colors)`` otherwise. It must provide ``links`` and ``link_force`` (unless ``pseudofermions`` is
+        given; then :class:`~latflow.manifolds.Euclidean` by default).
+    pseudofermions
+        Factors built elsewhere instead of :class:`Nf2Pseudofermions` (``refresh``, ``action``, ``force``, ``config``,
+        solver statistics), e.g. the staggered pseudofermion of the Yukawa theory, whose background is the scalar
+        field itself (:meth:`for_theory` takes them from a theory's ``pseudofermions(...)``). ``even_odd``,
+        ``hasenbusch_kappas``, ``tol`` and ``max_iter`` are then those of the given factors.
 
     Attributes
     ----------
@@ -109,11 +115,21 @@ class PseudofermionHMC(HMC):
         step_jitter: float = 0.0,
         chain_offset: int = 0,
         manifold: FieldManifold | None = None,
+        pseudofermions: Any = None,
     ) -> None:
-        n_colors = int(getattr(dirac, "n_colors", 1))
-        if manifold is None:
+        n_colors = int(getattr(dirac, "n_colors", None) or 1)
+        if pseudofermions is not None:
+            # a theory's own pseudofermions (e.g. staggered on a scalar background): the field is the background
+            manifold = Euclidean() if manifold is None else manifold
+        elif manifold is None:
             manifold = U1Angles() if n_colors == 1 else SUN(n_colors)
-        if n_colors == 1:
+        if pseudofermions is not None:
+            if not hasattr(manifold, "links") and tuple(theta0.shape[1:]) != tuple(dirac.lattice.shape):
+                raise ValueError(
+                    f"the initial field must be [B, {', '.join(map(str, dirac.lattice.shape))}], "
+                    f"got {list(theta0.shape)}"
+                )
+        elif n_colors == 1:
             if (
                 theta0.is_complex()
                 or theta0.dim() != 2 + dirac.lattice.dim
@@ -128,11 +144,15 @@ class PseudofermionHMC(HMC):
                 f"SU({n_colors}) links must be complex [B, {', '.join(map(str, dirac.link_shape))}], "
                 f"got {list(theta0.shape)} ({theta0.dtype})"
             )
-        if not (hasattr(manifold, "links") and hasattr(manifold, "link_force")):
+        if pseudofermions is None and not (hasattr(manifold, "links") and hasattr(manifold, "link_force")):
             raise ValueError(f"PF-HMC needs a gauge manifold with links() and link_force(), got {manifold!r}")
-        self.pseudofermions = Nf2Pseudofermions(
-            dirac, even_odd=even_odd, hasenbusch_kappas=tuple(hasenbusch_kappas), tol=tol, max_iter=max_iter
-        )
+        if pseudofermions is None:
+            pseudofermions = Nf2Pseudofermions(
+                dirac, even_odd=even_odd, hasenbusch_kappas=tuple(hasenbusch_kappas), tol=tol, max_iter=max_iter
+            )
+        self.pseudofermions = pseudofermions
+        # the operator's background: complex links of a gauge field, or the field itself (a scalar)
+        self._background = manifold.links if hasattr(manifold, "links") else (lambda x: x)
         self.gauge_action = gauge_action
         if gauge_force is None:
             if n_colors == 1:
@@ -168,6 +188,11 @@ class PseudofermionHMC(HMC):
         mf = getattr(theory, "manifold", None)
         if "manifold" not in kwargs and mf is not None and hasattr(mf, "link_force"):
             kwargs["manifold"] = mf
+        make = getattr(theory, "pseudofermions", None)
+        if callable(make) and kwargs.get("pseudofermions") is None:
+            # the theory builds its own factors (e.g. the Yukawa theory: staggered, forces in the scalar)
+            factors = {k: kwargs.pop(k) for k in ("even_odd", "hasenbusch_kappas", "tol", "max_iter") if k in kwargs}
+            kwargs["pseudofermions"] = make(**factors)
         return cls(theory.gauge_action, theory.dirac, theta0, gauge_force=theory.gauge_force, **kwargs)
 
     def config(self) -> dict[str, Any]:
@@ -202,14 +227,14 @@ class PseudofermionHMC(HMC):
         p0 = mf.random_momenta(x0, gen)
         pf = self.pseudofermions
         pf.reset_stats()
-        phis, s_pf0 = pf.refresh(mf.links(x0), gen)
+        phis, s_pf0 = pf.refresh(self._background(x0), gen)
         s_g0 = self.gauge_action(x0)
         # the Hamiltonian is accumulated in float64 whatever the field's precision (as in HMC)
         h0 = mf.kinetic(p0) + s_g0.double() + s_pf0.double()
         self._phis = phis
         try:
             x1, p1 = self._integrate(x0, p0, eps, n)
-            s1 = self.gauge_action(x1) + pf.action(mf.links(x1), phis)
+            s1 = self.gauge_action(x1) + pf.action(self._background(x1), phis)
         finally:
             self._phis = None
         h1 = mf.kinetic(p1) + s1.double()
