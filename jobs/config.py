@@ -576,7 +576,8 @@ def _check_consistency(job: JobConfig) -> None:
             f"{src}: 'sampler.conditional' = 'exact' on 'lattice.shape' = {list(job.lattice.shape)}: the exact "
             "(dense heatbath) conditional is for volumes up to 256 sites; use 'triangular' or 'scalar'"
         )
-    if pseudofermions and job.sampler.hasenbusch_kappas:
+    # theories without a hopping parameter (yukawa) refuse Hasenbusch kappas in the runner's preflight
+    if pseudofermions and job.sampler.hasenbusch_kappas and hasattr(job.theory.couplings, "kappa"):
         kappa = float(job.theory.couplings.kappa)
         if max(job.sampler.hasenbusch_kappas) >= kappa:
             raise JobError(

@@ -30,6 +30,14 @@ from latflow.fermions.conditional import (
     dispersion_for,
     smallest_covariance_ratio,
 )
+from latflow.fermions.staggered_conditional import (
+    ExactStaggeredConditional,
+    FreeStaggeredConditional,
+    ScalarStaggeredConditional,
+    StaggeredConditional,
+    default_free_mass,
+    smallest_staggered_covariance_ratio,
+)
 from latflow.fermions.training_target import training_action
 from latflow.flows import FlowModel, make_affine_flow, model_sha256
 from latflow.flows.gauge_layers import make_u1_equivariant_flow
@@ -55,7 +63,7 @@ from .config import (
     to_dict,
 )
 from .progress import Progress
-from .sampler_kinds import PseudofermionSettings
+from .sampler_kinds import STAGGERED_THEORIES, ConditionalSettings, PseudofermionSettings
 
 log = logging.getLogger("latflow")
 
@@ -202,6 +210,28 @@ def preflight(job: JobConfig, command: str, *, resume: bool, force: bool) -> Non
         annealing.coupling_path(job, build_theory(job), torch.device("cpu"))
     if command in ("sample", "run") and chain_start(job.sampler) not in START_KEYWORDS:
         read_start(job, build_theory(job))  # a wrong start file fails before anything is written
+    _check_pseudofermion_options(job)
+
+
+def _check_pseudofermion_options(job: JobConfig) -> None:
+    """The conditional and pseudofermion factors the theory admits (staggered: no even/odd, Hasenbusch, triangular)."""
+    s, src, name = job.sampler, job.source, job.theory.name
+    if isinstance(s, ConditionalSettings) and s.conditional not in s.allowed_conditionals(name):
+        allowed = ", ".join(repr(c) for c in s.allowed_conditionals(name))
+        raise JobError(
+            f"{src}: 'sampler.conditional' = {s.conditional!r} is not available for theory '{name}'; allowed: {allowed}"
+        )
+    if name in STAGGERED_THEORIES and isinstance(s, PseudofermionSettings):
+        if s.even_odd:
+            raise JobError(
+                f"{src}: 'sampler.even_odd' = true: theory '{name}' has staggered pseudofermions with a site-dependent "
+                "mass (even and odd sites coupled); allowed: even_odd = false"
+            )
+        if s.hasenbusch_kappas:
+            raise JobError(
+                f"{src}: 'sampler.hasenbusch_kappas' = {list(s.hasenbusch_kappas)}: theory '{name}' has no hopping "
+                "parameter to split; allowed: hasenbusch_kappas = []"
+            )
 
 
 def command_line(job: JobConfig, command: str) -> str:
@@ -465,13 +495,45 @@ WEIGHT_CHECK_CONFIGS = 8
 WARN_LAMBDA = 0.6  # finite variance above 1/2, but a heavy tail close to it
 
 
-def make_conditional(job: JobConfig, theory: Any) -> ConditionalPseudofermions:
-    """The pseudofermion conditional of a ``pf-flow-mcmc`` job (``sampler.conditional*`` keys)."""
+def _check_fields(job: JobConfig, model: Any, device: torch.device) -> torch.Tensor:
+    """``WEIGHT_CHECK_CONFIGS`` flow configurations of a stream of their own (the same on every rank), float64."""
+    gen = make_generator(job.run.seed, STREAM_CHECK, device=device)
+    with torch.no_grad():
+        theta, _ = model.sample(WEIGHT_CHECK_CONFIGS, gen)
+    return theta.to(torch.complex128 if theta.is_complex() else torch.float64)
+
+
+def make_conditional(
+    job: JobConfig, theory: Any, model: Any = None, device: torch.device | None = None
+) -> ConditionalPseudofermions:
+    """The pseudofermion conditional of a ``pf-flow-mcmc`` job (``sampler.conditional*`` keys).
+
+    Wilson theories: ``"triangular"`` (default), ``"exact"``, ``"scalar"``; theories with staggered pseudofermions
+    on a scalar background (the Yukawa theory): ``"free"`` (default), ``"exact"``, ``"scalar"``
+    (:mod:`latflow.fermions.staggered_conditional`). With a ``model``, the free conditional's mass starts at the rms
+    of the site mass ``m + g sigma`` over the flow configurations of the weight check.
+    """
     s = job.sampler
+    kind = s.resolved_conditional(job.theory.name)
+    if job.theory.name in STAGGERED_THEORIES:
+        if kind == "exact":
+            return ExactStaggeredConditional(theory.dirac)
+        if kind == "scalar":
+            return ScalarStaggeredConditional(theory.dirac, scale=s.conditional_dispersion)
+        if kind == "free":
+            fields = None if model is None else _check_fields(job, model, device or torch.device("cpu"))
+            mass = default_free_mass(theory.dirac, fields)
+            return FreeStaggeredConditional(theory.dirac, mass=mass, dispersion=s.conditional_dispersion)
+        raise JobError(f"{job.source}: 'sampler.conditional' = {kind!r}: not available for theory '{job.theory.name}'")
+    if kind == "free":
+        raise JobError(
+            f"{job.source}: 'sampler.conditional' = 'free' is for staggered theories; allowed here: "
+            "'triangular', 'exact', 'scalar'"
+        )
     factors = dict(even_odd=s.even_odd, hasenbusch_kappas=tuple(s.hasenbusch_kappas))
-    if s.conditional == "exact":
+    if kind == "exact":
         return ExactConditional(theory.dirac, **factors)
-    if s.conditional == "scalar":
+    if kind == "scalar":
         return ScalarConditional(theory.dirac, scale=s.conditional_dispersion, **factors)
     return TriangularConditional(
         theory.dirac, nested=s.conditional_nested, dispersion=s.conditional_dispersion, **factors
@@ -489,10 +551,11 @@ def check_weight_variance(
     variance is infinite and neither the chain's error bars nor its acceptance mean anything, so
     the job stops (``JobError`` suggesting a dispersion) rather than produce a misleading ensemble.
     Between 1/2 and 0.6 it warns. Dense, so above ``WEIGHT_CHECK_MAX_VOLUME`` sites it only warns
-    that it cannot check (``None``). The exact conditional has ``lambda = 1``.
+    that it cannot check (``None``). The exact conditional has ``lambda = 1``. For a staggered conditional the
+    backgrounds are the flow's scalar fields themselves.
     """
     s = job.sampler
-    if s.conditional == "exact":
+    if s.resolved_conditional(job.theory.name) == "exact":
         return 1.0
     volume = math.prod(job.lattice.shape)
     if volume > WEIGHT_CHECK_MAX_VOLUME:
@@ -504,19 +567,24 @@ def check_weight_variance(
             WEIGHT_CHECK_MAX_VOLUME,
         )
         return None
-    gen = make_generator(job.run.seed, STREAM_CHECK, device=device)
+    theta = _check_fields(job, model, device)
     with torch.no_grad():
-        theta, _ = model.sample(WEIGHT_CHECK_CONFIGS, gen)
-        theta = theta.to(torch.complex128 if theta.is_complex() else torch.float64)
-        links = field_manifold(build_theory(job)).links(theta)  # U(1) angles -> exp(i theta); SU(N): the links
-        lam = float(smallest_covariance_ratio(conditional, links).min())
+        if isinstance(conditional, StaggeredConditional):  # background: the scalar field itself
+            lam = float(smallest_staggered_covariance_ratio(conditional, theta).min())
+        else:
+            links = field_manifold(build_theory(job)).links(theta)  # U(1) angles -> exp(i theta); SU(N): the links
+            lam = float(smallest_covariance_ratio(conditional, links).min())
     d = s.conditional_dispersion
     if lam <= FINITE_VARIANCE_LAMBDA:
+        hint = (
+            ""
+            if isinstance(conditional, StaggeredConditional)
+            else " (or even_odd = true / hasenbusch_kappas, which raise it)"
+        )
         raise JobError(
             f"{job.source}: 'sampler.conditional_dispersion' = {d}: the pseudofermion weights would have infinite "
             f"variance (smallest eigenvalue of (M M^dag, K) {lam:.3f} <= 1/2 on {WEIGHT_CHECK_CONFIGS} flow "
-            f"configurations); use sampler.conditional_dispersion = {dispersion_for(lam, d)} "
-            "(or even_odd = true / hasenbusch_kappas, which raise it)"
+            f"configurations); use sampler.conditional_dispersion = {dispersion_for(lam, d)}{hint}"
         )
     if lam < WARN_LAMBDA:
         log.warning(
@@ -545,7 +613,7 @@ def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: Se
         else {}
     )
     if s.kind == "pf-flow-mcmc":
-        conditional = make_conditional(job, theory)
+        conditional = make_conditional(job, theory, model, device)
         check_weight_variance(job, conditional, model, device)
         return PseudofermionFlowMCMC.for_theory(
             theory, model, batch_size=s.batch_size, generator=gen, chain_id=comm.rank, conditional=conditional, **pf

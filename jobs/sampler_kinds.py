@@ -166,8 +166,11 @@ class ConditionalSettings:
     Attributes
     ----------
     conditional
-        ``"triangular"``: gauge-covariant triangular maps; ``"exact"``: the dense heatbath (volumes up to 256
-        sites); ``"scalar"``: a scaled Gaussian.
+        ``"triangular"``: gauge-covariant triangular maps (Wilson fermions); ``"free"``: the free staggered
+        operator at a learnable mass with site scales (the Yukawa theory,
+        :class:`~latflow.fermions.staggered_conditional.FreeStaggeredConditional`); ``"exact"``: the dense heatbath
+        (volumes up to 256 sites); ``"scalar"``: a scaled Gaussian; ``"auto"`` (default): ``"free"`` for
+        theories with staggered pseudofermions (:data:`STAGGERED_THEORIES`), else ``"triangular"``.
     conditional_dispersion
         Widens the conditional, ``M -> dispersion M``, in ``[0.5, 4]``; the default 1.1 is the validated one
         (:data:`latflow.fermions.conditional.DEFAULT_DISPERSION`).
@@ -175,9 +178,27 @@ class ConditionalSettings:
         Full lattice: nested triangular Schur complement.
     """
 
-    conditional: Literal["triangular", "exact", "scalar"] = "triangular"
+    conditional: Literal["auto", "triangular", "exact", "scalar", "free"] = "auto"
     conditional_dispersion: float = DEFAULT_DISPERSION
     conditional_nested: bool = True
+
+    def resolved_conditional(self, theory_name: str) -> str:
+        """The conditional a job on ``theory_name`` uses (``"auto"`` resolved)."""
+        if self.conditional != "auto":
+            return self.conditional
+        return "free" if theory_name in STAGGERED_THEORIES else "triangular"
+
+    @staticmethod
+    def allowed_conditionals(theory_name: str) -> tuple[str, ...]:
+        """The conditionals a theory's pseudofermions admit."""
+        if theory_name in STAGGERED_THEORIES:
+            return ("auto", "free", "exact", "scalar")
+        return ("auto", "triangular", "exact", "scalar")
+
+
+# theories whose pseudofermion is staggered on a scalar background (conditionals "free", "exact", "scalar";
+# no even/odd or Hasenbusch factors)
+STAGGERED_THEORIES: tuple[str, ...] = ("yukawa",)
 
 
 @dataclass(frozen=True)
@@ -344,7 +365,7 @@ def _pf_flow_attribute(job: JobConfig) -> dict[str, Any]:
     s = job.sampler
     assert isinstance(s, PseudofermionFlowMCMCSettings)
     conditional = {
-        "conditional": s.conditional,
+        "conditional": s.resolved_conditional(job.theory.name),
         "conditional_dispersion": s.conditional_dispersion,
         "conditional_nested": s.conditional_nested,
     }

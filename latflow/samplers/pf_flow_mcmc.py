@@ -48,8 +48,10 @@ from latflow.fermions.conditional import (
 )
 from latflow.fermions.pseudofermions import Nf2Pseudofermions
 from latflow.fermions.solvers import ConvergenceError
+from latflow.fermions.staggered import StaggeredPseudofermions
+from latflow.fermions.staggered_conditional import FreeStaggeredConditional, staggered_layout
 from latflow.fermions.wilson import WilsonDirac
-from latflow.manifolds import SUN, U1Angles
+from latflow.manifolds import SUN, Euclidean, U1Angles
 
 from .flow_mcmc import FlowMCMC
 
@@ -58,12 +60,27 @@ __all__ = ["PseudofermionFlowMCMC", "JointProposal", "JointTarget", "exact_deter
 LOG_PI = math.log(math.pi)
 
 
-def _gauge_manifold(manifold: Any, dirac: WilsonDirac) -> Any:
-    """``manifold``, or the default for the operator's links: ``U1Angles`` (``n_colors = 1``) or ``SUN(N)``."""
+def _gauge_manifold(manifold: Any, dirac: Any) -> Any:
+    """``manifold``, or the default for the operator's links: ``U1Angles`` (``n_colors = 1``) or ``SUN(N)``;
+    ``Euclidean`` for an operator without links (``n_colors = None``: the background is a real scalar field)."""
     if manifold is not None:
         return manifold
-    n = int(getattr(dirac, "n_colors", 1))
-    return U1Angles() if n == 1 else SUN(n)
+    n = getattr(dirac, "n_colors", 1)
+    if n is None:
+        return Euclidean()
+    return U1Angles() if int(n) == 1 else SUN(int(n))
+
+
+def _background(manifold: Any) -> Callable[[torch.Tensor], Any]:
+    """The operator's background of a field: its complex links, or the field itself (a scalar, no ``links``)."""
+    return manifold.links if hasattr(manifold, "links") else (lambda x: x)
+
+
+def _layout(pseudofermions: Any) -> tuple[Any, ...]:
+    """The factor layout of Wilson (``Nf2Pseudofermions``) or staggered pseudofermions."""
+    if isinstance(pseudofermions, StaggeredPseudofermions):
+        return staggered_layout(pseudofermions)
+    return layout_of(pseudofermions)
 
 
 class PseudofermionFlowMCMC(FlowMCMC):
@@ -103,7 +120,13 @@ class PseudofermionFlowMCMC(FlowMCMC):
     chain_id
         Stream id recorded in the rows.
     manifold
-        The field's manifold (``links(x)`` gives the complex links); default from ``dirac.n_colors``.
+        The field's manifold (``links(x)`` gives the complex links); default from ``dirac.n_colors``
+        (``Euclidean`` for an operator without links).
+    pseudofermions
+        Factors built elsewhere instead of :class:`Nf2Pseudofermions`, e.g. the staggered pseudofermion of the
+        Yukawa theory (:class:`~latflow.fermions.staggered.StaggeredPseudofermions`), whose background is the
+        field itself; ``even_odd``, ``hasenbusch_kappas``, ``tol`` and ``max_iter`` are then theirs. The
+        default conditional is then :class:`~latflow.fermions.staggered_conditional.FreeStaggeredConditional`.
 
     Attributes
     ----------
@@ -147,9 +170,14 @@ class PseudofermionFlowMCMC(FlowMCMC):
         dense_fallback: bool = False,
         chain_id: int = 0,
         manifold: Any = None,
+        pseudofermions: Any = None,
     ) -> None:
         self.manifold = _gauge_manifold(manifold, dirac)
+        self._background = _background(self.manifold)
         super().__init__(model, self._log_p_unavailable, batch_size=batch_size, generator=generator, chain_id=chain_id)
+        if pseudofermions is not None:
+            self._init_given_factors(pseudofermions, conditional, dirac, gauge_action, dense_fallback)
+            return
         if even_odd is None:
             even_odd = conditional.even_odd if conditional is not None else False
         if hasenbusch_kappas is None:
@@ -183,19 +211,59 @@ class PseudofermionFlowMCMC(FlowMCMC):
         self.cg_iterations = 0
         self.n_proposals = 0
 
+    def _init_given_factors(
+        self,
+        pseudofermions: Any,
+        conditional: Any,
+        dirac: Any,
+        gauge_action: Callable[[torch.Tensor], torch.Tensor],
+        dense_fallback: bool,
+    ) -> None:
+        """The attributes for factors built elsewhere (e.g. staggered, conditional on the scalar field)."""
+        self.pseudofermions = pseudofermions
+        layout = _layout(pseudofermions)
+        if conditional is None:
+            conditional = FreeStaggeredConditional(dirac)
+        if not conditional.matches(layout):
+            what = conditional.describe() if hasattr(conditional, "describe") else type(conditional).__name__
+            raise ValueError(
+                f"the conditional was built for other pseudofermion factors: {what}; sampler {layout[0].key()}"
+            )
+        self.gauge_action = gauge_action
+        self.dirac = dirac
+        self.conditional = conditional
+        self.layout = layout
+        self.dense_fallback = bool(dense_fallback)
+        self.n_dense_fallbacks = 0
+        self.n_components_total = sum(f.n_components for f in pseudofermions.factors)
+        self.last_run_cg_iterations = None
+        self.cg_iterations = 0
+        self.n_proposals = 0
+
     @staticmethod
     def _log_p_unavailable(x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("the joint target depends on the pseudofermions; use joint_log_p(theta, phis)")
 
     @classmethod
     def for_theory(cls, theory: Any, model: Any, **kwargs: Any) -> PseudofermionFlowMCMC:
-        """Build from a theory with ``gauge_action`` and ``dirac`` (e.g. the Schwinger model, su3-nf2).
+        """Build from a theory with ``gauge_action`` and ``dirac`` (e.g. the Schwinger model, su3-nf2, Yukawa).
 
-        A theory's gauge ``manifold`` (e.g. ``SUN(3)``) is passed on unless ``manifold`` is given.
+        A theory's gauge ``manifold`` (e.g. ``SUN(3)``) is passed on unless ``manifold`` is given. A theory with
+        its own pseudofermion factory ``theory.pseudofermions(even_odd, hasenbusch_kappas, tol, max_iter)`` (the
+        Yukawa theory: staggered, background the scalar field) builds the factors, as for
+        :meth:`~latflow.samplers.pf_hmc.PseudofermionHMC.for_theory`.
         """
         mf = getattr(theory, "manifold", None)
         if "manifold" not in kwargs and mf is not None and hasattr(mf, "links"):
             kwargs["manifold"] = mf
+        make = getattr(theory, "pseudofermions", None)
+        if callable(make) and kwargs.get("pseudofermions") is None:
+            factors = {k: kwargs.pop(k) for k in ("even_odd", "hasenbusch_kappas", "tol", "max_iter") if k in kwargs}
+            if factors.get("even_odd") is None:
+                factors.pop("even_odd", None)
+            if factors.get("hasenbusch_kappas") is None:
+                factors.pop("hasenbusch_kappas", None)
+            kwargs["pseudofermions"] = make(**factors)
         return cls(model, theory.gauge_action, theory.dirac, **kwargs)
 
     def config(self) -> dict[str, Any]:
@@ -217,7 +285,7 @@ class PseudofermionFlowMCMC(FlowMCMC):
             ``-S_g - sum_f (phi_f^dag K_f^{-1} phi_f + n_f log pi)`` ``[B]`` and the CG iterations
             ``[B, n_factors]`` of the solves.
         """
-        U = self.manifold.links(theta)
+        U = self._background(theta)
         pf = self.pseudofermions
         try:
             s_pf = pf.action(U, list(phis))
@@ -242,7 +310,7 @@ class PseudofermionFlowMCMC(FlowMCMC):
         while n > 0:
             b = min(n, self.batch_size)
             theta, log_q = self.model.sample(b, self.generator)
-            phis, log_r = self.conditional.sample(self.manifold.links(theta), self.generator)
+            phis, log_r = self.conditional.sample(self._background(theta), self.generator)
             log_p, iters = self.joint_log_p(theta, phis)
             u = torch.rand(b, generator=self.generator, dtype=log_p.dtype, device=log_p.device)
             xs.append(theta)
@@ -307,12 +375,13 @@ class JointProposal(nn.Module):
         self.flow = flow
         self.conditional = conditional
         self.manifold = _gauge_manifold(manifold, conditional.layout[0].dirac)
+        self._background = _background(self.manifold)
 
     def sample(
         self, batch_size: int, generator: torch.Generator
     ) -> tuple[tuple[torch.Tensor, list[torch.Tensor]], torch.Tensor]:
         theta, log_q = self.flow.sample(batch_size, generator)
-        phis, log_r = self.conditional.sample(self.manifold.links(theta), generator)
+        phis, log_r = self.conditional.sample(self._background(theta), generator)
         return (theta, phis), log_q + log_r
 
 
@@ -330,10 +399,11 @@ class JointTarget:
     gauge_action
         ``theta -> S_g [B]`` (differentiable).
     pseudofermions
-        The factors (e.g. ``sampler.pseudofermions``).
+        The factors (e.g. ``sampler.pseudofermions``): ``Nf2Pseudofermions``, or the staggered pseudofermion of the
+        Yukawa theory (the field is then the operator's background, the force ``dS_pf/dsigma``).
     manifold
-        The field's manifold; default from the operator's ``n_colors``. For SU(N) links the gradient
-        in ``U`` flows through ``Re tr(G^dagger dU)`` with the closed-form ``G = dS_pf/dU``
+        The field's manifold; default from the operator's ``n_colors`` (``Euclidean`` without links). For
+        SU(N) links the gradient in ``U`` flows through ``Re tr(G^dagger dU)`` with the closed-form ``G = dS_pf/dU``
         (:meth:`Nf2Pseudofermions.link_gradient`).
     """
 
@@ -346,7 +416,8 @@ class JointTarget:
         self.gauge_action = gauge_action
         self.pseudofermions = pseudofermions
         self.manifold = _gauge_manifold(manifold, pseudofermions.dirac)
-        self.layout = layout_of(pseudofermions)
+        self._background = _background(self.manifold)
+        self.layout = _layout(pseudofermions)
         self.n_components_total = sum(f.n_components for f in self.layout)
 
     def __call__(self, x: tuple[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -355,7 +426,7 @@ class JointTarget:
             raise ValueError(f"expected {len(self.layout)} pseudofermions, got {len(phis)}")
         pf = self.pseudofermions
         with torch.no_grad():
-            U = self.manifold.links(theta.detach())
+            U = self._background(theta.detach())
             solved = [
                 f.quadratic_form(U, phi.detach(), tol=pf.tol, max_iter=pf.max_iter) for f, phi in zip(self.layout, phis)
             ]
