@@ -373,7 +373,7 @@ class YukawaTheory:
 
         ``sum_t C(t) = V M^2 = chi2``.
         """
-        big_phi = phi.flatten(2).sum(-1)  # [B, L0]
+        big_phi = phi.reshape(phi.shape[0], phi.shape[1], -1).sum(-1)  # [B, L0] (also for d = 1)
         f = torch.fft.fft(big_phi, dim=1)
         corr = torch.fft.ifft(f.conj() * f, dim=1).real
         return corr / self.lattice.volume
@@ -389,7 +389,7 @@ class YukawaTheory:
         src[(slice(None),) + (0,) * self.lattice.dim] = 1.0
         rhs = self.dirac.apply_dagger(phi, src)
         x = cg(lambda v: self.dirac.apply_normal(phi, v), rhs, tol=1e-12, max_iter=10_000).x
-        return (x.conj() * x).real.flatten(2).sum(-1).to(phi.dtype)
+        return (x.conj() * x).real.reshape(b, self.field_shape[0], -1).sum(-1).to(phi.dtype)
 
     # --- reference values of the free theory -------------------------------------------------
     def free_scalar_propagator(self) -> np.ndarray:
