@@ -549,3 +549,20 @@ def record_z(request):
                 f.write(_json.dumps(line) + "\n")
 
     return record
+
+
+def self_normalised_estimates(
+    log_w: torch.Tensor, obs: dict[str, torch.Tensor]
+) -> tuple[dict[str, tuple[float, float]], float]:
+    """Self-normalised importance-sampling means of ``obs`` (each ``[N]``) with log weights ``log_w`` ``[N]``.
+
+    Returns ``({name: (mean, delta-method error)}, ESS per draw)``: the reference of statistical tests that
+    reweight exact or near-exact draws.
+    """
+    w = torch.exp(log_w - log_w.max())
+    w = w / w.sum()
+    out = {}
+    for k, x in obs.items():
+        mean = float((w * x).sum())
+        out[k] = (mean, float(torch.sqrt((w**2 * (x - mean) ** 2).sum())))
+    return out, float(1.0 / (w**2).sum()) / log_w.numel()

@@ -44,7 +44,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import job_toml, stat_seed
+from conftest import job_toml, self_normalised_estimates, stat_seed
 from scipy.special import i0e
 
 from latflow.analysis import gamma_method
@@ -186,15 +186,8 @@ def reference(beta: float, kappa: float, shape: tuple[int, int], n: int, seed: i
         log_w.append(-o["action"] - log_q)
         for k in OBS:
             obs[k].append(o[k])
-    lw = torch.cat(log_w)
-    w = torch.exp(lw - lw.max())
-    w = w / w.sum()
-    out = {}
-    for k in OBS:
-        x = torch.cat(obs[k])
-        mean = float((w * x).sum())
-        out[k] = (mean, float(torch.sqrt((w**2 * (x - mean) ** 2).sum())))
-    out["ess"] = float(1.0 / (w**2).sum()) / n
+    out, ess = self_normalised_estimates(torch.cat(log_w), {k: torch.cat(v) for k, v in obs.items()})
+    out["ess"] = ess
     return out
 
 

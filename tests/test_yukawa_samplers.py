@@ -19,7 +19,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import job_toml, stat_seed
+from conftest import job_toml, self_normalised_estimates, stat_seed
 from torch import nn
 
 from latflow.analysis import gamma_method
@@ -105,14 +105,7 @@ def reference() -> dict[str, tuple[float, float]]:
             log_w.append(-o["action"] - log_q)
             for k in OBS:
                 obs[k].append(o[k])
-    lw = torch.cat(log_w)
-    w = torch.exp(lw - lw.max())
-    w = w / w.sum()
-    out = {}
-    for k in OBS:
-        f = torch.cat(obs[k])
-        mean = float((w * f).sum())
-        out[k] = (mean, float(torch.sqrt((w * w * (f - mean) ** 2).sum())))
+    out, _ = self_normalised_estimates(torch.cat(log_w), {k: torch.cat(v) for k, v in obs.items()})
     return out
 
 
