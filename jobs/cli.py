@@ -1,4 +1,4 @@
-"""The ``latflow`` command: train, sample, run, analyze, verify, export, import."""
+"""The ``latflow`` command: train, sample, run, analyze, verify, export, import, submit, status, cancel."""
 
 from __future__ import annotations
 
@@ -115,7 +115,42 @@ def make_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("ensemble", help="HDF5 ensemble")
     _config_file_args(sub)
+    _batch_args(sub)
     return parser
+
+
+def _batch_args(sub: argparse._SubParsersAction) -> None:
+    """``submit``, ``status`` and ``cancel``: batch jobs on Slurm or PBS (jobs/submit.py)."""
+    s = sub.add_parser(
+        "submit",
+        help="submit the job to Slurm or PBS (resources from the job's [resources] table)",
+        description="Render one batch script per stage from the job's [resources] table, chained with afterok, "
+        "submit them with sbatch or qsub and record the job ids in <output stem>.jobs.json. Each stage runs "
+        "with --resume when its output exists.",
+    )
+    t = sub.add_parser("status", help="scheduler state of the submitted jobs (from <output stem>.jobs.json)")
+    c = sub.add_parser("cancel", help="cancel the submitted jobs that have not finished")
+    for p in (s, t, c):
+        p.add_argument("job", help="job file (TOML)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="as for run")
+        p.add_argument("--out", help="ensemble path (replaces output.path)")
+    s.add_argument("--scheduler", help="slurm or pbs (default: resources.scheduler)")
+    s.add_argument(
+        "--stages",
+        default="run",
+        help="comma-separated stages, one batch job each, chained with afterok: train, sample, analyze, run "
+        "(default: run)",
+    )
+    s.add_argument(
+        "--scan",
+        dest="scans",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="parameter scan as a job array, e.g. --scan theory.lam=0.4,0.5,0.6; several --scan: every "
+        "combination; each point writes <output stem>_<name><value>.h5",
+    )
+    s.add_argument("--dry-run", action="store_true", help="print the scripts; submit and write nothing")
 
 
 def _config_file_args(sub: argparse._SubParsersAction) -> None:
@@ -323,6 +358,28 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch(args: argparse.Namespace) -> int:
+    from . import submit
+
+    if args.command == "submit":
+        plan = submit.plan_submission(
+            args.job,
+            scheduler=args.scheduler,
+            stages=args.stages,
+            overrides=args.overrides,
+            out=args.out,
+            scans=args.scans,
+        )
+        submit.submit(plan, dry_run=args.dry_run)
+        return 0
+    _, record = submit.record_of(args.job, args.overrides, out=args.out)
+    if args.command == "status":
+        submit.status(record)
+    else:
+        submit.cancel(record)
+    return 0
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
@@ -350,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             from .configfiles import export_configurations
 
             return export_configurations(args)
+        if args.command in ("submit", "status", "cancel"):
+            return _batch(args)
         if args.command == "import":
             from .configfiles import import_configurations
 

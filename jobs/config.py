@@ -170,6 +170,7 @@ class JobConfig:
     source: str = "<job>"
     text: str = ""
     overrides: tuple[str, ...] = ()
+    resources: Any = None  # [resources] for `latflow submit` (jobs/submit.py: Resources), None if absent
 
     @property
     def record(self) -> str:
@@ -200,6 +201,8 @@ SECTIONS: dict[str, type] = {
     "run": RunConfig,
 }
 ALL_SECTIONS = ("theory", *SECTIONS)
+# tables a job file may hold besides the job itself: [resources] of batch jobs (jobs/submit.py)
+JOB_FILE_TABLES = (*ALL_SECTIONS, "resources")
 # checks on values beyond their type: (predicate, what is allowed); the sampler kinds hold their own
 RULES: dict[str, Rule] = {
     "run.threads": NON_NEGATIVE,
@@ -438,9 +441,11 @@ def load_job(
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise JobError(f"{source}: not valid TOML ({exc})") from None
-    unknown = sorted(set(raw) - set(ALL_SECTIONS))
+    unknown = sorted(set(raw) - set(JOB_FILE_TABLES))
     if unknown:
-        raise JobError(f"{source}: unknown section or key '{unknown[0]}'; allowed sections: {', '.join(ALL_SECTIONS)}")
+        raise JobError(
+            f"{source}: unknown section or key '{unknown[0]}'; allowed sections: {', '.join(JOB_FILE_TABLES)}"
+        )
     file_sampler = dict(raw["sampler"]) if isinstance(raw.get("sampler"), dict) else raw.get("sampler")
     set_sampler_keys = set()
     for item in overrides:
@@ -448,8 +453,9 @@ def load_job(
             (section, key), value = parse_override(item)
         except JobError as exc:
             raise JobError(f"{source}: {exc}") from None
-        if section not in ALL_SECTIONS:
-            raise JobError(f"{source}: --set {item}: unknown section '{section}'; allowed: {', '.join(ALL_SECTIONS)}")
+        if section not in JOB_FILE_TABLES:
+            allowed = ", ".join(JOB_FILE_TABLES)
+            raise JobError(f"{source}: --set {item}: unknown section '{section}'; allowed: {allowed}")
         table = raw.setdefault(section, {})
         if not isinstance(table, dict):
             raise JobError(f"{source}: [{section}] must be a table")
@@ -477,6 +483,10 @@ def load_job(
         changes.append(f"--out {out}")
     if device is not None:
         changes.append(f"--device {device}")
+    if "resources" in raw:
+        from .submit import build_resources
+
+        built["resources"] = build_resources(raw["resources"], source)
     job = JobConfig(theory=theory, lattice=lattice, source=source, text=text, overrides=tuple(changes), **built)
     _check_consistency(job)
     return job
