@@ -59,7 +59,9 @@ def test_su3_nf2_job_validation(tmp_path: Path) -> None:
         load_job(_job(tmp_path, 'kind = "pf-flow-mcmc"\n', 'kind = "u1-equivariant"\n'))
     with pytest.raises(JobError, match=r"'sampler.hasenbusch_kappas' = \[0.25\]: must lie below theory.kappa = 0.2"):
         load_job(_job(tmp_path, 'kind = "pf-hmc"\nhasenbusch_kappas = [0.25]\n'))
-    with pytest.raises(JobError, match=r"needs a theory with fermions \(schwinger, su3-nf2, yukawa\); theory 'su3' has none"):
+    with pytest.raises(
+        JobError, match=r"needs a theory with fermions \(schwinger, su3-nf2, yukawa\); theory 'su3' has none"
+    ):
         load_job(EXAMPLES / "su3_hmc.toml", ["sampler.kind=pf-hmc"])
 
 
