@@ -22,7 +22,8 @@ from .termination import Terminated
 
 log = logging.getLogger("latflow")
 DEFAULT_EXAMPLE = "u1_topology_flow.toml"
-#: exit status after SIGTERM (what batch schedulers send before they kill a job): 128 + 15, as a shell reports it
+#: exit status after SIGTERM or SIGUSR1 (what batch schedulers send before they kill a job, or as the walltime
+#: warning): 128 + 15, as a shell reports SIGTERM, for both, so that a batch script tests one status to requeue
 EXIT_TERMINATED = 128 + signal.SIGTERM
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
 RESUME_HINT = "committed rows and checkpoints are kept; rerun the same command with --resume to continue"
@@ -52,6 +53,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latflow",
         description="Flow-based sampling for lattice field theory: exact ensembles from normalising flows and HMC.",
+        epilog="exit status: 0 done; 1 unexpected error; 2 usage, job or file mistake; 3 training diverged or a "
+        "solver did not converge; 130 interrupted (SIGINT); 143 stopped by SIGTERM or SIGUSR1 (batch schedulers' "
+        "termination and walltime-warning signals): committed rows and a checkpoint at the step reached are kept, "
+        "rerun with --resume to continue bit for bit",
     )
     parser.add_argument("--version", action="version", version=f"latflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -262,7 +267,7 @@ def _abort_all_ranks(comm, exc: BaseException) -> None:
     elif isinstance(exc, KeyboardInterrupt):
         code, message = EXIT_INTERRUPTED, f"latflow: interrupted; {RESUME_HINT}"
     elif isinstance(exc, Terminated):
-        code, message = EXIT_TERMINATED, f"latflow: terminated (SIGTERM); {RESUME_HINT}"
+        code, message = EXIT_TERMINATED, f"latflow: terminated ({exc.signal_name}); {RESUME_HINT}"
     else:
         import traceback
 
@@ -389,15 +394,17 @@ def main(argv: list[str] | None = None) -> int:
 
     0: done; 1: an unexpected error (traceback); 2: a usage, job or file mistake (one line);
     3: training diverged or a solver did not converge; 130: interrupted (SIGINT);
-    143: terminated (SIGTERM). After 130 and 143 every committed row is kept and ``--resume``
-    continues the run.
+    143: terminated by SIGTERM or SIGUSR1 (both 143, the walltime warning included). After 130 and 143
+    every committed row is kept, training has written a checkpoint at the step it reached, and
+    ``--resume`` continues the run bit for bit.
     """
     args = make_parser().parse_args(argv)
     previous = None
     try:
         if args.command in ("train", "sample", "run"):
+            termination.clear()  # a signal recorded by an earlier command in this process is not this one's
             try:
-                previous = signal.signal(signal.SIGTERM, termination.raise_terminated)
+                previous = termination.install()
             except ValueError:  # not the main thread: leave signals alone
                 previous = None
             return _run_job(args)
@@ -430,13 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"latflow: interrupted; {RESUME_HINT}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Terminated:
+    except Terminated as exc:
         termination.clear()
-        print(f"latflow: terminated (SIGTERM); {RESUME_HINT}", file=sys.stderr)
+        print(f"latflow: terminated ({exc.signal_name}); {RESUME_HINT}", file=sys.stderr)
         return EXIT_TERMINATED
     finally:
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            termination.restore(previous)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from latflow.samplers import HMC, FlowMCMC, PseudofermionFlowMCMC, Pseudofermion
 from latflow.theories import get_spec
 from latflow.training import ReverseKLTrainer, TrainingDivergedError
 
-from . import annealing, annealing_kinds
+from . import annealing, annealing_kinds, termination
 from .config import (
     START_KEYWORDS,
     JobConfig,
@@ -64,6 +64,7 @@ from .config import (
 )
 from .progress import Progress
 from .sampler_kinds import STAGGERED_THEORIES, ConditionalSettings, PseudofermionSettings
+from .termination import Terminated
 
 log = logging.getLogger("latflow")
 
@@ -328,6 +329,13 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
     extra = {"signature": _model_signature(job), "job": job.record, "theory": job.theory.name}
 
     def report(m: Any) -> None:
+        # called after each completed optimiser step: the one place where a stop signal ends training
+        signum = termination.pending()
+        if comm.size > 1:  # every rank stops at the same step (the checkpoint gathers from all of them)
+            stop = comm.allreduce_sum(signum is not None) > 0
+            signum = (signum or termination.SIGNALS[0]) if stop else None
+        if signum is not None:
+            raise Terminated(signum)
         if m.kl is None:
             bar.update(1, loss=m.loss, ess=m.ess)
         else:
@@ -335,9 +343,16 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
 
     before = _file_identity(path)
     try:
-        history = trainer.train(
-            t.steps, checkpoint_path=path, checkpoint_every=t.checkpoint_every, callback=report, extra=extra
-        )
+        # a stop signal (SIGTERM, or SIGUSR1 before the walltime) is only recorded during a step, so that the
+        # checkpoint below holds a consistent state: model, optimiser, RNG, schedule and history of the last step
+        with termination.deferred():
+            history = trainer.train(
+                t.steps, checkpoint_path=path, checkpoint_every=t.checkpoint_every, callback=report, extra=extra
+            )
+    except Terminated as exc:
+        trainer.save(path, complete=False, extra=extra)
+        log.info("stopped by %s: checkpoint %s written at step %d", exc.signal_name, path, trainer.step)
+        raise
     except TrainingDivergedError as exc:
         # the trainer says "the last good checkpoint is kept"; say which one there really is
         after = _file_identity(path)

@@ -539,14 +539,24 @@ def render_script(plan: Plan, stage: str, after: str = "") -> str:
         "RESUME=()",
         'for f in "${OUTPUTS[@]}"; do if [ -e "$f" ]; then RESUME=(--resume); fi; done',
         # the walltime warning (SIGUSR1 to this shell) reaches latflow as SIGTERM: it commits and exits 143
-        'trap \'echo "latflow: walltime warning (SIGUSR1): stopping" >&2; kill -TERM "$child" 2>/dev/null\' USR1',
+        "warned=0",
+        'trap \'warned=1; echo "latflow: walltime warning (SIGUSR1): stopping" >&2; kill -TERM "$child" 2>/dev/null\''
+        " USR1",
         f'{launch} latflow {stage} {q(plan.job.source)}{base} "${{POINT[@]}}" "${{RESUME[@]}}" &',
         "child=$!",
         "status=0",
         'wait "$child" || status=$?',
         'while kill -0 "$child" 2>/dev/null; do status=0; wait "$child" || status=$?; done',
-        'exit "$status"',
     ]
+    if sched.name == "slurm":
+        # stopped cleanly by the warning: back into the queue; the next run finds the output and adds --resume
+        lines += [
+            'if [ "$warned" = 1 ] && [ "$status" = 143 ]; then',
+            '  echo "latflow: requeueing job $SLURM_JOB_ID; it continues with --resume" >&2',
+            '  scontrol requeue "$SLURM_JOB_ID"',
+            "fi",
+        ]
+    lines.append('exit "$status"')
     return "\n".join(lines) + "\n"
 
 

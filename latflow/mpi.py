@@ -14,7 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+#: the number of ranks as launchers announce it: Open MPI's mpirun, PMI-1/2 (MPICH/Hydra mpiexec, Intel MPI,
+#: srun --mpi=pmi2), PMIx (srun --mpi=pmix, Open MPI 5's prterun), Hydra's node-local count, and srun itself
+#: (SLURM_STEP_NUM_TASKS: set inside a job step only, unlike SLURM_NTASKS, which every batch script sees)
+_LAUNCHER_SIZE_VARS = (
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "PMIX_SIZE",
+    "MPI_LOCALNRANKS",
+    "SLURM_STEP_NUM_TASKS",
+)
 
 
 class SerialComm:
@@ -107,14 +116,18 @@ class MPIComm(SerialComm):
 
 
 def launched_by_mpi() -> bool:
-    """True when the process was started by an MPI launcher with more than one rank."""
+    """True when the process was started by an MPI launcher with more than one rank.
+
+    The first of the launcher variables (``_LAUNCHER_SIZE_VARS``) that is set and an integer decides;
+    Slurm's ``SLURM_NTASKS`` alone does not (a batch script sees it before any ``srun``).
+    """
     for var in _LAUNCHER_SIZE_VARS:
         value = os.environ.get(var)
         if value is not None:
             try:
                 return int(value) > 1
             except ValueError:
-                return False
+                continue
     return False
 
 

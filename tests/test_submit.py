@@ -67,12 +67,17 @@ POINT=()
 OUTPUTS=(hmc.h5)
 RESUME=()
 for f in "${{OUTPUTS[@]}}"; do if [ -e "$f" ]; then RESUME=(--resume); fi; done
-trap 'echo "latflow: walltime warning (SIGUSR1): stopping" >&2; kill -TERM "$child" 2>/dev/null' USR1
+warned=0
+trap 'warned=1; echo "latflow: walltime warning (SIGUSR1): stopping" >&2; kill -TERM "$child" 2>/dev/null' USR1
 mpiexec -n 2 latflow sample job.toml "${{POINT[@]}}" "${{RESUME[@]}}" &
 child=$!
 status=0
 wait "$child" || status=$?
 while kill -0 "$child" 2>/dev/null; do status=0; wait "$child" || status=$?; done
+if [ "$warned" = 1 ] && [ "$status" = 143 ]; then
+  echo "latflow: requeueing job $SLURM_JOB_ID; it continues with --resume" >&2
+  scontrol requeue "$SLURM_JOB_ID"
+fi
 exit "$status"
 
 """
