@@ -201,7 +201,8 @@ class Slurm(Scheduler):
         if res.account:
             d.append(f"--account={res.account}")
         log = stage.log.replace("{id}", ".%A_%a" if stage.points else ".%j")
-        d += [f"--output={log}", f"--signal=B:USR1@{res.signal_seconds}", "--requeue"]
+        # append: a requeued job keeps the log of the run the walltime warning stopped
+        d += [f"--output={log}", "--open-mode=append", f"--signal=B:USR1@{res.signal_seconds}", "--requeue"]
         if stage.points:
             d.append(f"--array=0-{len(stage.points) - 1}")
         if stage.after:

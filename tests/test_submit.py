@@ -56,6 +56,7 @@ def test_slurm_dry_run_script(in_tmp, make_job, capsys):
 #SBATCH --cpus-per-task=1
 #SBATCH --time=00:10:00
 #SBATCH --output=hmc.sample.%j.out
+#SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 # latflow sample of job.toml, rendered by `latflow submit`

@@ -213,10 +213,11 @@ def test_slurm_walltime_warning_requeues_and_resumes_bit_for_bit(slurm, make_job
         show = slurm.run("scontrol", "show", "job", job_id).stdout
         logs = "".join(p.read_text() for p in Path.cwd().glob("hmc.sample.*.out"))
         raise AssertionError(f"{show}\n{logs}") from None
-    log = Path(f"hmc.sample.{job_id}.out").read_text()  # the requeued run's (Slurm truncates the log)
+    log = Path(f"hmc.sample.{job_id}.out").read_text()  # both runs' (--open-mode=append)
     show = slurm.run("scontrol", "show", "job", job_id).stdout
     assert _job_field(slurm, job_id, "JobState") == "COMPLETED", f"{show}\n{log}"
     assert re.search(r"resuming hmc\.h5 at \d+ committed rows", log), log
+    assert "latflow: requeueing job" in log and "terminated (SIGTERM)" in log, log  # the first run's end is kept
 
     # a reference run, never interrupted, of the same job
     r = latflow_cli.run(["sample", "job.toml", "--out", "ref.h5"], Path.cwd())
