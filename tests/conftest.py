@@ -566,3 +566,17 @@ def self_normalised_estimates(
         mean = float((w * x).sum())
         out[k] = (mean, float(torch.sqrt((w**2 * (x - mean) ** 2).sum())))
     return out, float(1.0 / (w**2).sum()) / log_w.numel()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
+    """Poll ``predicate`` every ``interval`` s until it is truthy (returned); ``AssertionError`` after ``timeout`` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)

@@ -168,3 +168,24 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
     finally:
         _stop(cluster.processes)
+
+
+def wait_queue_empty(cluster: SlurmCluster, timeout: float) -> None:
+    """Wait until ``cluster`` has no job queued or running (``AssertionError`` with squeue after ``timeout``)."""
+    end = time.monotonic() + timeout
+    while cluster.queue():
+        assert time.monotonic() < end, f"jobs still queued after {timeout} s: {cluster.run('squeue').stdout}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(name="slurm")
+def slurm_fixture(slurm_cluster, monkeypatch, tmp_path):  # noqa: F811
+    """The session cluster for one test: run in ``tmp_path`` with ``SLURM_CONF`` set; leftover jobs cancelled."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    assert slurm_cluster.queue() == []
+    yield slurm_cluster
+    leftover = slurm_cluster.queue()
+    if leftover:
+        slurm_cluster.run("scancel", *leftover)
+        wait_queue_empty(slurm_cluster, 30)

@@ -16,19 +16,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import wait_for
 
 from latflow.ensemble import ROW_GROUPS, EnsembleReader
 
 
 def _wait_for(predicate, timeout: float, what: str, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    return wait_for(predicate, timeout, what, interval)
 
 
 def _n_committed(path: Path) -> int:

@@ -15,7 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest_slurm import slurm_cluster  # noqa: F401  (the session fixture)
+from conftest_slurm import (
+    slurm_cluster,  # noqa: F401  (the session fixture)
+    slurm_fixture,  # noqa: F401  (the fixture "slurm")
+)
+from conftest_slurm import wait_queue_empty as _wait_empty
 
 from latflow.jobs.cli import main
 from latflow.jobs.submit import SCHEDULERS, build_resources, point_path
@@ -229,24 +233,6 @@ def test_bad_stages_and_scan(in_tmp, make_job, capsys):
 
 
 # -- a real Slurm ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def slurm(slurm_cluster, monkeypatch, in_tmp):  # noqa: F811
-    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
-    assert slurm_cluster.queue() == []
-    yield slurm_cluster
-    leftover = slurm_cluster.queue()
-    if leftover:
-        slurm_cluster.run("scancel", *leftover)
-        _wait_empty(slurm_cluster, 30)
-
-
-def _wait_empty(cluster, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while cluster.queue():
-        assert time.monotonic() < end, f"jobs still queued after {timeout} s: {cluster.run('squeue').stdout}"
-        time.sleep(0.5)
 
 
 def _record(path: str = "hmc.jobs.json") -> dict:

@@ -9,12 +9,15 @@ import json
 import re
 import signal
 import sys
-import time
 from pathlib import Path
 
 import h5py
 import pytest
-from conftest_slurm import slurm_cluster  # noqa: F401  (the session fixture)
+from conftest import wait_for as _wait_for
+from conftest_slurm import (
+    slurm_cluster,  # noqa: F401  (the session fixture)
+    slurm_fixture,  # noqa: F401  (the fixture "slurm")
+)
 
 from latflow import checkpoint
 from latflow.jobs import termination
@@ -22,17 +25,6 @@ from latflow.jobs.cli import EXIT_TERMINATED, main, make_parser
 from latflow.mpi import launched_by_mpi
 
 LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "HYDRA_", "SLURM_")
-
-
-def _wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- launcher detection ----------------------------------------------------------------------------------------
@@ -149,18 +141,6 @@ def test_training_stopped_by_sigterm_checkpoints_the_step_reached(latflow_cli, m
 
 VENV_BIN = str(Path(sys.executable).parent)
 SETUP = f"export PATH={VENV_BIN}:$PATH"
-
-
-@pytest.fixture
-def slurm(slurm_cluster, monkeypatch, tmp_path):  # noqa: F811
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
-    assert slurm_cluster.queue() == []
-    yield slurm_cluster
-    leftover = slurm_cluster.queue()
-    if leftover:
-        slurm_cluster.run("scancel", *leftover)
-        _wait_for(lambda: not slurm_cluster.queue(), 30, "the queue to empty", 0.5)
 
 
 def _n_committed(path: Path) -> int:

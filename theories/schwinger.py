@@ -44,7 +44,6 @@ Derived: ``topological_susceptibility = <Q^2> / V``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +57,7 @@ from latflow.fermions.solvers import cg
 from latflow.fermions.wilson import WilsonDirac, u1_links
 from latflow.gauge import u1_plaquette_angles, wrap_angle
 from latflow.lattice import Lattice
+from latflow.rng import configuration_z2_noise
 
 from .base import Derived, TheorySpec
 from .u1 import U1GaugeAction, U1Params
@@ -356,16 +356,7 @@ class SchwingerModel:
         ``b * n_noise ... (b + 1) * n_noise - 1`` from a CPU generator seeded with a BLAKE2b hash of
         its float64 link angles, so the noise is a fixed function of the configuration.
         """
-        shape = (int(n_noise), *self.dirac.field_shape)
-        host = theta.detach().to("cpu", torch.float64).contiguous().numpy()
-        etas = []
-        for x in host:
-            seed = int.from_bytes(hashlib.blake2b(x.tobytes(), digest_size=8).digest(), "little") >> 1
-            g = torch.Generator().manual_seed(seed)
-            etas.append(torch.randint(0, 2, shape, generator=g, dtype=torch.int8))
-        cdtype = torch.complex128 if theta.dtype == torch.float64 else torch.complex64
-        eta = torch.cat(etas) if etas else torch.zeros((0, *shape[1:]), dtype=torch.int8)
-        return (2 * eta.to(cdtype) - 1).to(theta.device)
+        return configuration_z2_noise(theta, n_noise, self.dirac.field_shape)
 
     def _condensate_from_noise(self, theta: torch.Tensor, eta: torch.Tensor, tol: float, max_iter: int) -> torch.Tensor:
         """``(1/(n V)) sum_k Re(eta_k^dag D^{-1} eta_k)`` ``[B]`` for noise ``eta`` ``[B * n, *L, 2]``."""

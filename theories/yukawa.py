@@ -48,19 +48,18 @@ Correlators (``[B, L0]``, not stored per configuration; for analysis and benchma
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from latflow.fermions.solvers import cg
 from latflow.fermions.staggered import StaggeredDirac, StaggeredPseudofermions, free_logdet_normal
 from latflow.lattice import Lattice, shift
+from latflow.rng import configuration_z2_noise
 
 from .base import Derived, TheorySpec
-from .phi4 import Phi4Params, Phi4Theory, free_log_z, free_propagator
+from .phi4 import Phi4Params, Phi4Theory, free_log_z
 from .phi4 import observable_descriptions as phi4_descriptions
 
 __all__ = [
@@ -247,14 +246,7 @@ class YukawaTheory:
 
     def configuration_noise(self, phi: torch.Tensor, n_noise: int) -> torch.Tensor:
         """Z2 noise ``[B * n_noise, *L]`` seeded by each configuration's bytes (same configuration, same noise)."""
-        out = []
-        for x in phi.detach().cpu().numpy():
-            seed = int.from_bytes(hashlib.blake2b(x.tobytes(), digest_size=8).digest(), "little") >> 1
-            g = torch.Generator().manual_seed(seed)
-            out.append(torch.randint(0, 2, (n_noise, *self.field_shape), generator=g, dtype=torch.int8))
-        eta = torch.cat(out) if out else torch.zeros((0, *self.field_shape), dtype=torch.int8)
-        cdtype = torch.complex128 if phi.dtype == torch.float64 else torch.complex64
-        return (2 * eta.to(cdtype) - 1).to(phi.device)
+        return configuration_z2_noise(phi, n_noise, self.field_shape)
 
     def condensate_stochastic(
         self, phi: torch.Tensor, eta: torch.Tensor, *, tol: float = NOISE_CG_TOL, max_iter: int = 10_000
@@ -390,11 +382,6 @@ class YukawaTheory:
         rhs = self.dirac.apply_dagger(phi, src)
         x = cg(lambda v: self.dirac.apply_normal(phi, v), rhs, tol=1e-12, max_iter=10_000).x
         return (x.conj() * x).real.reshape(b, self.field_shape[0], -1).sum(-1).to(phi.dtype)
-
-    # --- reference values of the free theory -------------------------------------------------
-    def free_scalar_propagator(self) -> np.ndarray:
-        """``G(k)`` of the free scalar (``lam = 0``, ``g = 0``)."""
-        return free_propagator(self.lattice.shape, float(self.params.m2))
 
 
 def build(params: YukawaParams, lattice: Lattice) -> YukawaTheory:

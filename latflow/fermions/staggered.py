@@ -159,10 +159,6 @@ class StaggeredDirac:
     def has_links(self) -> bool:
         return self.n_colors is not None
 
-    @property
-    def has_scalar(self) -> bool:
-        return self.yukawa != 0.0 or not self.has_links
-
     def split(self, x: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(links or None, sigma or None)`` of a background ``x`` (see the class notes)."""
         if self.has_links and self.yukawa != 0.0:
@@ -264,11 +260,9 @@ class StaggeredDirac:
             shape = tuple(self.lattice.shape)
             v = self.lattice.volume
             eye = torch.eye(v, dtype=torch.float64).reshape(v, *shape)
-            saved, self.n_colors = self.n_colors, None
-            try:
-                cols = self.hop(torch.zeros(v, *shape, dtype=torch.float64), eye)
-            finally:
-                self.n_colors = saved
+            if self.has_links:
+                raise ValueError("free_dense is the operator without links; this one has links (use dense)")
+            cols = self.hop(torch.zeros(v, *shape, dtype=torch.float64), eye)
             self._dense_cache[key] = cols.reshape(v, v).T.contiguous().to(dtype=dtype, device=key[1])
         return self._dense_cache[key]
 
