@@ -207,13 +207,13 @@ def _load(args: argparse.Namespace) -> JobConfig:
     return load_job(args.job, args.overrides, out=args.out, device=args.device)
 
 
-def _comm(threads: int):
-    """The communicator; sets torch's threads (``run.threads``, 0: torch default or cores per rank)."""
+def _comm(threads: int, backend: str = "mpi"):
+    """The communicator (``run.comm``); sets torch's threads (``run.threads``, 0: torch default or cores per rank)."""
     import torch
 
     from latflow.mpi import get_comm
 
-    comm = get_comm()
+    comm = get_comm(backend)
     if threads:
         torch.set_num_threads(threads)
     elif comm.size > 1:
@@ -226,7 +226,7 @@ def _run_job(args: argparse.Namespace) -> int:
     from .progress import setup_logging
 
     job = _load(args)
-    comm = _comm(job.run.threads)
+    comm = _comm(job.run.threads, job.run.comm)
     setup_logging(comm.rank)
     problem: Exception | None = None
     try:

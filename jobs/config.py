@@ -148,12 +148,16 @@ class RunConfig:
     ``threads``: torch intra-op threads per process. Small lattices run fastest on one
     thread (2 threads on a 2-core machine made a 6x6 training step 10x slower under load);
     0 means torch's default, or the cores divided among the MPI ranks.
+
+    ``comm``: how MPI ranks average training gradients: ``"mpi"`` (mpi4py, through a host buffer) or
+    ``"torch"`` (``torch.distributed``: NCCL on CUDA tensors, gloo on CPU tensors, no host round trip).
     """
 
     seed: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float64", "float32"] = "float64"
     threads: int = 1
+    comm: Literal["mpi", "torch"] = "mpi"
 
 
 @dataclass(frozen=True)

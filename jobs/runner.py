@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ from latflow.flows.gauge_layers import make_u1_equivariant_flow
 from latflow.flows.sun_layers import make_sun_spectral_flow
 from latflow.lattice import Lattice
 from latflow.manifolds import SUN, U1Angles
-from latflow.mpi import SerialComm
+from latflow.mpi import SerialComm, check_distinct_gpus, gpu_for_rank
+from latflow.mpi_blocks import BlockPipe
 from latflow.plaquette_prior import U1PlaquettePrior
 from latflow.rng import make_generator, stream_seed
 from latflow.samplers import HMC, FlowMCMC, PseudofermionFlowMCMC, PseudofermionHMC, state_from_bytes, state_to_bytes
@@ -79,12 +81,26 @@ def torch_dtype(job: JobConfig) -> torch.dtype:
 
 
 def rank_device(job: JobConfig, comm: SerialComm) -> torch.device:
-    """``cpu``, or this rank's GPU (``cuda:rank mod n_gpus``); ``JobError`` if CUDA is absent."""
+    """``cpu``, or this rank's GPU: one rank per GPU, ``cuda:<local rank>`` (``cuda:0`` when each rank sees one).
+
+    Collective under MPI (the ranks of a node compare their GPUs). ``JobError`` (one line) if CUDA is absent,
+    if a node has fewer visible GPUs than ranks, or if two ranks of a node would share one GPU.
+    """
     if job.run.device == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise JobError(f"{job.source}: 'run.device' = 'cuda' but no CUDA device is available; use 'cpu'")
-    return torch.device("cuda", comm.rank % torch.cuda.device_count())
+    where = f"{job.source}: 'run.device' = 'cuda' on rank {comm.rank}"
+    try:
+        index = gpu_for_rank(
+            comm.local_rank, comm.local_size, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
+        uuids = comm.node_allgather(str(torch.cuda.get_device_properties(index).uuid))
+        check_distinct_gpus(uuids)
+    except ValueError as exc:
+        raise JobError(f"{where}: {exc}") from None
+    torch.cuda.set_device(index)  # NCCL (run.comm = 'torch') and default CUDA allocations use this rank's GPU
+    return torch.device("cuda", index)
 
 
 def build_theory(job: JobConfig) -> Any:
@@ -920,6 +936,39 @@ def _open_writer(
     return EnsembleWriter.create(path, meta, force=force, dataset_attrs=dataset_attrs(theory)), None
 
 
+def _commit_block(
+    writer: EnsembleWriter, gathered: list[tuple[dict[str, np.ndarray], Any]], recorded: int, n_acc: int, n_rows: int
+) -> tuple[int, int]:
+    """Rank 0: commit one block of every rank (rank after rank) with all ranks' sampler states.
+
+    Parameters
+    ----------
+    writer
+        The ensemble's writer.
+    gathered
+        ``(rows, state)`` of ranks ``0 .. R-1``; ``rows`` maps dataset names to arrays with the rank's
+        ``n_r`` rows of this block (``fields/row``, if present, block-relative), ``state`` is the rank's
+        sampler state after the block.
+    recorded
+        Steps per chain recorded once this block is committed.
+    n_acc, n_rows
+        Accepted steps and rows committed so far this run.
+
+    Returns
+    -------
+    tuple of int
+        ``n_acc`` and ``n_rows`` with this block's rows counted.
+    """
+    keys = gathered[0][0].keys()
+    merged = {key: np.concatenate([g[0][key] for g in gathered]) for key in keys}
+    if FIELD_INDEX in merged:  # block-relative rows of each rank -> rows of the file
+        offsets = writer.n_committed + np.cumsum([0] + [len(g[0]["markov/chain"]) for g in gathered])
+        merged[FIELD_INDEX] = np.concatenate([g[0][FIELD_INDEX] + o for g, o in zip(gathered, offsets)])
+    writer.append(merged, state_to_bytes({"ranks": [g[1] for g in gathered], "recorded": recorded}))
+    accepted = merged["markov/accepted"]
+    return n_acc + int(accepted.sum()), n_rows + len(accepted)
+
+
 def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Path:
     """Sample the job's ensemble (rank 0 writes; every rank runs its own chain(s))."""
     device = rank_device(job, comm)
@@ -973,6 +1022,8 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
     save_every = job.output.save_every
     bar = Progress(s.n_samples, "sample", every=s.log_every, enabled=comm.is_root, initial=recorded)
     n_acc = n_rows = 0
+    # every rank hands its blocks to rank 0 without waiting for rank 0's commits (latflow.mpi_blocks)
+    pipe = BlockPipe(comm)
     try:
         while recorded < s.n_samples:
             k = min(s.commit_every, s.n_samples - recorded)
@@ -983,17 +1034,12 @@ def sample(job: JobConfig, *, resume: bool, force: bool, comm: SerialComm) -> Pa
             if save_every > 1:
                 rows = thin_fields(rows, recorded, k, save_every)
             recorded += k
-            gathered = comm.gather((rows, sampler.state_dict()))
+            gathered = pipe.put((rows, sampler.state_dict()))
             if comm.is_root:
                 assert gathered is not None and writer is not None
-                merged = {key: np.concatenate([g[0][key] for g in gathered]) for key in rows}
-                if FIELD_INDEX in merged:  # block-relative rows of each rank -> rows of the file
-                    offsets = writer.n_committed + np.cumsum([0] + [len(g[0]["markov/chain"]) for g in gathered])
-                    merged[FIELD_INDEX] = np.concatenate([g[0][FIELD_INDEX] + o for g, o in zip(gathered, offsets)])
-                writer.append(merged, state_to_bytes({"ranks": [g[1] for g in gathered], "recorded": recorded}))
-                n_acc += int(merged["markov/accepted"].sum())
-                n_rows += len(merged["markov/accepted"])
+                n_acc, n_rows = _commit_block(writer, gathered, recorded, n_acc, n_rows)
                 bar.update(k, acc=n_acc / max(n_rows, 1))
+        pipe.close()  # not on an error: the command line's handler ends every rank
     finally:
         bar.close()
         if writer is not None:
