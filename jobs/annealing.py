@@ -23,7 +23,7 @@ from latflow.ensemble import EnsembleError, EnsembleWriter
 from latflow.flows import model_sha256
 from latflow.lattice import Lattice
 from latflow.mpi import SerialComm
-from latflow.rng import make_generator
+from latflow.rng import make_generator, stream_seed
 from latflow.samplers import state_from_bytes, state_to_bytes
 from latflow.samplers.annealing import (
     AIS,
@@ -33,6 +33,7 @@ from latflow.samplers.annealing import (
     GeometricPath,
     HMCKernel,
     RandomWalkMetropolis,
+    SpreadPopulation,
     StepSize,
     fixed_schedule,
 )
@@ -49,12 +50,16 @@ from latflow.samplers.annealing.transport import (
 )
 from latflow.theories import get_spec
 
-from . import runner  # runner imports this module too: its names are looked up at call time
+from . import runner, termination  # runner imports this module too: its names are looked up at call time
 from .annealing_kinds import AFTSettings, AISSettings, AnnealingSettings, CRAFTSettings, PIMHSettings, SNFSettings
 from .config import JobConfig, JobError, field_manifold
 from .progress import Progress
+from .termination import Terminated
 
 log = logging.getLogger("latflow")
+
+#: sub-stream of the resampling draws that every rank of a spread population shares (beside runner.STREAM_*)
+STREAM_SHARED = 101
 
 
 # --- the path ------------------------------------------------------------------------------
@@ -289,8 +294,12 @@ def save_trained(
     generator: torch.Generator,
     history: dict[str, list],
     complete: bool,
+    generators: dict[str, Any] | None = None,
 ) -> None:
-    """Atomic checkpoint of trained annealing flows (CRAFT, SNF) at ``output.model``, read by :func:`load_trained`."""
+    """Atomic checkpoint of trained annealing flows (CRAFT, SNF) at ``output.model``, read by :func:`load_trained`.
+
+    ``generators``: the random state of every rank of a data-parallel run (:func:`_rank_generators`).
+    """
     state = {
         "model": flows.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -301,40 +310,93 @@ def save_trained(
         "signature": runner._model_signature(job),
         "job": job.record,
         "theory": job.theory.name,
+        **(generators or {}),
     }
     checkpoint.save_atomic(state, job.output.model_path)
 
 
-def train_craft(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch.device, theory: Any) -> Path:
-    """``n_iterations`` CRAFT iterations (rank 0; the other ranks wait), checkpointed to ``output.model``.
+def _stop_requested(comm: SerialComm) -> int | None:
+    """The stop signal (SIGTERM/SIGUSR1) received by any rank, agreed on by all of them; None if none."""
+    signum = termination.pending()
+    if comm.size > 1:
+        stop = comm.allreduce_sum(signum is not None) > 0
+        signum = (signum or termination.SIGNALS[0]) if stop else None
+    return signum
 
-    The checkpoint holds the flows (``model``), the optimiser, the iteration (``step``), the generator state and
-    the history of per-iteration ``log Z`` estimates and ESS; ``--resume`` continues it bit for bit.
+
+def _rank_generators(comm: SerialComm, gen: torch.Generator, shared: torch.Generator | None) -> dict[str, Any]:
+    """The random state of a data-parallel training run for its checkpoint (collective; complete on rank 0)."""
+    states = comm.gather(gen.get_state())
+    out: dict[str, Any] = {"generator": gen.get_state()}
+    if comm.size > 1:
+        out["generators"] = states
+        out["shared_generator"] = shared.get_state() if shared is not None else None
+    return out
+
+
+def _restore_generators(
+    path: Path, state: dict[str, Any], comm: SerialComm, gen: torch.Generator, shared: torch.Generator | None
+) -> None:
+    """Put back the random state written by :func:`_rank_generators`; ``JobError`` on another number of ranks."""
+    ranks = len(state.get("generators") or [None])
+    if ranks != comm.size:
+        raise JobError(f"{path}: trained on {ranks} rank(s); resume the training with the same number of ranks")
+    gen.set_state(state["generators"][comm.rank] if comm.size > 1 else state["generator"])
+    if shared is not None and state.get("shared_generator") is not None:
+        shared.set_state(state["shared_generator"])
+
+
+def train_craft(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch.device, theory: Any) -> Path:
+    """``n_iterations`` CRAFT iterations, checkpointed to ``output.model``.
+
+    Under MPI the training is data-parallel: each iteration's ``train_particles`` particles are spread over the
+    ranks (:class:`~latflow.samplers.annealing.population.SpreadPopulation`: global weights, ESS, resampling
+    and ``log Z``; the flows' gradients summed over ranks), so every rank holds the same flows, and R ranks run
+    the serial algorithm on the same number of particles R times faster (up to communication).
+
+    The checkpoint holds the flows (``model``), the optimiser, the iteration (``step``), every rank's generator
+    state and the history of per-iteration ``log Z`` estimates and ESS; ``--resume`` continues it bit for bit
+    (with the same number of ranks). A stop signal (SIGTERM, SIGUSR1) ends the run after the iteration in
+    progress, with a checkpoint of that iteration.
     """
     s = job.sampler
     assert isinstance(s, CRAFTSettings)
     path = job.output.model_path
-    if comm.is_root:
-        craft = build_craft(job, theory, device)
-        gen = make_generator(job.run.seed, runner.STREAM_TRAIN, 0, device=device)
-        history: dict[str, list] = {"log_z": [], "ess": [], "loss": []}
-        if resume and path.exists():
-            state = load_trained(job, craft.flows, craft.optimizer, device)
-            craft.iteration = int(state.get("step", 0))
-            gen.set_state(state["generator"])
-            history = {k: list(v) for k, v in state.get("history", history).items()}
+    n = s.train_particles or s.n_particles
+    population = None
+    if comm.size > 1:
+        if n < comm.size:
+            raise JobError(
+                f"{job.source}: 'sampler.train_particles' = {n}: CRAFT training spreads its particles over the "
+                f"{comm.size} ranks and needs at least one per rank"
+            )
+        population = SpreadPopulation(comm, n, stream_seed(job.run.seed, runner.STREAM_TRAIN, STREAM_SHARED))
+    shared = population.shared_generator if population is not None else None
+    craft = build_craft(job, theory, device)
+    gen = make_generator(job.run.seed, runner.STREAM_TRAIN, comm.rank, device=device)
+    history: dict[str, list] = {"log_z": [], "ess": [], "loss": []}
+    if resume and path.exists():
+        state = load_trained(job, craft.flows, craft.optimizer, device)
+        craft.iteration = int(state.get("step", 0))
+        _restore_generators(path, state, comm, gen, shared)
+        history = {k: list(v) for k, v in state.get("history", history).items()}
+        if comm.is_root:
             log.info("resuming CRAFT training from %s at iteration %d", path, craft.iteration)
-        n = s.train_particles or s.n_particles
-        every = max(1, min(50, s.n_iterations // 10 or 1))
-        volume = float(getattr(theory, "field_log_volume", lambda: 0.0)())
-        bar = Progress(s.n_iterations, "craft", every=every, initial=craft.iteration)
+    comm.barrier()  # every rank has read the checkpoint before rank 0 replaces it
+    every = max(1, min(50, s.n_iterations // 10 or 1))
+    volume = float(getattr(theory, "field_log_volume", lambda: 0.0)())
+    bar = Progress(s.n_iterations, "craft", every=every, enabled=comm.is_root, initial=craft.iteration)
 
-        def save(complete: bool) -> None:
-            save_trained(job, craft.flows, craft.optimizer, craft.iteration, gen, history, complete)
+    def save(complete: bool) -> None:
+        generators = _rank_generators(comm, gen, shared)
+        if comm.is_root:
+            save_trained(job, craft.flows, craft.optimizer, craft.iteration, gen, history, complete, generators)
+        comm.barrier()  # no rank goes on (or ends the job) before the checkpoint is complete
 
-        try:
+    try:
+        with termination.deferred():
             while craft.iteration < s.n_iterations:
-                r = craft.train_iteration(n, gen)
+                r = craft.train_iteration(n, gen, population=population)
                 lz = float(r.log_z[0]) - volume
                 history["log_z"].append(lz)
                 history["ess"].append(float(r.final_ess()[0]))
@@ -342,17 +404,25 @@ def train_craft(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch
                 bar.update(1, log_z=lz, loss=history["loss"][-1])
                 if not all(math.isfinite(v) for v in r.extra["loss"]):
                     raise JobError(f"{path}: CRAFT training diverged at iteration {craft.iteration} (non-finite loss)")
+                signum = _stop_requested(comm)
+                if signum is not None:
+                    save(False)
+                    if comm.is_root:
+                        log.info("stopped by %s: checkpoint %s written at iteration %d",
+                                 termination.signal_name(signum), path, craft.iteration)  # fmt: skip
+                    comm.barrier()  # the line above is written before any rank ends the job
+                    raise Terminated(signum)
                 if craft.iteration % max(1, job.train.checkpoint_every) == 0:
                     save(False)
-        finally:
-            bar.close()
-        save(True)
-        k = min(len(history["log_z"]), 20)
-        if k:
-            log.info(
-                "CRAFT: %d iterations; last %d: log Z %.4f (mean), ESS %.3f (mean)",
-                craft.iteration, k, float(np.mean(history["log_z"][-k:])), float(np.mean(history["ess"][-k:])),
-            )  # fmt: skip
+    finally:
+        bar.close()
+    save(True)
+    k = min(len(history["log_z"]), 20)
+    if k and comm.is_root:
+        log.info(
+            "CRAFT: %d iterations on %d rank(s); last %d: log Z %.4f (mean), ESS %.3f (mean)", craft.iteration,
+            comm.size, k, float(np.mean(history["log_z"][-k:])), float(np.mean(history["ess"][-k:])),
+        )  # fmt: skip
     comm.barrier()
     return path
 
@@ -380,41 +450,72 @@ def build_snf(job: JobConfig, theory: Any, device: torch.device) -> SNF:
 
 
 def train_snf(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch.device, theory: Any) -> Path:
-    """Train an SNF by its path-space reverse KL (``[train]``: steps, batch_size, lr), rank 0, checkpointed."""
+    """Train an SNF by its path-space reverse KL (``[train]``: steps, batch_size, lr), checkpointed.
+
+    Under MPI the training is data-parallel like the flows' (:class:`latflow.training.ReverseKLTrainer`): every
+    rank draws ``batch_size`` paths from its own stream and the gradients are averaged over ranks. ``--resume``
+    continues bit for bit (same number of ranks); a stop signal ends the run after the step in progress, with a
+    checkpoint of that step.
+    """
     t = job.train
     path = job.output.model_path
-    if comm.is_root:
-        snf = build_snf(job, theory, device)
-        opt = torch.optim.Adam(snf.parameters(), lr=t.lr)
-        gen = make_generator(job.run.seed, runner.STREAM_TRAIN, 0, device=device)
-        step, history = 0, {"loss": []}
-        if resume and path.exists():
-            state = load_trained(job, snf.flows, opt, device)
-            step, history = int(state.get("step", 0)), {k: list(v) for k, v in state.get("history", history).items()}
-            gen.set_state(state["generator"])
-        bar = Progress(t.steps, "snf", every=t.log_every, initial=step)
+    snf = build_snf(job, theory, device)
+    params = list(snf.parameters())
+    comm.bcast_parameters_(params)
+    opt = torch.optim.Adam(params, lr=t.lr)
+    gen = make_generator(job.run.seed, runner.STREAM_TRAIN, comm.rank, device=device)
+    step, history = 0, {"loss": []}
+    if resume and path.exists():
+        state = load_trained(job, snf.flows, opt, device)
+        step, history = int(state.get("step", 0)), {k: list(v) for k, v in state.get("history", history).items()}
+        _restore_generators(path, state, comm, gen, None)
+    comm.barrier()  # every rank has read the checkpoint before rank 0 replaces it
+    bar = Progress(t.steps, "snf", every=t.log_every, enabled=comm.is_root, initial=step)
 
-        def save(complete: bool) -> None:
-            save_trained(job, snf.flows, opt, step, gen, history, complete)
+    def save(complete: bool) -> None:
+        generators = _rank_generators(comm, gen, None)
+        if comm.is_root:
+            save_trained(job, snf.flows, opt, step, gen, history, complete, generators)
+        comm.barrier()  # no rank goes on (or ends the job) before the checkpoint is complete
 
-        try:
+    try:
+        with termination.deferred():
             while step < t.steps:
                 opt.zero_grad(set_to_none=True)
                 loss = snf.loss(t.batch_size, gen)
-                if not torch.isfinite(loss):
+                if comm.size > 1:
+                    loss.backward()
+                    for q in params:
+                        if q.grad is None:  # the same buffer layout on every rank
+                            q.grad = torch.zeros_like(q)
+                    mean = loss.detach().reshape(1).clone()
+                    comm.allreduce_mean_([mean, *(q.grad for q in params)])
+                    loss_value = float(mean)
+                else:
+                    loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
                     raise JobError(f"{path}: SNF training diverged at step {step} (non-finite loss)")
-                loss.backward()
+                if comm.size == 1:
+                    loss.backward()
                 if t.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(snf.parameters(), t.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
                 opt.step()
                 step += 1
-                history["loss"].append(float(loss.detach()))
-                bar.update(1, loss=history["loss"][-1])
+                history["loss"].append(loss_value)
+                bar.update(1, loss=loss_value)
+                signum = _stop_requested(comm)
+                if signum is not None:
+                    save(False)
+                    if comm.is_root:
+                        log.info("stopped by %s: checkpoint %s written at step %d",
+                                 termination.signal_name(signum), path, step)  # fmt: skip
+                    comm.barrier()  # the line above is written before any rank ends the job
+                    raise Terminated(signum)
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
                     save(False)
-        finally:
-            bar.close()
-        save(True)
+    finally:
+        bar.close()
+    save(True)
     comm.barrier()
     return path
 
@@ -423,7 +524,11 @@ def train_snf(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch.d
 
 
 def run_rows(theory: Any, result: AnnealResult, first_run: int, measure: Callable) -> tuple[dict, dict]:
-    """Ensemble rows and per-run entries of the populations of ``result`` (run ids from ``first_run``)."""
+    """Ensemble rows and per-run entries of the populations of ``result`` (run ids from ``first_run``).
+
+    Spread over ranks, the rows are this rank's particles (``markov/step`` their index in the run) and the
+    per-run entries are global (the same on every rank).
+    """
     p, n = result.n_populations, result.n_particles
     chain = np.repeat(np.arange(first_run, first_run + p, dtype=np.int64), n)
     volume = float(getattr(theory, "field_log_volume", lambda: 0.0)())
@@ -431,7 +536,7 @@ def run_rows(theory: Any, result: AnnealResult, first_run: int, measure: Callabl
     rows = {
         f"fields/{theory.field_name}": x.cpu().numpy(),
         "markov/chain": chain,
-        "markov/step": np.tile(np.arange(n, dtype=np.int64), p),
+        "markov/step": np.tile(np.arange(result.first_particle, result.first_particle + n, dtype=np.int64), p),
         "markov/accepted": np.ones(p * n, dtype=bool),
         "weights/log_p": result.log_p.detach().double().cpu().numpy(),
         "weights/log_q": np.zeros(p * n),
@@ -441,7 +546,7 @@ def run_rows(theory: Any, result: AnnealResult, first_run: int, measure: Callabl
     runs = {
         "annealing/log_z": result.log_z.detach().double().cpu().numpy() - volume,
         "annealing/ess": result.final_ess().double().cpu().numpy(),
-        "annealing/n_particles": np.full(p, n, dtype=np.int64),
+        "annealing/n_particles": np.full(p, result.n_total, dtype=np.int64),
         "annealing/chain": np.arange(first_run, first_run + p, dtype=np.int64),
         "annealing/n_resample": result.n_resampled().cpu().numpy().astype(np.int64),
         # the final weights are uniform after a last resampling: the ESS met along the way says more
@@ -449,6 +554,13 @@ def run_rows(theory: Any, result: AnnealResult, first_run: int, measure: Callabl
         "annealing/n_transitions": np.full(p, len(result.ts) - 1, dtype=np.int64),
     }
     return rows, runs
+
+
+def _join_particle_slices(parts: list[np.ndarray], p: int) -> np.ndarray:
+    """Rows of ``p`` runs ``[p * N, ...]`` (run-major) from each rank's slice ``[p * n_r, ...]``, in rank order."""
+    shaped = [x.reshape(p, -1, *x.shape[1:]) for x in parts]
+    joined = np.concatenate(shaped, axis=1)
+    return joined.reshape(-1, *joined.shape[2:])
 
 
 def sample_weighted(
@@ -462,13 +574,27 @@ def sample_weighted(
 ) -> Path:
     """Write ``n_samples`` independent runs of a weighted kind, ``commit_every`` runs per pass and commit.
 
-    Each rank runs its own passes (its own random stream); rank 0 gathers and writes. ``--resume``
-    continues after the last committed pass with the generator state stored with it.
+    ``sampler.parallel = "runs"``: each rank runs its own passes (its own random stream); rank 0 gathers and
+    writes. ``"particles"``: every rank holds its share of every run's particles
+    (:class:`~latflow.samplers.annealing.population.SpreadPopulation`), all ranks run the same passes, and rank 0
+    gathers the shares in particle order. ``--resume`` continues after the last committed pass with the
+    generator states stored with it.
     """
     s = job.sampler
     annealer = build_annealer(job, theory, device)
     sha = flows_sha(annealer)
     gen = make_generator(job.run.seed, runner.STREAM_SAMPLE, comm.rank, device=device)
+    population = None
+    if getattr(s, "parallel", "runs") == "particles" and comm.size > 1:
+        if s.n_particles < comm.size:
+            raise JobError(
+                f"{job.source}: 'sampler.n_particles' = {s.n_particles}: parallel = 'particles' needs at least one "
+                f"particle per rank ({comm.size} ranks)"
+            )
+        population = SpreadPopulation(
+            comm, s.n_particles, stream_seed(job.run.seed, runner.STREAM_SAMPLE, STREAM_SHARED)
+        )
+    runs_per_pass = 1 if population is not None else comm.size  # runs one pass of every rank adds
     writer, blob, error = None, None, ""
     if comm.is_root:
         try:
@@ -486,23 +612,36 @@ def sample_weighted(
                 f"{job.output.path}: written by {len(state['ranks'])} rank(s); resume it with the same number"
             )
         gen.set_state(state["ranks"][comm.rank]["generator"])
+        if population is not None:
+            population.shared_generator.set_state(state["ranks"][comm.rank]["shared_generator"])
         done = int(state["recorded"])
     bar = Progress(s.n_samples, s.kind, every=1, enabled=comm.is_root, initial=done)
     try:
         while done < s.n_samples:
-            p = max(1, min(s.commit_every, math.ceil((s.n_samples - done) / comm.size)))
-            result = annealer.run(s.n_particles, gen, n_populations=p)
-            first = done + comm.rank * p
+            p = max(1, min(s.commit_every, math.ceil((s.n_samples - done) / runs_per_pass)))
+            if population is None:
+                result = annealer.run(s.n_particles, gen, n_populations=p)
+                first = done + comm.rank * p
+            else:
+                result = annealer.run(s.n_particles, gen, n_populations=p, population=population)
+                first = done
             rows, runs = run_rows(theory, result, first, measure)
-            gathered = comm.gather((rows, runs, {"generator": gen.get_state()}))
-            done += p * comm.size
+            rank_state = {"generator": gen.get_state()}
+            if population is not None:
+                rank_state["shared_generator"] = population.shared_generator.get_state()
+            gathered = comm.gather((rows, runs, rank_state))
+            done += p * runs_per_pass
             if comm.is_root:
                 assert gathered is not None and writer is not None
-                merged = {k: np.concatenate([g[0][k] for g in gathered]) for k in rows}
-                merged_runs = {k: np.concatenate([g[1][k] for g in gathered]) for k in runs}
+                if population is None:
+                    merged = {k: np.concatenate([g[0][k] for g in gathered]) for k in rows}
+                    merged_runs = {k: np.concatenate([g[1][k] for g in gathered]) for k in runs}
+                else:  # every rank holds a slice of each run: put the runs' particles back in order
+                    merged = {k: _join_particle_slices([g[0][k] for g in gathered], p) for k in rows}
+                    merged_runs = runs  # global per-run values, the same on every rank
                 blob = state_to_bytes({"ranks": [g[2] for g in gathered], "recorded": done})
                 writer.append(merged, blob, runs=merged_runs)
-                bar.update(p * comm.size, log_z=float(np.mean(merged_runs["annealing/log_z"])),
+                bar.update(p * runs_per_pass, log_z=float(np.mean(merged_runs["annealing/log_z"])),
                            ess=float(np.mean(merged_runs["annealing/ess"])))  # fmt: skip
     finally:
         bar.close()

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 UNIT_OPEN: Rule = (lambda v: 0 < v < 1, "a number in (0, 1)")
 SCHEDULE_FIXED: Rule = (lambda v: v == "power", "'power' (flows belong to fixed transitions)")
+RUNS_ONLY: Rule = (lambda v: v == "runs", "'runs' (spreading particles over ranks is for smc, ais and craft)")
 
 
 @dataclass(frozen=True)
@@ -105,12 +106,29 @@ class ResamplingSettings:
 
 
 @dataclass(frozen=True)
-class AISSettings(AnnealingSettings):
+class ParallelSettings:
+    """How the runs of a weighted kind use several MPI ranks (a mixin).
+
+    Attributes
+    ----------
+    parallel
+        ``"runs"``: every rank anneals its own independent runs (no communication; the default, and the best use
+        of many ranks when one run fits one process). ``"particles"``: every run's ``n_particles`` are spread over
+        all ranks, with global weights, ESS, resampling and ``log Z`` (for populations too large for one process,
+        or to finish a run sooner); it needs ``n_particles`` >= the number of ranks. ``smc``, ``ais`` and
+        ``craft`` only (CRAFT *training* always spreads its particles over the ranks).
+    """
+
+    parallel: Literal["runs", "particles"] = "runs"
+
+
+@dataclass(frozen=True)
+class AISSettings(ParallelSettings, AnnealingSettings):
     """Annealed importance sampling (``kind = "ais"``): the annealing keys, no resampling."""
 
 
 @dataclass(frozen=True)
-class SMCSettings(ResamplingSettings, AnnealingSettings):
+class SMCSettings(ParallelSettings, ResamplingSettings, AnnealingSettings):
     """Annealed SMC (``kind = "smc"``): the annealing and resampling keys."""
 
 
@@ -242,6 +260,8 @@ def _attribute(job: JobConfig) -> dict[str, Any]:
     common = {f.name for f in dataclasses.fields(SamplerSettings)}
     out = {k: v for k, v in dataclasses.asdict(s).items() if k not in common}
     out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+    if out.get("parallel") == "runs":  # the default, absent from the records of ensembles written before the key
+        del out["parallel"]
     flows = isinstance(s, (AFTSettings, CRAFTSettings, SNFSettings))
     if flows and not (isinstance(s, PIMHSettings) and s.proposal == "smc"):
         out["model"] = dataclasses.asdict(job.model)
@@ -285,7 +305,14 @@ register_sampler_kind(
         False,
         _no_burn_in,
         _attribute,
-        {**WEIGHTED_RULES, **RESAMPLING_RULES, **FLOW_RULES, "n_opt_steps": NON_NEGATIVE, "schedule": SCHEDULE_FIXED},
+        {
+            **WEIGHTED_RULES,
+            **RESAMPLING_RULES,
+            **FLOW_RULES,
+            "n_opt_steps": NON_NEGATIVE,
+            "schedule": SCHEDULE_FIXED,
+            "parallel": RUNS_ONLY,
+        },  # fmt: skip
     )
 )
 register_sampler_kind(
@@ -303,6 +330,6 @@ register_sampler_kind(
         trains_craft,
         _pimh_burn_in,
         _attribute,
-        {**ANNEALING_RULES, **RESAMPLING_RULES, **CRAFT_RULES, "n_chains": POSITIVE},
+        {**ANNEALING_RULES, **RESAMPLING_RULES, **CRAFT_RULES, "n_chains": POSITIVE, "parallel": RUNS_ONLY},
     )
 )

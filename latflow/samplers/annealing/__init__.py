@@ -12,6 +12,7 @@ from .craft import CRAFT
 from .kernels import HMCKernel, MarkovKernel, RandomWalkMetropolis, StepSize
 from .paths import AnnealingPath, CouplingPath, GeometricPath
 from .pimh import PIMH
+from .population import LocalPopulation, SpreadPopulation
 from .resampling import RESAMPLERS, ancestor_index, multinomial, systematic
 from .schedules import AdaptiveSchedule, fixed_schedule
 from .smc import SMC, Transport
@@ -33,12 +34,14 @@ __all__ = [
     "GeometricPath",
     "HMCKernel",
     "Langevin",
+    "LocalPopulation",
     "MarkovKernel",
     "PIMH",
     "RESAMPLERS",
     "RandomWalkMetropolis",
     "SMC",
     "SNF",
+    "SpreadPopulation",
     "StepSize",
     "Transport",
     "ancestor_index",

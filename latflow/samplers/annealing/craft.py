@@ -19,6 +19,7 @@ from .core import AnnealResult
 from .flow_transitions import pooled_weights, transition_kl
 from .kernels import MarkovKernel
 from .paths import AnnealingPath
+from .population import LocalPopulation
 from .smc import SMC
 from .transport import TransportFlow
 
@@ -76,12 +77,26 @@ class CRAFT:
     def ts(self) -> list[float]:
         return list(self.smc.schedule)  # type: ignore[arg-type]
 
-    def train_iteration(self, n_particles: int, generator: torch.Generator, *, n_populations: int = 1) -> AnnealResult:
+    def train_iteration(
+        self,
+        n_particles: int,
+        generator: torch.Generator,
+        *,
+        n_populations: int = 1,
+        population: LocalPopulation | None = None,
+        x0: torch.Tensor | None = None,
+    ) -> AnnealResult:
         """One CRAFT iteration: an SMC pass that transports with the flows and trains each on its transition.
 
         Returns the pass's :class:`AnnealResult` (its ``log_z`` is a valid unbiased estimate);
         ``extra["loss"]`` holds the ``K`` transition objectives.
+
+        ``population`` spread over MPI ranks (:class:`~latflow.samplers.annealing.population.SpreadPopulation`)
+        makes the training data-parallel: each rank transports its share of the particles, the objective and its
+        gradient are summed over ranks, and every rank takes the same optimiser step, so the ranks' flows stay
+        identical. ``x0``: initial particles as for :meth:`SMC.run`.
         """
+        pop = population or LocalPopulation(n_particles)
         losses: list[float] = []
         ts = self.ts
         params = {k: [p for p in f.parameters() if p.requires_grad] for k, f in enumerate(self.flows)}
@@ -90,9 +105,16 @@ class CRAFT:
             flow = self.flows[k - 1]
             self.optimizer.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                loss, y, log_j = transition_kl(flow, self.path, x, pooled_weights(log_w), ts[k - 1], ts[k])
+                weights = pooled_weights(log_w, population)
+                loss, y, log_j = transition_kl(flow, self.path, x, weights, ts[k - 1], ts[k])
                 if params[k - 1]:
                     loss.backward()
+            if pop.size > 1:  # the objective sums over particles: sum the ranks' parts and gradients
+                for q in params[k - 1]:
+                    if q.grad is None:  # the same buffer layout on every rank
+                        q.grad = torch.zeros_like(q)
+                pop.sum_([q.grad for q in params[k - 1]])
+                loss = torch.tensor(pop.sum(float(loss.detach())), dtype=torch.float64)
             if params[k - 1] and torch.isfinite(loss):
                 if self.grad_clip:
                     nn.utils.clip_grad_norm_(params[k - 1], self.grad_clip)
@@ -100,7 +122,9 @@ class CRAFT:
             losses.append(float(loss.detach()))
             return y.detach(), log_j.detach()
 
-        result = self.smc.run(n_particles, generator, n_populations=n_populations, transport=transport)
+        result = self.smc.run(
+            n_particles, generator, n_populations=n_populations, transport=transport, population=population, x0=x0
+        )
         self.optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
         result.extra["loss"] = losses
@@ -113,13 +137,22 @@ class CRAFT:
         return [self.train_iteration(n_particles, generator, n_populations=n_populations) for _ in range(n_iterations)]
 
     @torch.no_grad()
-    def run(self, n_particles: int, generator: torch.Generator, *, n_populations: int = 1) -> AnnealResult:
+    def run(
+        self,
+        n_particles: int,
+        generator: torch.Generator,
+        *,
+        n_populations: int = 1,
+        population: LocalPopulation | None = None,
+    ) -> AnnealResult:
         """SMC with the frozen flows (no training); independent populations give independent unbiased ``Z``."""
 
         def transport(k: int, x: torch.Tensor, log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return self.flows[k - 1](x)
 
-        return self.smc.run(n_particles, generator, n_populations=n_populations, transport=transport)
+        return self.smc.run(
+            n_particles, generator, n_populations=n_populations, transport=transport, population=population
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Flows, optimiser and iteration count (the caller holds the generator)."""

@@ -6,14 +6,19 @@ import torch
 
 from .core import normalise_log_weights
 from .paths import AnnealingPath
+from .population import LocalPopulation
 from .transport import TransportFlow
 
 __all__ = ["pooled_weights", "transition_kl"]
 
 
-def pooled_weights(log_w: torch.Tensor) -> torch.Tensor:
-    """Weights ``[P * N]`` summing to one over all populations (each population's normalised weights / P)."""
-    return torch.exp(normalise_log_weights(log_w)).reshape(-1) / log_w.shape[0]
+def pooled_weights(log_w: torch.Tensor, population: LocalPopulation | None = None) -> torch.Tensor:
+    """Weights ``[P * N]`` summing to one over all populations (each population's normalised weights / P).
+
+    Spread over ranks (``population``), ``log_w`` is this rank's slice ``[P, n_local]`` and the weights
+    ``[P * n_local]`` sum to one over all ranks together.
+    """
+    return torch.exp(normalise_log_weights(log_w, population)).reshape(-1) / log_w.shape[0]
 
 
 def transition_kl(

@@ -47,6 +47,8 @@ def ancestor_index(which: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor
     return (idx + n * torch.arange(p, device=ancestors.device)[:, None]).reshape(-1)
 
 
-def resampled_log_weights(log_w: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-    """Log weights ``[P, N]`` after resampling the populations flagged in ``which``: uniform ``-log N`` there."""
-    return torch.where(which[:, None], torch.full_like(log_w, -math.log(log_w.shape[1])), log_w)
+def resampled_log_weights(log_w: torch.Tensor, which: torch.Tensor, n_total: int | None = None) -> torch.Tensor:
+    """Log weights ``[P, n]`` after resampling the populations flagged in ``which``: uniform ``-log N`` there
+    (``N = n_total``, the whole population's size when ``log_w`` is one rank's slice; default ``n``)."""
+    n = log_w.shape[1] if n_total is None else int(n_total)
+    return torch.where(which[:, None], torch.full_like(log_w, -math.log(n)), log_w)

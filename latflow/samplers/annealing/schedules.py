@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .core import conditional_ess_fraction
+from .population import LocalPopulation
 
 __all__ = ["AdaptiveSchedule", "fixed_schedule", "next_time"]
 
@@ -41,6 +42,7 @@ def next_time(
     *,
     min_step: float = 1e-6,
     tol: float = 1e-4,
+    population: LocalPopulation | None = None,
 ) -> float:
     """The next time ``t' in (t, 1]`` whose increment has conditional ESS fraction ``target_cess``.
 
@@ -57,10 +59,12 @@ def next_time(
         ``t' -> log incremental weights [P, N]`` of the step ``t -> t'``.
     target_cess
         In ``(0, 1)``.
+    population
+        Where the particles live (None: all here); spread over ranks, every rank finds the same time.
     """
 
     def cess(s: float) -> float:
-        return float(conditional_ess_fraction(log_w, increment(s)).mean())
+        return float(conditional_ess_fraction(log_w, increment(s), population).mean())
 
     if cess(1.0) >= target_cess:
         return 1.0
@@ -96,8 +100,14 @@ class AdaptiveSchedule:
         self.target_cess = float(target_cess)
         self.max_steps = int(max_steps)
 
-    def next(self, t: float, log_w: torch.Tensor, increment: Callable[[float], torch.Tensor]) -> float:
-        return next_time(t, log_w, increment, self.target_cess)
+    def next(
+        self,
+        t: float,
+        log_w: torch.Tensor,
+        increment: Callable[[float], torch.Tensor],
+        population: LocalPopulation | None = None,
+    ) -> float:
+        return next_time(t, log_w, increment, self.target_cess, population=population)
 
 
 def interpolate(knots: tuple[float, ...], values: tuple[float, ...], t: float) -> float:

@@ -22,7 +22,8 @@ import torch
 from .core import AnnealResult, ess_fraction, reweight
 from .kernels import MarkovKernel
 from .paths import AnnealingPath
-from .resampling import RESAMPLERS, ancestor_index, resampled_log_weights
+from .population import LocalPopulation
+from .resampling import RESAMPLERS, resampled_log_weights
 from .schedules import AdaptiveSchedule, fixed_schedule
 
 __all__ = ["SMC", "Transport"]
@@ -89,6 +90,7 @@ class SMC:
         n_populations: int = 1,
         transport: Transport | None = None,
         x0: torch.Tensor | None = None,
+        population: LocalPopulation | None = None,
     ) -> AnnealResult:
         """Anneal ``n_populations`` independent populations of ``n_particles`` each.
 
@@ -104,21 +106,33 @@ class SMC:
             Optional map per transition (:data:`Transport`); needs a fixed schedule.
         x0
             Initial particles ``[P * N, ...]`` instead of fresh draws (must be exact draws of ``gamma_0``).
+        population
+            Where the particles live (:mod:`~latflow.samplers.annealing.population`). Spread over MPI ranks
+            (every rank calls ``run`` with the same arguments), each rank holds ``population.n_local`` of the
+            ``N = n_particles`` particles of each population (``x0`` is then this rank's slice
+            ``[P * n_local, ...]``, ``generator`` this rank's own stream); weights, ESS, resampling and ``log Z``
+            are global and every rank returns the same ``log_z``. None: all particles here.
 
         Returns
         -------
         AnnealResult
             Final particles ``[P * N, ...]``, weights ``[P, N]``, ``log Z`` ``[P]``, diagnostics.
         """
-        p, n = int(n_populations), int(n_particles)
-        if p < 1 or n < 1:
+        p, n_total = int(n_populations), int(n_particles)
+        if p < 1 or n_total < 1:
             raise ValueError("SMC needs n_particles >= 1 and n_populations >= 1")
+        spread = population is not None and population.size > 1
+        if population is None:
+            population = LocalPopulation(n_total)
+        if population.n_total != n_total:
+            raise ValueError(f"population of {population.n_total} particles, but n_particles = {n_total}")
+        n = population.n_local
         if transport is not None and not isinstance(self.schedule, list):
             raise ValueError("transport maps need a fixed schedule (one map per transition)")
         path = self.path
         x = path.sample_initial(p * n, generator) if x0 is None else x0.detach()
         real = x.real.dtype if x.is_complex() else x.dtype
-        log_w = torch.full((p, n), -math.log(n), dtype=torch.float64, device=x.device)
+        log_w = torch.full((p, n), -math.log(n_total), dtype=torch.float64, device=x.device)
         log_z = torch.full((p,), float(path.log_z0), dtype=torch.float64, device=x.device)
         result = AnnealResult(x=x, log_w=log_w, log_z=log_z, log_p=torch.empty(0), ts=[0.0])
         t = 0.0
@@ -132,7 +146,7 @@ class SMC:
             else:
                 if k > self.schedule.max_steps:
                     raise RuntimeError(f"adaptive schedule did not reach t = 1 in {self.schedule.max_steps} steps")
-                t_next = self._adaptive_next(t, x, log_w, lg_prev, p, n)
+                t_next = self._adaptive_next(t, x, log_w, lg_prev, p, n, population)
             if transport is not None:
                 y, log_j = transport(k, x, log_w)
                 y, log_j = y.detach(), log_j.detach().double()
@@ -141,18 +155,18 @@ class SMC:
             with torch.no_grad():
                 lg_new = path.log_gamma(y, t_next).double()
             inc = (lg_new + log_j - lg_prev).view(p, n)
-            log_w, log_ratio = reweight(log_w, inc)
+            log_w, log_ratio = reweight(log_w, inc, population)
             log_z = log_z + log_ratio
             x, lg_prev = y, lg_new
-            ess = ess_fraction(log_w)
+            ess = ess_fraction(log_w, population)
             which = ess < self.resample_threshold
             result.ess.append(ess.cpu())
             result.resampled.append(which.cpu())
             if bool(which.any()):
-                ancestors = RESAMPLERS[self.resampling](log_w, generator)
-                rows = ancestor_index(which, ancestors)
-                x, lg_prev = x[rows], lg_prev[rows]
-                log_w = resampled_log_weights(log_w, which)
+                draws = population.shared_generator or generator  # the same ancestors on every rank
+                ancestors = RESAMPLERS[self.resampling](population.gather(log_w), draws)
+                x, lg_prev = population.select([x, lg_prev], which, ancestors)
+                log_w = resampled_log_weights(log_w, which, n_total)
             if self.kernel is not None:
                 path_force = getattr(path, "force", None)
                 force = None if path_force is None else (lambda z, s=t_next: path_force(z, s))
@@ -165,7 +179,11 @@ class SMC:
                     x, n_acc = self.kernel.move(x, log_gamma, t_next, generator, force=force)
                     with torch.no_grad():
                         lg_prev = path.log_gamma(x, t_next).double()
-                result.acceptance.append(float(n_acc.double().mean()) / self.kernel.proposals)  # type: ignore[attr-defined]
+                if spread:
+                    mean_acc = population.sum(float(n_acc.double().sum())) / (p * n_total)
+                else:
+                    mean_acc = float(n_acc.double().mean())
+                result.acceptance.append(mean_acc / self.kernel.proposals)  # type: ignore[attr-defined]
             else:
                 result.acceptance.append(float("nan"))
             t = t_next
@@ -174,10 +192,18 @@ class SMC:
         result.log_w = log_w
         result.log_z = log_z
         result.log_p = lg_prev.to(real)
+        result.population = population if spread else None
         return result
 
     def _adaptive_next(
-        self, t: float, x: torch.Tensor, log_w: torch.Tensor, lg_prev: torch.Tensor, p: int, n: int
+        self,
+        t: float,
+        x: torch.Tensor,
+        log_w: torch.Tensor,
+        lg_prev: torch.Tensor,
+        p: int,
+        n: int,
+        population: LocalPopulation,
     ) -> float:
         assert isinstance(self.schedule, AdaptiveSchedule)
         with torch.no_grad():
@@ -193,4 +219,4 @@ class SMC:
                 def increment(s: float) -> torch.Tensor:
                     return (self.path.log_gamma(x, s).double() - lg_prev).view(p, n)
 
-            return self.schedule.next(t, log_w, increment)
+            return self.schedule.next(t, log_w, increment, None if population.size == 1 else population)
