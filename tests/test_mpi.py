@@ -484,3 +484,96 @@ def test_pipelined_hmc_equals_ranks_alone_and_resumes(tmp_path: Path, capsys: py
     with h5py.File(tmp_path / "resumed.h5", "r") as f1, h5py.File(tmp_path / "straight.h5", "r") as f2:
         for key in ("fields/phi", "fields/row"):
             assert f1[key].attrs["sha256"] == f2[key].attrs["sha256"], key
+
+
+def _descendants_running_latflow(pid: int) -> list[int]:
+    """PIDs of the processes below ``pid`` whose command is ``latflow`` (a launcher's ranks), from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:  # ended meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                argv = (Path("/proc") / str(child) / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(part.endswith(b"latflow") for part in argv[:2]):
+                found.append(child)
+    return found
+
+
+def _rank0_pid(launcher: subprocess.Popen, ens: Path) -> int:
+    """The PID of rank 0: of the launcher's two ranks, the one that holds ``ens`` open."""
+    from conftest import wait_for
+
+    def writer() -> int | None:
+        for pid in _descendants_running_latflow(launcher.pid):
+            try:
+                fds = list((Path("/proc") / str(pid) / "fd").iterdir())
+                if any(os.path.realpath(fd) == str(ens.resolve()) for fd in fds):
+                    return pid
+            except OSError:
+                continue
+        return None
+
+    return wait_for(lambda: writer() or launcher.poll() is not None, 60, f"rank 0 to open {ens.name}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to find rank 0")
+def test_rank0_killed_while_ranks_run_ahead_leaves_a_resumable_ensemble(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """SIGKILL of rank 0 after a few commits, while the other rank may have sent blocks it never received:
+    the file verifies (INCOMPLETE) with whole blocks of both ranks, and ``--resume`` ends with the ensemble of an
+    uninterrupted 2-rank run, bit for bit."""
+    from conftest import wait_for
+
+    job = HMC_JOB.replace("n_samples = 12", "n_samples = 100000").replace("commit_every = 5", "commit_every = 2")
+    (tmp_path / "job.toml").write_text(job)
+    ens = tmp_path / "hmc.h5"
+    flags = ["--set", "sampler.tune=false"]
+    rows_per_step = NP * 3
+    launcher = mpirun_bg("latflow", "sample", "job.toml", *flags, cwd=tmp_path)
+    try:
+        pid = _rank0_pid(launcher, ens)
+        assert launcher.poll() is None, launcher.communicate()
+
+        def committed() -> int:
+            try:
+                with h5py.File(ens, "r", locking=False) as f:
+                    return int(f.attrs["n_committed"])
+            except Exception:  # noqa: BLE001 - caught mid-flush: try again
+                return 0
+
+        wait_for(lambda: committed() >= 3 * 2 * rows_per_step or launcher.poll() is not None, 120, "three commits")
+        os.kill(pid, 9)
+        launcher.communicate(timeout=TIMEOUT)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode != 0
+    rc, out = latflow_cli("verify", str(ens), capsys=capsys)
+    assert rc == 0 and out.startswith("INCOMPLETE "), out
+    n = int(rows(ens)["n_committed"])
+    assert n >= 3 * 2 * rows_per_step and n % (2 * rows_per_step) == 0, n  # whole blocks of both ranks
+    steps = n // rows_per_step + 6
+    more = ["--set", f"sampler.n_samples={steps}"]
+    mpirun("latflow", "sample", "job.toml", "--resume", *flags, *more, cwd=tmp_path)
+    mpirun("latflow", "sample", "job.toml", "--out", "ref.h5", *flags, *more, cwd=tmp_path)
+    resumed, ref = rows(ens), rows(tmp_path / "ref.h5")
+    assert int(ref["n_committed"]) == steps * rows_per_step
+    assert resumed.keys() == ref.keys()
+    for key in ref:
+        assert resumed[key].dtype == ref[key].dtype, key
+        np.testing.assert_array_equal(resumed[key], ref[key], err_msg=key)
+    with h5py.File(ens, "r") as f1, h5py.File(tmp_path / "ref.h5", "r") as f2:
+        assert f1["fields/phi"].attrs["sha256"] == f2["fields/phi"].attrs["sha256"]
