@@ -354,16 +354,20 @@ class ReverseKLTrainer:
         self.history = TrainHistory.from_dict(state.get("history", {}))
 
     def save(self, path: str | Path, *, complete: bool, extra: dict[str, Any] | None = None) -> None:
-        """Atomic checkpoint (rank 0 writes; per-rank RNG states are gathered)."""
+        """Atomic checkpoint (rank 0 writes; per-rank RNG states are gathered).
+
+        Collective: every rank returns once the file is written, so a rank that stops right after (a stop
+        signal ends every rank with ``MPI_Abort``) cannot end rank 0 in the middle of the write.
+        """
         state = self.state_dict()
         gens = self.comm.gather(state.pop("generator"))
-        if not self.comm.is_root:
-            return
-        state["generators"] = gens
-        state["complete"] = complete
-        if extra:
-            state.update(extra)
-        checkpoint.save_atomic(state, path)
+        if self.comm.is_root:
+            state["generators"] = gens
+            state["complete"] = complete
+            if extra:
+                state.update(extra)
+            checkpoint.save_atomic(state, path)
+        self.comm.barrier()
 
     def load(self, path: str | Path) -> dict[str, Any]:
         """Restore model, optimiser, step, history and this rank's RNG state; returns the raw checkpoint."""

@@ -227,3 +227,52 @@ def test_training_with_torch_comm_gives_the_mpi_checkpoint(tmp_path):
     assert len(a["generators"]) == len(b["generators"]) == NP
     for g, h in zip(a["generators"], b["generators"]):
         assert torch.equal(g, h)
+
+
+class _NodeComm(SerialComm):
+    """A rank of a node without MPI: its local rank, the node's rank count and the devices the others chose."""
+
+    def __init__(self, local_rank: int, local_size: int, others: dict[int, str]) -> None:
+        self.rank = self.local_rank = local_rank
+        self.size = self.local_size = local_size
+        self.others = others
+
+    def node_allgather(self, obj):
+        return [obj if r == self.local_rank else self.others[r] for r in range(self.local_size)]
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """``n`` visible CUDA devices with UUIDs ``GPU-<i>`` (no GPU needed); returns a setter of ``n``."""
+    chosen: list[int] = []
+
+    def visible(n: int) -> list[int]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"uuid": f"GPU-{i}"})())
+        monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+        return chosen
+
+    return visible
+
+
+def test_rank_device_wiring_with_fake_gpus(tmp_path, fake_gpus, monkeypatch):
+    """``rank_device`` with 4 fake GPUs: ``cuda:<local rank>``, made current; one GPU per rank: ``cuda:0``;
+    too few GPUs, or two ranks on one, are one-line job errors naming the job file and CUDA_VISIBLE_DEVICES."""
+    from latflow.jobs.config import JobError, load_job
+    from latflow.jobs.runner import rank_device
+
+    (tmp_path / "job.toml").write_text(PHI4)
+    job = load_job(tmp_path / "job.toml", device="cuda")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    chosen = fake_gpus(4)
+    others = {r: f"GPU-{r}" for r in range(4)}
+    assert rank_device(job, _NodeComm(2, 4, others)) == torch.device("cuda", 2) and chosen == [2]
+    with pytest.raises(JobError, match=r"job\.toml: 'run\.device' = 'cuda' on rank 0: 6 MPI ranks on this node but 4"):
+        rank_device(job, _NodeComm(0, 6, others))
+    fake_gpus(1)  # each rank sees one GPU: its own, or (below) the same one as another rank
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert rank_device(job, _NodeComm(1, 2, {0: "GPU-7"})) == torch.device("cuda", 0)
+    with pytest.raises(JobError, match=r"on rank 1: local ranks 0 and 1 of this node use the same GPU") as e:
+        rank_device(job, _NodeComm(1, 2, {0: "GPU-0"}))
+    assert "CUDA_VISIBLE_DEVICES" in str(e.value) and "\n" not in str(e.value)
