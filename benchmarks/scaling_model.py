@@ -20,9 +20,10 @@ and allgather inside the node on NVLink, allreduce of the ``S / g`` shards betwe
 
 Usage::
 
-    python benchmarks/scaling_model.py                  # production sizes; about 3 minutes on one core
+    python benchmarks/scaling_model.py                  # production sizes; 3-7 minutes on one core
     python benchmarks/scaling_model.py --quick          # tiny lattices, seconds: checks the script runs
     python benchmarks/scaling_model.py --speedup 100 --op-time 1e-5 --json scaling.json
+    python benchmarks/scaling_model.py --from-json scaling.json --speedup 1000   # other assumptions, no timing
 """
 
 from __future__ import annotations
