@@ -47,6 +47,7 @@ from latflow.jobs import annealing, runner
 from latflow.jobs.config import load_job
 from latflow.rng import make_generator
 from latflow.samplers.annealing.flow_transitions import transition_kl
+from latflow.samplers.annealing.resampling import systematic
 from latflow.training import ReverseKLTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -542,7 +543,8 @@ def measure_smc(case: SMCCase, log: Callable[[str], None]) -> SMCResult:
 def simulate_resampling(
     n_per_rank: int, ranks: int, ess: float, rng: np.random.Generator, repeats: int = 3
 ) -> dict[str, float]:
-    """Systematic resampling of ``N = n_per_rank * ranks`` log-normal weights with ``E[ESS/N] = ess``.
+    """Systematic resampling (:func:`latflow.samplers.annealing.resampling.systematic`) of ``N = n_per_rank * ranks``
+    log-normal weights with ``E[ESS/N] = ess``.
 
     Particles sit on ranks in contiguous blocks of ``n_per_rank``. Two ways to place the offspring:
 
@@ -562,12 +564,11 @@ def simulate_resampling(
     out = {"ess_realised": 0.0, "moved_contiguous": 0.0, "moved_balanced": 0.0, "max_recv_contiguous": 0.0,
            "max_recv_balanced": 0.0}  # fmt: skip
     for _ in range(repeats):
-        w = np.exp(sigma * rng.standard_normal(n_total))
+        log_w = sigma * rng.standard_normal(n_total)
+        w = np.exp(log_w - log_w.max())
         w /= w.sum()
-        cdf = np.cumsum(w)
-        cdf[-1] = 1.0
-        points = (rng.random() + np.arange(n_total)) / n_total
-        anc = np.minimum(np.searchsorted(cdf, points), n_total - 1)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        anc = systematic(torch.from_numpy(log_w)[None], gen)[0].numpy()  # the package's resampler, one population
         src = anc // n_per_rank
         dst = np.arange(n_total) // n_per_rank
         moved = src != dst

@@ -51,9 +51,9 @@ def test_resampling_simulation() -> None:
     rng = np.random.default_rng(stat_seed(3))
     equal = scaling_model.simulate_resampling(16, 64, 1.0, rng, repeats=1)  # equal weights: nothing moves
     assert equal["moved_contiguous"] == 0.0 and equal["moved_balanced"] == 0.0
-    r = scaling_model.simulate_resampling(256, 64, 0.3, rng, repeats=2)
-    assert abs(r["ess_realised"] - 0.3) < 0.05
+    r = scaling_model.simulate_resampling(256, 64, 0.3, rng, repeats=4)
+    assert abs(r["ess_realised"] - 0.3) < 0.04  # spread over seeds: 0.008
     assert 0 < r["moved_balanced"] < r["moved_contiguous"] < 1
     # balanced moves: about E[(n - C_r)+] / n with C_r ~ n (1 + N(0, (1/ess - 1) / n))
     expected = math.sqrt((1 / 0.3 - 1) / (2 * math.pi * 256))
-    assert abs(r["moved_balanced"] - expected) < 0.3 * expected
+    assert abs(r["moved_balanced"] - expected) < 0.2 * expected  # ratio over seeds: 0.97 +- 0.05
