@@ -42,7 +42,10 @@ class BlockPipe:
     comm
         The world communicator (:class:`latflow.mpi.SerialComm` or one with an mpi4py ``comm``).
     depth
-        Sends a non-root rank may have in flight (blocks it may run ahead of rank 0); ``>= 1``.
+        Sends a non-root rank may have in flight (blocks it may run ahead of rank 0); ``>= 1``. A rank
+        holds up to ``depth`` pickled blocks besides the one it computes: with the default 1 its memory
+        peak is that of the former ``gather`` (a block and its pickled copy). A rank waits only while rank 0
+        has yet to receive ``depth`` blocks of it.
 
     Notes
     -----
@@ -52,7 +55,7 @@ class BlockPipe:
     ``MPI_Abort`` (the command line's handler), which also ends a rank waiting here.
     """
 
-    def __init__(self, comm: SerialComm, depth: int = 2) -> None:
+    def __init__(self, comm: SerialComm, depth: int = 1) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.rank = comm.rank

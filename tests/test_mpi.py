@@ -577,3 +577,21 @@ def test_rank0_killed_while_ranks_run_ahead_leaves_a_resumable_ensemble(
         np.testing.assert_array_equal(resumed[key], ref[key], err_msg=key)
     with h5py.File(ens, "r") as f1, h5py.File(tmp_path / "ref.h5", "r") as f2:
         assert f1["fields/phi"].attrs["sha256"] == f2["fields/phi"].attrs["sha256"]
+
+
+def test_block_pipe_delivers_every_block_in_order_with_three_ranks(tmp_path: Path) -> None:
+    """Three ranks (more than this machine's cores may be), blocks small and large, random delays: rank 0
+    gets block i of every rank, in rank order, bit for bit, and every rank finishes (``mpi_scripts/block_pipe.py``)."""
+    n = 3
+    proc = subprocess.run(
+        [shutil.which("mpiexec"), "-n", str(n), sys.executable, str(SCRIPTS / "block_pipe.py")],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    _check(proc, "block_pipe.py")
+    assert f"BLOCK_PIPE_OK size={n}" in proc.stdout, proc.stdout
+    for rank in range(n):
+        assert f"BLOCK_PIPE_DONE rank={rank}" in proc.stdout, proc.stdout
