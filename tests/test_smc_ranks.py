@@ -258,3 +258,18 @@ def test_annealing_training_stopped_by_sigusr1_resumes_bit_for_bit(kind, latflow
     r = latflow_cli.run(["train", "job.toml", "--resume"], run)
     assert r.returncode == 0, str(r)
     _same_flows(checkpoint.load(ref / "flows.pt"), checkpoint.load(run / "flows.pt"))
+
+
+def test_parallel_particles_is_refused_where_it_does_not_apply(latflow_cli, tmp_path: Path) -> None:
+    """``parallel = "particles"`` for aft/pimh, or an unknown value: one line naming the key and the values."""
+    (tmp_path / "job.toml").write_text(SPREAD_SMC_JOB)
+    for sets, expected in (
+        (["sampler.kind=aft"], "'sampler.parallel' = 'particles': must be 'runs' (spreading particles over ranks"),
+        (["sampler.parallel=lots"], "'sampler.parallel' = 'lots': expected one of 'runs', 'particles'"),
+    ):
+        argv = ["sample", "job.toml"]
+        for s in sets:
+            argv += ["--set", s]
+        r = latflow_cli.run(argv, tmp_path)
+        assert r.returncode == 2 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, str(r)
+        assert not (tmp_path / "smc.h5").exists()
