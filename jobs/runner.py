@@ -95,8 +95,10 @@ def rank_device(job: JobConfig, comm: SerialComm) -> torch.device:
         index = gpu_for_rank(
             comm.local_rank, comm.local_size, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
         )
-        uuids = comm.node_allgather(str(torch.cuda.get_device_properties(index).uuid))
-        check_distinct_gpus(uuids)
+        uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or "")
+        uuids = comm.node_allgather(uuid)
+        if all(uuids):  # a torch build without device UUIDs: the check is skipped
+            check_distinct_gpus(uuids)
     except ValueError as exc:
         raise JobError(f"{where}: {exc}") from None
     torch.cuda.set_device(index)  # NCCL (run.comm = 'torch') and default CUDA allocations use this rank's GPU
