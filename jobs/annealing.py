@@ -315,15 +315,6 @@ def save_trained(
     checkpoint.save_atomic(state, job.output.model_path)
 
 
-def _stop_requested(comm: SerialComm) -> int | None:
-    """The stop signal (SIGTERM/SIGUSR1) received by any rank, agreed on by all of them; None if none."""
-    signum = termination.pending()
-    if comm.size > 1:
-        stop = comm.allreduce_sum(signum is not None) > 0
-        signum = (signum or termination.SIGNALS[0]) if stop else None
-    return signum
-
-
 def _rank_generators(comm: SerialComm, gen: torch.Generator, shared: torch.Generator | None) -> dict[str, Any]:
     """The random state of a data-parallel training run for its checkpoint (collective; complete on rank 0)."""
     states = comm.gather(gen.get_state())
@@ -404,7 +395,7 @@ def train_craft(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch
                 bar.update(1, log_z=lz, loss=history["loss"][-1])
                 if not all(math.isfinite(v) for v in r.extra["loss"]):
                     raise JobError(f"{path}: CRAFT training diverged at iteration {craft.iteration} (non-finite loss)")
-                signum = _stop_requested(comm)
+                signum = termination.agreed(comm)
                 if signum is not None:
                     save(False)
                     if comm.is_root:
@@ -503,7 +494,7 @@ def train_snf(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch.d
                 step += 1
                 history["loss"].append(loss_value)
                 bar.update(1, loss=loss_value)
-                signum = _stop_requested(comm)
+                signum = termination.agreed(comm)
                 if signum is not None:
                     save(False)
                     if comm.is_root:

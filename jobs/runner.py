@@ -348,10 +348,7 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
 
     def report(m: Any) -> None:
         # called after each completed optimiser step: the one place where a stop signal ends training
-        signum = termination.pending()
-        if comm.size > 1:  # every rank stops at the same step (the checkpoint gathers from all of them)
-            stop = comm.allreduce_sum(signum is not None) > 0
-            signum = (signum or termination.SIGNALS[0]) if stop else None
+        signum = termination.agreed(comm)  # every rank stops at the same step (the checkpoint gathers from all)
         if signum is not None:
             raise Terminated(signum)
         if m.kl is None:
@@ -369,7 +366,9 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
             )
     except Terminated as exc:
         trainer.save(path, complete=False, extra=extra)
-        log.info("stopped by %s: checkpoint %s written at step %d", exc.signal_name, path, trainer.step)
+        if comm.is_root:
+            log.info("stopped by %s: checkpoint %s written at step %d", exc.signal_name, path, trainer.step)
+        comm.barrier()  # rank 0's line is written before any rank ends the job
         raise
     except TrainingDivergedError as exc:
         # the trainer says "the last good checkpoint is kept"; say which one there really is

@@ -96,6 +96,25 @@ def check() -> None:
         raise Terminated(_pending)
 
 
+def agreed(comm: object) -> int | None:
+    """The stop signal of a multi-rank run, the same on every rank (collective: every rank must call it).
+
+    Any rank having received a stop signal stops all of them. The name reported is SIGUSR1 when any rank got it
+    (the walltime warning), else SIGTERM: one allreduce of ``n_SIGTERM + (R + 1) n_SIGUSR1`` tells both counts.
+    ``comm``: :class:`latflow.mpi.SerialComm` or a subclass (one rank: :func:`pending`).
+    """
+    signum = _pending
+    size = int(getattr(comm, "size", 1))
+    if size == 1:
+        return signum
+    code = 0 if signum is None else (size + 1 if signum == signal.SIGUSR1 else 1)
+    total = int(round(comm.allreduce_sum(code)))  # type: ignore[attr-defined]
+    n_usr1, n_term = divmod(total, size + 1)
+    if n_usr1:
+        return int(signal.SIGUSR1)
+    return int(signal.SIGTERM) if n_term else None
+
+
 def clear() -> None:
     """Forget a handled stop signal (the command has reported it)."""
     global _pending
