@@ -638,6 +638,9 @@ def format_table(result: dict) -> str:
         line += f"Pareto k-hat ({name.split('/')[-1]}): {khat}   "
     if line:
         head.append(line.rstrip())
+    from .multi import header_lines  # deferred: multi imports this module
+
+    head += header_lines(result)
     out, rows = _table_body(
         result,
         head,

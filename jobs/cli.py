@@ -49,6 +49,49 @@ def _job_args(p: argparse.ArgumentParser, optional_job: bool = False) -> None:
     g.add_argument("--force", action="store_true", help="replace existing outputs")
 
 
+def _analysis_args(a: argparse.ArgumentParser) -> None:
+    """Options of ``latflow analyze`` beyond the ensemble, --json, --mean and --ignore-checksums."""
+    a.add_argument(
+        "--errors",
+        default="gamma",
+        metavar="METHOD",
+        help="error method: gamma (default), jackknife (delete one bin), bootstrap (on bins) or binning",
+    )
+    a.add_argument(
+        "--bin-size",
+        type=int,
+        metavar="B",
+        help="bin size of jackknife/bootstrap/binning (default ceil(20 tau_int), at least 20 bins)",
+    )
+    a.add_argument("--n-boot", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
+    a.add_argument("--boot-seed", type=int, default=0, metavar="SEED", help="seed of the bootstrap (default 0)")
+    a.add_argument(
+        "--derived",
+        dest="derived_files",
+        action="append",
+        default=[],
+        metavar="FILE.py",
+        help="Python file defining DERIVED = {'name': (('in1', 'in2'), function)}: functions of means (repeatable)",
+    )
+    a.add_argument(
+        "--reweight",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="reweight to KEY=VALUE[,KEY=VALUE] (phi4: m2, lam; u1, su3: beta; the theory computes the "
+        "action difference per stored configuration), 'log_w' (the stored weights/log_w) or FILE.py "
+        "defining LOG_WEIGHT(fields, couplings); repeated specs multiply the weights",
+    )
+    a.add_argument(
+        "--effective-mass",
+        dest="effective_masses",
+        action="append",
+        default=[],
+        metavar="NAME[:log|cosh]",
+        help="effective masses m_eff(t) of a stored correlator observables/NAME of shape (n, T) (repeatable)",
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latflow",
@@ -88,9 +131,12 @@ def make_parser() -> argparse.ArgumentParser:
         "analyze",
         help="observables with Gamma-method errors, acceptance and ESS",
         description="Analyse an ensemble: mean, error, tau_int of every observable (Gamma method), "
-        "with a warning wherever an error cannot be trusted. Refuses a damaged file.",
+        "with a warning wherever an error cannot be trusted. Refuses a damaged file. Several files of the "
+        "same theory, couplings and lattice are combined: every chain of every file is a replica of one "
+        "Gamma-method analysis.",
     )
-    a.add_argument("ensemble", help="HDF5 ensemble")
+    a.add_argument("ensemble", nargs="+", help="HDF5 ensemble(s) of one theory point")
+    _analysis_args(a)
     a.add_argument(
         "--json",
         action="store_true",
@@ -301,22 +347,48 @@ _ENSEMBLE_KEYS = (
     *("theory", "couplings", "lattice_shape", "n_committed", "n_chains", "n_samples", "steps_per_chain"),
     *("complete", "checksums", "known_means", "accepted_proposals", "pareto_khat", "warnings"),
     *("weighted", "runs"),  # weighted ensembles (annealing runs)
+    *("files", "error_method", "bin_size", "n_boot", "seed", "reweighting"),  # several files, --errors, --reweight
 )
 
 
 def _analyze(args: argparse.Namespace) -> int:
     from latflow.analysis import AnalysisInputError
 
+    from . import analyze as analysis_command
     from . import runner
 
     means = _parse_means(args.means)
-    require_hdf5_file(Path(args.ensemble))
+    for path in args.ensemble:
+        require_hdf5_file(Path(path))
+    plain = len(args.ensemble) == 1 and args.errors == "gamma" and not args.reweight
+    plain = plain and not args.derived_files and not args.effective_masses
     try:
-        result = runner.analyze(args.ensemble, means=means, check_checksums=not args.ignore_checksums)
+        if plain:  # the single-file analysis as it always was
+            result = runner.analyze(args.ensemble[0], means=means, check_checksums=not args.ignore_checksums)
+            result["files"] = list(args.ensemble)
+        else:
+            result = analysis_command.analyze(
+                args.ensemble,
+                means=means,
+                check_checksums=not args.ignore_checksums,
+                errors=args.errors,
+                bin_size=args.bin_size,
+                n_boot=args.n_boot,
+                seed=args.boot_seed,
+                derived_files=args.derived_files,
+                reweight=args.reweight,
+                effective_masses=args.effective_masses,
+            )
     except AnalysisInputError as exc:
-        raise JobError(f"{args.ensemble}: --mean: {exc}") from None
+        text = str(exc)
+        if not any(text.startswith(p) for p in args.ensemble):  # name the file (and --mean where it is about that)
+            about_means = plain or text.startswith(("no observable", "known mean"))
+            text = f"{args.ensemble[0]}: {'--mean: ' if about_means else ''}{text}"
+        raise JobError(text) from None
     except (OSError, RuntimeError, KeyError) as exc:  # h5py on a file damaged past its header
-        raise EnsembleError(f"{args.ensemble}: damaged HDF5 file: cannot read: {type(exc).__name__}: {exc}") from None
+        raise EnsembleError(
+            f"{' '.join(args.ensemble)}: damaged HDF5 file: cannot read: {type(exc).__name__}: {exc}"
+        ) from None
     try:
         _print_analysis(result, args.json)
     except BrokenPipeError:  # e.g. `latflow analyze ens.h5 | head`: the reader has seen enough
