@@ -354,9 +354,15 @@ def analyze(
 ) -> dict:
     """``latflow analyze A.h5 [B.h5 ...]``: the theory's and the user's derived observables, reweighting,
     error method; see :func:`latflow.analysis.multi.analyze_ensembles`."""
+    from latflow.analysis import ERROR_METHODS
+
     from .runner import _derived_of, _exact_means_of, _theory_of_ensemble
 
     paths = [Path(p) for p in paths]
+    if errors not in ERROR_METHODS:
+        raise JobError(f"{paths[0]}: --errors {errors!r}: allowed: {', '.join(ERROR_METHODS)}")
+    if bin_size is not None and bin_size < 1 or n_boot < 2:
+        raise JobError(f"{paths[0]}: --bin-size {bin_size} / --n-boot {n_boot}: allowed: bin size >= 1, n-boot >= 2")
     with EnsembleReader(paths[0]) as r:
         theory = _theory_of_ensemble(r.theory, r.couplings, tuple(r.lattice_shape))
         name, volume, weighted = r.theory, int(np.prod(r.lattice_shape)), r.is_weighted
