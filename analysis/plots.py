@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .gamma import _as_replicas, _autocov_sum, gamma_method, gamma_method_derived
+from .gamma import _as_replicas, _autocov_sum, _global_mean, gamma_method, gamma_method_derived
 
 __all__ = [
     "Autocorrelation",
@@ -227,7 +227,7 @@ def autocorrelation(replicas: Sequence[np.ndarray], *, S: float = 1.5) -> Autoco
         raise ValueError("no data")
     res = gamma_method(reps, S=S)
     n = int(sum(r.size for r in reps))
-    mean = float(sum(r.sum() for r in reps) / n)
+    mean = _global_mean(reps)  # exactly the common value of constant data
     w_max = max(max(r.size for r in reps) // 2, 1)
     gamma = np.zeros(w_max)
     counts = np.zeros(w_max)
@@ -239,7 +239,7 @@ def autocorrelation(replicas: Sequence[np.ndarray], *, S: float = 1.5) -> Autoco
     gamma /= np.maximum(counts, 1.0)
     rho = np.zeros(w_max)
     rho[0] = 1.0
-    if gamma[0] > 0:
+    if gamma[0] > 10.0 * np.finfo(np.float64).tiny:
         rho = gamma / gamma[0]
     tau = 0.5 + np.concatenate(([0.0], np.cumsum(rho[1:])))
     w = np.arange(w_max)

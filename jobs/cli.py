@@ -167,7 +167,47 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument("ensemble", help="HDF5 ensemble")
     _config_file_args(sub)
     _batch_args(sub)
+    _report_args(sub)
     return parser
+
+
+def _report_args(sub: argparse._SubParsersAction) -> None:
+    """``report``: an offline HTML page with the analysis and the plots of ensembles (analysis/html_report.py)."""
+    r = sub.add_parser(
+        "report",
+        help="HTML report: analysis table, warnings and plots of one or more ensembles",
+        description="Write DIR/index.html with one section per ensemble (analysis table, warnings, Monte Carlo "
+        "histories, histograms, autocorrelation functions, correlators, weights) and the plots as PNG files "
+        "beside it; viewable offline. Refuses a damaged ensemble and a non-empty DIR (unless --force).",
+    )
+    r.add_argument("ensembles", nargs="+", metavar="ENSEMBLE", help="HDF5 ensembles")
+    r.add_argument("-o", "--out", required=True, metavar="DIR", help="report folder (index.html and PNG files)")
+    r.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="training checkpoint whose history is plotted: once for every ensemble, or once per ensemble in "
+        "order (default: each ensemble's model from its job record, where it exists)",
+    )
+    r.add_argument("--pdf", action="store_true", help="also write every figure as PDF")
+    r.add_argument("--force", action="store_true", help="write into a non-empty DIR (replacing same-named files)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from latflow.analysis.html_report import ReportError, write_report
+
+    from . import runner
+
+    try:
+        index = write_report(
+            args.ensembles, args.out, models=args.models, force=args.force, analyze=runner.analyze, pdf=args.pdf
+        )
+    except ReportError as exc:
+        raise JobError(str(exc)) from None
+    print(f"report: {index}")
+    return 0
 
 
 def _batch_args(sub: argparse._SubParsersAction) -> None:
@@ -482,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_job(args)
         if args.command == "analyze":
             return _analyze(args)
+        if args.command == "report":
+            return _report(args)
         if args.command == "export":
             from .configfiles import export_configurations
 
