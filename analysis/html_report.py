@@ -269,7 +269,11 @@ def _weighted_figures(w: _Writer, reader) -> None:
 
 
 def _training_figure(w: _Writer, model: Path) -> None:
-    history = _load_history(model)
+    try:
+        history = _load_history(model)
+    except ReportError as exc:  # a model found from the job record, not asked for: a note, not a refusal
+        w.section.notes.append(f"training curves: {exc}")
+        return
     w.add(
         "Training",
         "training",
@@ -407,11 +411,12 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _models_for(ensembles: list[Path], models: Sequence[str | Path]) -> list[Path | None]:
-    """``--model`` files matched to ensembles: one for all, or one each in order."""
+    """``--model`` files matched to ensembles: one for all, or one each in order (each checked readable)."""
     given = [Path(m) for m in models]
     for m in given:
         if not m.is_file():
             raise ReportError(f"{m}: --model: no such file")
+        _load_history(m)
     if not given:
         return [None] * len(ensembles)
     if len(given) == 1:
@@ -422,6 +427,29 @@ def _models_for(ensembles: list[Path], models: Sequence[str | Path]) -> list[Pat
             "ensemble) or once per ensemble, in the same order"
         )
     return given
+
+
+def _ensemble_section(
+    i: int, path: Path, model: Path | None, out: Path, analyze: Callable[[Path], dict], pdf: bool
+) -> str:
+    """Analyse ensemble number ``i`` (from 0), write its figures into ``out``; returns its HTML section."""
+    from latflow.ensemble import EnsembleReader
+
+    result = analyze(path)
+    writer = _Writer(out, f"e{i + 1}", ("pdf",) if pdf else ())
+    with EnsembleReader(path) as reader:
+        sampler = dict(reader.sampler) if isinstance(reader.sampler, dict) else {}
+        note = "none given"
+        if model is None:
+            model = find_model(path, str(reader.attrs.get("job", "")))
+            note = "none found from the job record" if reader.attrs.get("model_sha256") else "none (no flow)"
+        if reader.is_weighted:
+            _weighted_figures(writer, reader)
+        else:
+            _markov_figures(writer, reader, result)
+    if model is not None:
+        _training_figure(writer, model)
+    return _section_html(i, path, result, sampler, writer.section, model, note)
 
 
 def write_report(
@@ -462,8 +490,6 @@ def write_report(
     Path
         ``out_dir/index.html``.
     """
-    from latflow.ensemble import EnsembleReader
-
     from .report import analyze_ensemble
 
     paths = [Path(p) for p in ensembles]
@@ -478,21 +504,10 @@ def write_report(
     analyze = analyze or analyze_ensemble
     sections = []
     for i, (path, model) in enumerate(zip(paths, chosen, strict=True)):
-        result = analyze(path)
-        writer = _Writer(out, f"e{i + 1}", ("pdf",) if pdf else ())
-        with EnsembleReader(path) as reader:
-            sampler = dict(reader.sampler) if isinstance(reader.sampler, dict) else {}
-            note = "none given"
-            if model is None:
-                model = find_model(path, str(reader.attrs.get("job", "")))
-                note = "none found from the job record" if reader.attrs.get("model_sha256") else "none (no flow)"
-            if reader.is_weighted:
-                _weighted_figures(writer, reader)
-            else:
-                _markov_figures(writer, reader, result)
-        if model is not None:
-            _training_figure(writer, model)
-        sections.append(_section_html(i, path, result, sampler, writer.section, model, note))
+        try:
+            sections.append(_ensemble_section(i, path, model, out, analyze, pdf))
+        except (OSError, RuntimeError, KeyError) as exc:  # h5py on a file damaged past what verify checks
+            raise ReportError(f"{path}: damaged HDF5 file: cannot read: {type(exc).__name__}: {exc}") from None
     index = out / "index.html"
     _write_text_atomic(index, _page(sections, paths))
     return index

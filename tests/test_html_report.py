@@ -205,8 +205,14 @@ def test_refusals(inputs, tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     err = _one_line_error(capsys, ["report", str(inputs["smc"]), "-o", str(out)])
     assert "not empty" in err and "--force" in err
-    err = _one_line_error(capsys, ["report", str(inputs["smc"]), "-o", str(out), "--model", "missing.pt"])
+    fresh = tmp_path / "fresh"
+    err = _one_line_error(capsys, ["report", str(inputs["smc"]), "-o", str(fresh), "--model", "missing.pt"])
     assert "missing.pt: --model: no such file" in err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    err = _one_line_error(capsys, ["report", str(inputs["smc"]), "-o", str(fresh), "--model", str(junk)])
+    assert "junk.pt: not a readable training checkpoint" in err
+    assert not fresh.exists()
     assert main(["report", str(inputs["smc"]), "-o", str(out), "--force"]) == 0
     assert (out / "index.html").is_file() and (out / "keep.txt").read_text() == "mine"
 
