@@ -386,6 +386,11 @@ def analyze_ensembles(
         summary, rw_warn = _reweighting_summary(reps, reweight_label)
         result["reweighting"] = summary
         overall += rw_warn
+        if summary["n"] < result["n_committed"]:
+            overall.append(
+                f"reweighted means use the {summary['n']} of {result['n_committed']} rows that have a stored "
+                "configuration (save_every > 1)"
+            )
         result["known_means"] = {}  # exact means hold at the sampled point, not at the reweighting target
     warnings = _fill(result, ensembles, reps, derived or {}, known, overall, S, errors, bin_size, n_boot, seed)
     _acceptance_and_ess(result, ensembles, reps, S)

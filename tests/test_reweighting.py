@@ -165,3 +165,38 @@ def test_small_reweighting_ess_warns(tmp_path) -> None:
 def test_bad_reweighting_targets(text, theory, message) -> None:
     with pytest.raises(JobError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_couplings(text, theory, {"m2": 0.5, "lam": 0.0, "beta": 2.0})
+
+
+def test_rows_without_configurations_are_left_out(tmp_path) -> None:
+    """save_every = 3: only the rows with a stored configuration (fields/row) are reweighted and analysed."""
+    n = 30
+    phi = np.random.default_rng(0).standard_normal((n, *SHAPE))
+    keep = np.arange(2, n, 3)
+    meta = EnsembleMeta(
+        theory="phi4",
+        couplings={"m2": 0.5, "lam": 0.0},
+        lattice_shape=SHAPE,
+        sampler={"kind": "hmc", "n_samples": n},
+        seed=1,
+        storage={"save_every": 3},
+    )
+    path = tmp_path / "thin.h5"
+    with EnsembleWriter.create(path, meta) as w:
+        w.append(
+            {
+                "fields/phi": phi[keep],
+                "fields/row": keep,
+                "markov/chain": np.zeros(n, np.int64),
+                "markov/step": np.arange(n),
+                "observables/phi2": (phi**2).mean(axis=(1, 2)),
+            }
+        )
+    log_w = coupling_log_w(path, "m2=0.6")
+    assert np.array_equal(np.flatnonzero(np.isfinite(log_w)), keep)
+    assert np.allclose(log_w[keep], -0.1 * (phi[keep] ** 2).sum(axis=(1, 2)), rtol=1e-12)
+    res = analyze([path], reweight=["m2=0.6"])
+    assert res["observables"]["phi2"]["n"] == keep.size
+    w = np.exp(log_w[keep] - log_w[keep].max())
+    phi2 = (phi[keep] ** 2).mean(axis=(1, 2))
+    assert res["observables"]["phi2"]["mean"] == pytest.approx(float(np.sum(w * phi2) / np.sum(w)), rel=1e-12)
+    assert any("10 of 30 rows" in line for line in res["warnings"])
