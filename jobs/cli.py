@@ -191,6 +191,13 @@ def _report_args(sub: argparse._SubParsersAction) -> None:
         help="training checkpoint whose history is plotted: once for every ensemble, or once per ensemble in "
         "order (default: each ensemble's model from its job record, where it exists)",
     )
+    r.add_argument(
+        "--observable",
+        dest="observables",
+        action="append",
+        metavar="NAME",
+        help="plot only this observables/NAME dataset (repeatable; default: all; the tables list all)",
+    )
     r.add_argument("--pdf", action="store_true", help="also write every figure as PDF")
     r.add_argument("--force", action="store_true", help="write into a non-empty DIR (replacing same-named files)")
 
@@ -202,7 +209,13 @@ def _report(args: argparse.Namespace) -> int:
 
     try:
         index = write_report(
-            args.ensembles, args.out, models=args.models, force=args.force, analyze=runner.analyze, pdf=args.pdf
+            args.ensembles,
+            args.out,
+            models=args.models,
+            force=args.force,
+            analyze=runner.analyze,
+            pdf=args.pdf,
+            observables=args.observables,
         )
     except ReportError as exc:
         raise JobError(str(exc)) from None
@@ -248,18 +261,31 @@ def _config_file_args(sub: argparse._SubParsersAction) -> None:
     """``export`` and ``import``: SU(3) configurations to and from ILDG, NERSC and openQCD files."""
     e = sub.add_parser(
         "export",
-        help="write SU(3) configurations of an ensemble as ILDG, NERSC or openQCD files",
-        description="Write configurations of an SU(3) ensemble (fields/links) as files other lattice codes "
-        "read, one file per row; 2D lattices are embedded in 4D (see latflow.configio). Refuses a damaged "
-        "ensemble and existing files (unless --force).",
+        help="write observable histories (pyerrors JSON, CSV, npz) or SU(3) configurations (ILDG, NERSC, openQCD)",
+        description="Observable histories of an ensemble for other analysis code (pyerrors-json: one Obs per "
+        "observable, one replica per chain; csv, npz: one row per committed row), or configurations of an SU(3) "
+        "ensemble (fields/links) as files other lattice codes read, one file per row; 2D lattices are embedded "
+        "in 4D (see latflow.configio). Refuses a damaged ensemble and existing files (unless --force).",
     )
     e.add_argument("ensemble", help="HDF5 ensemble")
-    e.add_argument("--format", dest="fmt", required=True, choices=["ildg", "nersc", "openqcd"])
+    e.add_argument(
+        "--format",
+        dest="fmt",
+        required=True,
+        metavar="{pyerrors-json,csv,npz,ildg,nersc,openqcd}",
+        help="pyerrors-json (.json or .json.gz), csv, npz: observable histories; ildg, nersc, openqcd: configurations",
+    )
+    e.add_argument("--observables", help="pyerrors-json, csv, npz: comma-separated observables (default: all)")
     g = e.add_mutually_exclusive_group()
     g.add_argument("--rows", help="START:STOP[:STEP] of the stored configurations (default: all)")
     g.add_argument("--row", type=int, help="one stored configuration (negative counts from the end)")
-    e.add_argument("-o", "--out", required=True, help="output file; with several rows it must contain {row}")
-    e.add_argument("--precision", type=int, choices=[32, 64], default=64, help="ILDG/NERSC (default 64)")
+    e.add_argument(
+        "-o",
+        "--out",
+        help="output file; configurations: required, with several rows it must contain {row}; observables: "
+        "default <ensemble stem>.json.gz, .csv or .npz",
+    )
+    e.add_argument("--precision", type=int, choices=[32, 64], help="ILDG/NERSC (default 64)")
     e.add_argument("--two-rows", action="store_true", help="NERSC: store two rows per matrix (4D_SU3_GAUGE)")
     e.add_argument("--force", action="store_true", help="replace existing files")
     i = sub.add_parser(
@@ -395,34 +421,27 @@ def _analyze(args: argparse.Namespace) -> int:
     from latflow.analysis import AnalysisInputError
 
     from . import analyze as analysis_command
-    from . import runner
 
     means = _parse_means(args.means)
     for path in args.ensemble:
         require_hdf5_file(Path(path))
-    plain = len(args.ensemble) == 1 and args.errors == "gamma" and not args.reweight
-    plain = plain and not args.derived_files and not args.effective_masses
     try:
-        if plain:  # the single-file analysis as it always was
-            result = runner.analyze(args.ensemble[0], means=means, check_checksums=not args.ignore_checksums)
-            result["files"] = list(args.ensemble)
-        else:
-            result = analysis_command.analyze(
-                args.ensemble,
-                means=means,
-                check_checksums=not args.ignore_checksums,
-                errors=args.errors,
-                bin_size=args.bin_size,
-                n_boot=args.n_boot,
-                seed=args.boot_seed,
-                derived_files=args.derived_files,
-                reweight=args.reweight,
-                effective_masses=args.effective_masses,
-            )
+        result = analysis_command.analyze(
+            args.ensemble,
+            means=means,
+            check_checksums=not args.ignore_checksums,
+            errors=args.errors,
+            bin_size=args.bin_size,
+            n_boot=args.n_boot,
+            seed=args.boot_seed,
+            derived_files=args.derived_files,
+            reweight=args.reweight,
+            effective_masses=args.effective_masses,
+        )
     except AnalysisInputError as exc:
         text = str(exc)
         if not any(text.startswith(p) for p in args.ensemble):  # name the file (and --mean where it is about that)
-            about_means = plain or text.startswith(("no observable", "known mean"))
+            about_means = text.startswith(("no observable", "known mean"))
             text = f"{args.ensemble[0]}: {'--mean: ' if about_means else ''}{text}"
         raise JobError(text) from None
     except (OSError, RuntimeError, KeyError) as exc:  # h5py on a file damaged past its header
@@ -525,9 +544,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return _report(args)
         if args.command == "export":
-            from .configfiles import export_configurations
+            from .exports import export
 
-            return export_configurations(args)
+            return export(args)
         if args.command in ("submit", "status", "cancel"):
             return _batch(args)
         if args.command == "import":

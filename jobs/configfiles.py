@@ -26,6 +26,8 @@ from .config import JobError
 
 log = logging.getLogger("latflow")
 IMPORT_THEORIES = ("su3",)
+#: configuration formats of ``latflow export`` (observable histories: :mod:`jobs.exports`)
+CONFIG_FORMATS = ("ildg", "nersc", "openqcd")
 
 
 def _parse_rows(text: str | None, row: int | None, n: int, path: str) -> range:
