@@ -145,9 +145,14 @@ def _load_history(model: Path) -> dict:
 class _Writer:
     """Renders figures of one section into the report folder."""
 
-    def __init__(self, out_dir: Path, prefix: str, formats: Sequence[str]) -> None:
+    def __init__(self, out_dir: Path, prefix: str, formats: Sequence[str], only: Sequence[str] | None = None) -> None:
         self.out_dir, self.prefix, self.formats = out_dir, prefix, tuple(formats)
+        self.only = None if only is None else set(only)
         self.section = _Section()
+
+    def wants(self, dataset: str) -> bool:
+        """Whether the figures of ``observables/<dataset>`` are asked for."""
+        return self.only is None or dataset in self.only
 
     def add(self, group: str, stem: str, caption: str, make: Callable[[], object]) -> None:
         """Make a figure with ``make()`` and save it; a ValueError becomes a note instead."""
@@ -181,7 +186,7 @@ def _markov_figures(w: _Writer, reader, result: Mapping) -> None:
     n = int(reader.n_committed)
     chains = _chains(reader, n)
     step = reader.read("markov/step").reshape(-1) if reader.has("markov/step") else None
-    for ds in reader.names("observables"):
+    for ds in filter(w.wants, reader.names("observables")):
         values = np.asarray(reader.read(f"observables/{ds}"), dtype=np.float64)
         if _is_correlator(ds, values):
             w.add(
@@ -248,7 +253,7 @@ def _weighted_figures(w: _Writer, reader) -> None:
         within[a:b] = lw[a:b] - logsumexp(lw[a:b])
         total[a:b] = within[a:b] + log_z[r]
     weights = np.exp(total - total.max()) if n else total
-    for ds in reader.names("observables"):
+    for ds in filter(w.wants, reader.names("observables")):
         values = np.asarray(reader.read(f"observables/{ds}"), dtype=np.float64)[:n]
         if values.ndim != 1:
             w.section.notes.append(f"{ds}: dataset of shape {values.shape[1:]} per row, not plotted")
@@ -410,6 +415,24 @@ def _write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _check_observables(paths: list[Path], observables: Sequence[str] | None) -> None:
+    """Refuse (one line) an observable name that none of the ensembles holds."""
+    from latflow.ensemble import EnsembleReader
+
+    if observables is None:
+        return
+    present: set[str] = set()
+    for p in paths:
+        with EnsembleReader(p) as r:
+            present.update(r.names("observables"))
+    unknown = [o for o in observables if o not in present]
+    if unknown:
+        raise ReportError(
+            f"{paths[0] if len(paths) == 1 else 'the ensembles'}: --observable {unknown[0]!r}: no such "
+            f"observables/ dataset; allowed: {', '.join(sorted(present)) or 'none'}"
+        )
+
+
 def _models_for(ensembles: list[Path], models: Sequence[str | Path]) -> list[Path | None]:
     """``--model`` files matched to ensembles: one for all, or one each in order (each checked readable)."""
     given = [Path(m) for m in models]
@@ -430,13 +453,19 @@ def _models_for(ensembles: list[Path], models: Sequence[str | Path]) -> list[Pat
 
 
 def _ensemble_section(
-    i: int, path: Path, model: Path | None, out: Path, analyze: Callable[[Path], dict], pdf: bool
+    i: int,
+    path: Path,
+    model: Path | None,
+    out: Path,
+    analyze: Callable[[Path], dict],
+    pdf: bool,
+    only: Sequence[str] | None,
 ) -> str:
     """Analyse ensemble number ``i`` (from 0), write its figures into ``out``; returns its HTML section."""
     from latflow.ensemble import EnsembleReader
 
     result = analyze(path)
-    writer = _Writer(out, f"e{i + 1}", ("pdf",) if pdf else ())
+    writer = _Writer(out, f"e{i + 1}", ("pdf",) if pdf else (), only)
     with EnsembleReader(path) as reader:
         sampler = dict(reader.sampler) if isinstance(reader.sampler, dict) else {}
         note = "none given"
@@ -460,6 +489,7 @@ def write_report(
     force: bool = False,
     analyze: Callable[[Path], dict] | None = None,
     pdf: bool = False,
+    observables: Sequence[str] | None = None,
 ) -> Path:
     """Write ``out_dir/index.html`` with one section per ensemble and its figures as PNG files beside it.
 
@@ -484,6 +514,9 @@ def write_report(
         theory-aware analysis with exact means and derived observables); default ``analyze_ensemble``.
     pdf : bool, optional
         Also write each figure as PDF beside its PNG.
+    observables : sequence of str, optional
+        Draw the figures of these ``observables/<name>`` datasets only (default: all); each must be in
+        at least one of the ensembles. The analysis tables always list every observable.
 
     Returns
     -------
@@ -498,6 +531,7 @@ def write_report(
     for p in paths:
         _check_ensemble(p)
     chosen = _models_for(paths, models)
+    _check_observables(paths, observables)
     out = Path(out_dir)
     _check_out_dir(out, force)
     out.mkdir(parents=True, exist_ok=True)
@@ -505,7 +539,7 @@ def write_report(
     sections = []
     for i, (path, model) in enumerate(zip(paths, chosen, strict=True)):
         try:
-            sections.append(_ensemble_section(i, path, model, out, analyze, pdf))
+            sections.append(_ensemble_section(i, path, model, out, analyze, pdf, observables))
         except (OSError, RuntimeError, KeyError) as exc:  # h5py on a file damaged past what verify checks
             raise ReportError(f"{path}: damaged HDF5 file: cannot read: {type(exc).__name__}: {exc}") from None
     index = out / "index.html"

@@ -191,6 +191,13 @@ def _report_args(sub: argparse._SubParsersAction) -> None:
         help="training checkpoint whose history is plotted: once for every ensemble, or once per ensemble in "
         "order (default: each ensemble's model from its job record, where it exists)",
     )
+    r.add_argument(
+        "--observable",
+        dest="observables",
+        action="append",
+        metavar="NAME",
+        help="plot only this observables/NAME dataset (repeatable; default: all; the tables list all)",
+    )
     r.add_argument("--pdf", action="store_true", help="also write every figure as PDF")
     r.add_argument("--force", action="store_true", help="write into a non-empty DIR (replacing same-named files)")
 
@@ -202,7 +209,13 @@ def _report(args: argparse.Namespace) -> int:
 
     try:
         index = write_report(
-            args.ensembles, args.out, models=args.models, force=args.force, analyze=runner.analyze, pdf=args.pdf
+            args.ensembles,
+            args.out,
+            models=args.models,
+            force=args.force,
+            analyze=runner.analyze,
+            pdf=args.pdf,
+            observables=args.observables,
         )
     except ReportError as exc:
         raise JobError(str(exc)) from None

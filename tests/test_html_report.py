@@ -166,10 +166,13 @@ def test_report_model_option_and_pdf(inputs, tmp_path):
     other = tmp_path / "other.model.pt"
     save_atomic({"history": {"log_z": [0.1, 0.2], "ess": [0.5, 0.6], "loss": [2.0, 1.0]}}, other)
     out = tmp_path / "rep"
-    assert main(["report", str(inputs["smc"]), "-o", str(out), "--model", str(other), "--pdf"]) == 0
+    argv = ["report", str(inputs["smc"]), "-o", str(out), "--model", str(other), "--pdf", "--observable", "phi2"]
+    assert main(argv) == 0
     page = (out / "index.html").read_text(encoding="utf-8")
     assert "e1_training.png" in page and str(other) in page
     assert (out / "e1_training.pdf").read_bytes()[:5] == b"%PDF-"
+    assert "e1_phi2_histogram.png" in page and "magnetization_histogram" not in page  # only the one asked for
+    assert "<td>magnetization</td>" in page  # the table keeps every observable
 
 
 def test_find_model_from_the_job_record(tmp_path):
@@ -212,6 +215,8 @@ def test_refusals(inputs, tmp_path, capsys):
     junk.write_bytes(b"not a checkpoint")
     err = _one_line_error(capsys, ["report", str(inputs["smc"]), "-o", str(fresh), "--model", str(junk)])
     assert "junk.pt: not a readable training checkpoint" in err
+    err = _one_line_error(capsys, ["report", str(inputs["smc"]), "-o", str(fresh), "--observable", "nope"])
+    assert "--observable 'nope': no such observables/ dataset; allowed: magnetization, phi2" in err
     assert not fresh.exists()
     assert main(["report", str(inputs["smc"]), "-o", str(out), "--force"]) == 0
     assert (out / "index.html").is_file() and (out / "keep.txt").read_text() == "mine"
