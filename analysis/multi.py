@@ -372,7 +372,7 @@ def analyze_ensembles(
         res = analyze_ensemble(
             paths[0], derived=derived, S=S, known_means=known, check_checksums=check_checksums, exact_log_z=exact_log_z
         )
-        return {**res, "files": [str(paths[0])], "error_method": "gamma"}
+        return {**res, "files": [_file_summary(paths[0], res)], "error_method": "gamma"}
     ensembles = [_load(p) for p in paths]
     extra = check_compatible([(e.path, e.attrs) for e in ensembles])
     per = _per_file(paths, S, known, check_checksums)

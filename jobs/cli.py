@@ -421,34 +421,27 @@ def _analyze(args: argparse.Namespace) -> int:
     from latflow.analysis import AnalysisInputError
 
     from . import analyze as analysis_command
-    from . import runner
 
     means = _parse_means(args.means)
     for path in args.ensemble:
         require_hdf5_file(Path(path))
-    plain = len(args.ensemble) == 1 and args.errors == "gamma" and not args.reweight
-    plain = plain and not args.derived_files and not args.effective_masses
     try:
-        if plain:  # the single-file analysis as it always was
-            result = runner.analyze(args.ensemble[0], means=means, check_checksums=not args.ignore_checksums)
-            result["files"] = list(args.ensemble)
-        else:
-            result = analysis_command.analyze(
-                args.ensemble,
-                means=means,
-                check_checksums=not args.ignore_checksums,
-                errors=args.errors,
-                bin_size=args.bin_size,
-                n_boot=args.n_boot,
-                seed=args.boot_seed,
-                derived_files=args.derived_files,
-                reweight=args.reweight,
-                effective_masses=args.effective_masses,
-            )
+        result = analysis_command.analyze(
+            args.ensemble,
+            means=means,
+            check_checksums=not args.ignore_checksums,
+            errors=args.errors,
+            bin_size=args.bin_size,
+            n_boot=args.n_boot,
+            seed=args.boot_seed,
+            derived_files=args.derived_files,
+            reweight=args.reweight,
+            effective_masses=args.effective_masses,
+        )
     except AnalysisInputError as exc:
         text = str(exc)
         if not any(text.startswith(p) for p in args.ensemble):  # name the file (and --mean where it is about that)
-            about_means = plain or text.startswith(("no observable", "known mean"))
+            about_means = text.startswith(("no observable", "known mean"))
             text = f"{args.ensemble[0]}: {'--mean: ' if about_means else ''}{text}"
         raise JobError(text) from None
     except (OSError, RuntimeError, KeyError) as exc:  # h5py on a file damaged past its header
