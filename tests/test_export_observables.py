@@ -253,6 +253,12 @@ def test_csv_and_npz_round_trip_exactly(latflow_cli, tmp_path):
             assert z[key].dtype == want[src].dtype
         np.testing.assert_array_equal(z["corr"], want["observables/corr"])
         np.testing.assert_array_equal(z["accepted"], want["markov/accepted"])
+    # the same numbering in pyerrors: thinned chain 0 every 3rd step from 2, chain 5 from step 40
+    _ok(latflow_cli.run(["export", "e.h5", "--format", "pyerrors-json", "-o", "e.json"], tmp_path))
+    obs = _obs_by_tag(_load(tmp_path / "e.json"))
+    assert sorted(obs) == ["corr[0]", "corr[1]", "corr[2]", "single", "x"]
+    assert obs["x"].idl == {"e|r0": range(2, 23, 3), "e|r5": range(40, 49)}
+    assert obs["corr[1]"].value == pytest.approx(2 * obs["x"].value, rel=1e-12)
 
 
 # -- bad input ---------------------------------------------------------------------------------------
@@ -274,6 +280,7 @@ def test_bad_input_is_refused_and_nothing_overwritten(latflow_cli, tmp_path):
         run(["export", "e.h5", "--format", "ildg", "-o", "c.lime", "--observables", "x"], tmp_path), "--observables"
     )
     _refused(run(["export", "missing.h5", "--format", "csv"], tmp_path), "missing.h5")
+    _refused(run(["export", "e.h5", "--format", "nersc"], tmp_path), "--format nersc", "-o FILE")
     assert (tmp_path / "taken.csv").read_text() == "keep" and (tmp_path / "taken.json.gz").read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.h5", "taken.csv", "taken.json.gz"]
     _ok(run(["export", "e.h5", "--format", "csv", "-o", "taken.csv", "--force"], tmp_path))
