@@ -263,7 +263,7 @@ def _header(paths: list[Path], per: list[dict], reweighted: bool) -> tuple[dict,
         }
     for p, res in zip(paths, per, strict=True):
         for name, tail in res.get("pareto_khat", {}).items():
-            result.setdefault("pareto_khat", {})[f"{p.name}:{name}" if many else name] = tail
+            result.setdefault("pareto_khat", {})[f"{name} ({p.name})" if many else name] = tail
     return result, overall
 
 
@@ -482,7 +482,7 @@ def header_lines(result: Mapping) -> list[str]:
     out = []
     files = result.get("files") or []
     if len(files) > 1:
-        parts = [f"{f['path']} ({f.get('n_committed', '?')} rows, {f.get('n_chains', '?')} chains)" for f in files]
+        parts = [f"{f['path']} ({f.get('n_committed', '?')} rows, {f.get('n_chains', '?')} chain(s))" for f in files]
         out.append("files (replicas of one analysis): " + ", ".join(parts))
     method = result.get("error_method", "gamma")
     if method != "gamma":

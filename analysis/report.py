@@ -604,7 +604,8 @@ def format_table(result: dict) -> str:
     -------
     str
         Header lines (theory, couplings, lattice, n_committed, chains, steps per chain,
-        acceptance, ESS, accepted proposals, Pareto k-hat, known means), then one row per
+        acceptance, ESS, accepted proposals, Pareto k-hat, the files combined, error method and reweighting
+        (:func:`latflow.analysis.multi.header_lines`), known means), then one row per
         observable and derived observable with columns observable | mean | error |
         value(error) | tau_int | tau_int err | W (window) | n | ``!`` (the row has warnings),
         then the warnings: ensemble-wide ones once, then each row's own, prefixed by its name, then

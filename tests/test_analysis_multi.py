@@ -117,7 +117,7 @@ def test_cli_json_lists_files_and_derived_from_a_file(ensembles, latflow_cli) ->
     assert "susceptibility" in out and "chi2_connected" in out  # built-in and the theory's own
     table = latflow_cli.run(["analyze", "a.h5", "b.h5", "--errors", "jackknife"], ensembles)
     assert table.returncode == 0, table
-    assert "files (replicas of one analysis): a.h5 (600 rows, 4 chains), b.h5 (600 rows, 4 chains)" in table.stdout
+    assert "files (replicas of one analysis): a.h5 (600 rows, 4 chain(s)), b.h5 (600 rows, 4 chain(s))" in table.stdout
     assert "errors: jackknife" in table.stdout and "acceptance:" in table.stdout
 
 
