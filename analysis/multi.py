@@ -440,8 +440,8 @@ def _fill(
         mus = [result["observables"][i]["known_mean"] for i in spec.inputs]
         try:
             res, entry = est.estimate(spec.func, list(spec.inputs), mus)
-        except (ValueError, ZeroDivisionError, FloatingPointError) as exc:
-            warnings.append(f"derived {name!r} skipped: {exc}")
+        except Exception as exc:  # noqa: BLE001 (a user's function may raise anything: one warning line)
+            warnings.append(f"derived {name!r} skipped: {type(exc).__name__}: {exc}")
             continue
         own = series_warnings(res, reps.lengths, frozen=max(frozen[i] for i in spec.inputs))
         entry.update(known_mean=None, warnings=[*overall, *own], inputs=list(spec.inputs))

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,7 @@ def load_user_file(path: str | Path, option: str) -> dict[str, Any]:
         raise JobError(f"{path}: {option}: syntax error at line {exc.lineno}: {exc.msg}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise JobError(f"{path}: {option}: cannot read: {exc}") from None
+    sys.modules[spec.name] = module  # what dataclasses and pickling in the file look up
     try:
         exec(code, module.__dict__)  # noqa: S102 (the user's own analysis code, run on request)
     except Exception as exc:  # noqa: BLE001 (any error of user code becomes one line)
@@ -110,8 +113,30 @@ def derived_from_file(path: str | Path, allowed: Sequence[str]) -> dict[str, Der
                 f"{path}: DERIVED[{name!r}]: no observable {', '.join(map(repr, missing))} in the ensemble; "
                 f"allowed: {', '.join(allowed)}"
             )
-        out[str(name)] = DerivedObservable(tuple(inputs), func, str(text) or f"from {Path(path).name}")
+        try:
+            inspect.signature(func).bind(*inputs)
+        except TypeError as exc:
+            raise JobError(
+                f"{path}: DERIVED[{name!r}]: the function does not take {len(inputs)} means: {exc}"
+            ) from None
+        except ValueError:  # no signature to inspect (some builtins): called as it is
+            pass
+        out[str(name)] = DerivedObservable(tuple(inputs), _guarded(func), str(text) or f"from {Path(path).name}")
     return out
+
+
+def _guarded(func: Callable[..., float]) -> Callable[..., float]:
+    """``func`` with any exception turned into a ValueError (the analysis skips the quantity with a warning)."""
+
+    def call(*means: float) -> float:
+        try:
+            return func(*means)
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (user code)
+            raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+    return call
 
 
 # --- built-in derived observables --------------------------------------------------------------

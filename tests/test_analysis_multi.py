@@ -188,10 +188,15 @@ def test_effective_masses_of_a_stored_correlator(tmp_path) -> None:
             {"miss.py": "DERIVED = {'r': (('phi2', 'nope'), lambda a, b: a / b)}\n"},
             ("miss.py", "'nope'", "allowed:", "phi2"),
         ),
+        (
+            ["a.h5", "--derived", "arity.py"],
+            {"arity.py": "DERIVED = {'r': (('phi2',), lambda a, b: a / b)}\n"},
+            ("arity.py", "DERIVED['r']", "does not take 1 means"),
+        ),
         (["a.h5", "--reweight", "beta=2"], {}, ("--reweight 'beta=2'", "m2, lam")),
         (["a.h5", "--effective-mass", "phi2"], {}, ("a.h5", "--effective-mass 'phi2'", "NAME[:log|cosh]")),
     ],
-    ids=["errors", "twice", "mismatch", "syntax", "no-derived", "missing-input", "reweight-key", "meff"],
+    ids=["errors", "twice", "mismatch", "syntax", "no-derived", "missing-input", "arity", "reweight-key", "meff"],
 )
 def test_bad_input_one_line(ensembles, latflow_cli, tmp_path, args, files, expect) -> None:
     for name in ("a.h5",):
