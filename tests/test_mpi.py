@@ -567,8 +567,10 @@ def test_rank0_killed_while_ranks_run_ahead_leaves_a_resumable_ensemble(
     assert n >= 3 * 2 * rows_per_step and n % (2 * rows_per_step) == 0, n  # whole blocks of both ranks
     steps = n // rows_per_step + 6
     more = ["--set", f"sampler.n_samples={steps}"]
-    mpirun("latflow", "sample", "job.toml", "--resume", *flags, *more, cwd=tmp_path)
-    mpirun("latflow", "sample", "job.toml", "--out", "ref.h5", *flags, *more, cwd=tmp_path)
+    resume = mpirun_bg("latflow", "sample", "job.toml", "--resume", *flags, *more, cwd=tmp_path)
+    straight = mpirun_bg("latflow", "sample", "job.toml", "--out", "ref.h5", *flags, *more, cwd=tmp_path)
+    wait(resume, "resumed run")
+    wait(straight, "uninterrupted run")
     resumed, ref = rows(ens), rows(tmp_path / "ref.h5")
     assert int(ref["n_committed"]) == steps * rows_per_step
     assert resumed.keys() == ref.keys()
