@@ -129,7 +129,7 @@ def main() -> None:
         raise SystemExit("mpiexec not on PATH (install the extra: pip install 'latflow[mpi]')")
     particles = 64 if args.quick else 512
     short, long = (2, 4) if args.quick else (10, 60)
-    runs_short, runs_long = (4, 8) if args.quick else (4, 24)
+    runs_short, runs_long = (4, 8) if args.quick else (8, 120)
     print(f"# {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average before: {os.getloadavg()}")
     rows = []

@@ -599,6 +599,7 @@ def test_block_pipe_delivers_every_block_in_order_with_three_ranks(tmp_path: Pat
         assert f"BLOCK_PIPE_DONE rank={rank}" in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow  # the HMC version runs by default; this one repeats it for flow-MCMC
 def test_pipelined_flow_mcmc_equals_ranks_alone(trained: Path) -> None:
     """Flow-MCMC, one chain per rank (``markov/chain`` = rank), commits of 7 steps: the 2-rank ensemble holds,
     chain by chain and bit for bit, the rows of each rank sampled alone with its own stream."""

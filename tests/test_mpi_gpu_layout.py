@@ -212,6 +212,7 @@ seed = 31
 
 
 @needs_mpi
+@pytest.mark.slow  # test_torch_distributed_averages_like_mpi checks the averages by default
 def test_training_with_torch_comm_gives_the_mpi_checkpoint(tmp_path):
     (tmp_path / "job.toml").write_text(TRAIN_JOB)
     for comm in ("mpi", "torch"):

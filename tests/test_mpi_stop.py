@@ -192,7 +192,10 @@ def _stop(
 
 @pytest.mark.parametrize(
     ("signum", "every_rank", "comm"),
-    [(signal.SIGTERM, True, "mpi"), (signal.SIGUSR1, False, "torch")],
+    [
+        (signal.SIGTERM, True, "mpi"),
+        pytest.param(signal.SIGUSR1, False, "torch", marks=pytest.mark.slow),  # the default run has one of the two
+    ],
     ids=["sigterm-both-ranks-mpi", "sigusr1-one-rank-torch"],
 )
 def test_two_rank_training_stopped_resumes_bit_for_bit(
@@ -302,6 +305,7 @@ def _launcher_is_hydra() -> bool:
 
 
 @pytest.mark.skipif(not _launcher_is_hydra(), reason="signal forwarding checked for MPICH's mpiexec (Hydra) only")
+@pytest.mark.slow  # the default run signals the ranks; this checks the launcher passes the signal on
 def test_sigterm_to_mpich_launcher_reaches_the_ranks(tmp_path: Path) -> None:
     """SIGTERM to ``mpiexec`` alone: Hydra passes it on, the ranks stop cleanly, the run resumes bit for bit."""
     _stop_and_resume_sampling(tmp_path, signal.SIGTERM, "launcher")

@@ -193,6 +193,7 @@ def _same_flows(a: dict, b: dict) -> None:
     assert a["history"] == b["history"]
 
 
+@pytest.mark.slow  # the default run has the one-process stop tests and the 2-rank CRAFT exactness script
 @mpi
 def test_craft_training_on_two_ranks_stops_and_resumes_bit_for_bit(tmp_path: Path) -> None:
     """Data-parallel CRAFT training stopped by SIGTERM on its ranks: exit 143, a checkpoint at the iteration
