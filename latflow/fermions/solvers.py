@@ -1,10 +1,19 @@
 """Batched Krylov solvers: CG (Hermitian positive definite), CGNR (normal equations), BiCGStab.
 
 A batch of ``B`` independent systems ``A x_b = b_b`` is solved together: ``apply_A`` maps
-``[B, *field_shape] -> [B, *field_shape]``, and the scalars of the recursions (step lengths,
-residual norms) are length-``B`` float64 / complex128 arrays held on the host (each inner product
-is one transfer; the per-system bookkeeping then costs no tensor operations). A system stops
-updating once its relative residual ``|b - A x| / |b|`` is below ``tol``; the others go on.
+``[B, *field_shape] -> [B, *field_shape]``. A system stops updating once its relative residual
+``|b - A x| / |b|`` is below ``tol``; the others go on.
+
+Host synchronisation. In :func:`cg` and :func:`cgnr` the recursion scalars (step lengths,
+residual norms; ``[B]`` float64) and the masks that freeze converged or failed systems are device
+tensors; the host reads one boolean ("is any system still active?") every ``check_every``
+iterations (default 1 for CPU tensors, 10 otherwise) and none in between, so on a GPU the inner
+loop is free of device-to-host transfers. Systems that converge between checks are frozen by
+their masks, so iteration counts and solutions do not depend on ``check_every``; at most
+``check_every - 1`` no-op products with ``A`` are spent after the last one converges.
+:func:`bicgstab` keeps its scalars on the host (length-``B`` float64 / complex128 arrays, a few
+transfers per iteration). :func:`cg_mixed` solves in single precision with double-precision
+defect correction; :func:`solve_normal` selects ``"cg"`` or ``"cg_mixed"`` for ``D^dagger D``.
 Inner products are complex, ``<a, b> = sum(conj(a) * b)`` over all non-batch axes.
 
 When every system has converged by its recursively updated residual, the true residual
@@ -24,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["SolverResult", "ConvergenceError", "cg", "cgnr", "bicgstab"]
+__all__ = ["SolverResult", "ConvergenceError", "cg", "cgnr", "bicgstab", "cg_mixed", "solve_normal"]
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -154,6 +163,69 @@ def _start(apply_A: Operator, b: torch.Tensor, x0: torch.Tensor | None) -> tuple
     return x0.clone(), b - apply_A(x0)
 
 
+def _resolve_check_every(name: str, check_every: int | None, b: torch.Tensor) -> int:
+    """``check_every`` or its default: 1 on the CPU (host scalars cost nothing there), 10 on accelerators."""
+    if check_every is None:
+        return 1 if b.device.type == "cpu" else 10
+    if isinstance(check_every, bool) or int(check_every) != check_every or check_every < 1:
+        raise ValueError(f"{name}: check_every must be a positive integer, got {check_every!r}")
+    return int(check_every)
+
+
+def _sync_any(mask: torch.Tensor) -> bool:
+    """The one host synchronisation of the device-scalar solvers: does any entry of ``mask [B]`` hold?"""
+    return bool(mask.any())
+
+
+class _DeviceBatch:
+    """Per-system bookkeeping held on the device: ``[B]`` float64 norms, int64 counts, bool masks.
+
+    Nothing here transfers to the host; :func:`_sync_any` is called only at the periodic checks.
+    The recursion scalars are float64 whatever the field dtype (as the host version did), cast to
+    the field's real dtype only where they multiply a field.
+    """
+
+    def __init__(self, b: torch.Tensor, tol: float) -> None:
+        bnorm = _dot(b, b).real.double().sqrt()
+        self.denom = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+        self.tol = tol
+        self.iterations = torch.zeros(b.shape[0], dtype=torch.int64, device=b.device)
+        self.failed = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
+        self.real_dtype = b.real.dtype if b.is_complex() else b.dtype
+        self.shape = (-1,) + (1,) * (b.dim() - 1)
+
+    def sq_norm(self, a: torch.Tensor) -> torch.Tensor:
+        """``|a|^2`` per system, ``[B]`` float64 on the device."""
+        return _dot(a, a).real.double()
+
+    def unconverged(self, sq_norm: torch.Tensor) -> torch.Tensor:
+        """Systems still to iterate, ``[B]`` bool: relative residual not below ``tol`` and not failed."""
+        rel = sq_norm.sqrt() / self.denom
+        self.failed |= ~torch.isfinite(rel)
+        return ~(rel < self.tol) & ~self.failed
+
+    def field(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B]`` scalars as the field's real dtype, broadcastable against ``[B, ...]``."""
+        return values.to(self.real_dtype).view(self.shape)
+
+
+def _safe_div_t(num: torch.Tensor, den: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``num / den`` where ``where`` holds and ``den != 0``, 0 elsewhere (``[B]``, on the device)."""
+    ok = where & (den != 0)
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _finish_device(
+    name: str, apply_A: Operator, b: torch.Tensor, x: torch.Tensor, st: _DeviceBatch, tol: float, max_iter: int
+) -> SolverResult:
+    residual = (st.sq_norm(b - apply_A(x)).sqrt() / st.denom).to(st.real_dtype)
+    result = SolverResult(x=x, iterations=st.iterations, residual=residual)
+    if not bool((residual < tol).all()):
+        reason = "breakdown or non-finite values" if bool(st.failed.any()) else ""
+        raise ConvergenceError(name, tol, max_iter, result, reason)
+    return result
+
+
 def cg(
     apply_A: Operator,
     b: torch.Tensor,
@@ -161,8 +233,18 @@ def cg(
     tol: float = 1e-10,
     max_iter: int = 1000,
     x0: torch.Tensor | None = None,
+    check_every: int | None = None,
 ) -> SolverResult:
-    """Conjugate gradients for Hermitian positive-definite ``A``, batched.
+    """Conjugate gradients for Hermitian positive-definite ``A``, batched, with device-side scalars.
+
+    All recursion scalars (``alpha``, ``beta``, residual norms; ``[B]`` float64) and the masks that
+    freeze converged or failed systems stay on the device. The host looks at them only every
+    ``check_every`` iterations (one ``bool`` transfer: is any system still active?), so between
+    checks the loop issues no device-to-host transfer and can be captured or queued freely.
+    A system that converges between checks is frozen by its mask (its step lengths are 0), so
+    the per-system iteration counts and the solution are the same as with ``check_every = 1``;
+    only up to ``check_every - 1`` extra (no-op) products with ``A`` may be spent after the last
+    system converges.
 
     Parameters
     ----------
@@ -176,6 +258,8 @@ def cg(
         Maximum number of iterations (one product with ``A`` each).
     x0
         Initial guess (zero if ``None``).
+    check_every
+        Iterations between host-side convergence checks; ``None``: 1 for CPU tensors, 10 otherwise.
 
     Returns
     -------
@@ -183,41 +267,43 @@ def cg(
         Raises :class:`ConvergenceError` if any system misses ``tol``.
     """
     _check_args("cg", b, tol, max_iter, x0)
-    st = _Batch(b, tol)
+    k = _resolve_check_every("cg", check_every, b)
+    st = _DeviceBatch(b, tol)
     x, r = _start(apply_A, b, x0)
-    rr = _sq_norm(r)
+    rr = st.sq_norm(r)
     active = st.unconverged(rr)
     p = r.clone()
     n = 0
     while True:
-        if not active.any():
-            # converged by the recursion: check the true residual, restart the systems that drifted
-            r_true = b - apply_A(x)
-            rr_true = _sq_norm(r_true)
-            drift = st.unconverged(rr_true)
-            if not drift.any() or n >= max_iter:
+        if n % k == 0 or n >= max_iter:
+            if not _sync_any(active):
+                # converged by the recursion: check the true residual, restart the systems that drifted
+                r_true = b - apply_A(x)
+                rr_true = st.sq_norm(r_true)
+                drift = st.unconverged(rr_true)
+                if n >= max_iter or not _sync_any(drift):
+                    break
+                sel = drift.view(st.shape)
+                r = torch.where(sel, r_true, r)
+                p = torch.where(sel, r_true, p)
+                rr = torch.where(drift, rr_true, rr)
+                active = drift
+            if n >= max_iter:
                 break
-            sel = st.mask(drift)
-            r = torch.where(sel, r_true, r)
-            p = torch.where(sel, r_true, p)
-            rr = np.where(drift, rr_true, rr)
-            active = drift
-        if n >= max_iter:
-            break
         ap = apply_A(p)
-        pap = _host(_dot(p, ap).real)
+        pap = _dot(p, ap).real.double()
         st.failed |= active & ~(pap > 0)  # not positive definite, or breakdown
-        active &= ~st.failed
-        alpha = st.scalars(_safe_div(rr, pap, active))
+        active = active & ~st.failed
+        alpha = st.field(_safe_div_t(rr, pap, active))
         x.addcmul_(alpha, p)
         r.addcmul_(alpha, ap, value=-1)
-        rr_new = _sq_norm(r)
-        p = torch.addcmul(r, st.scalars(_safe_div(rr_new, rr, active)), p)
-        rr = np.where(active, rr_new, rr)
+        rr_new = st.sq_norm(r)
+        p = torch.addcmul(r, st.field(_safe_div_t(rr_new, rr, active)), p)
+        rr = torch.where(active, rr_new, rr)
         st.iterations += active
         n += 1
-        active &= st.unconverged(rr)
-    return _finish("cg", apply_A, b, x, st, tol, max_iter)
+        active = active & st.unconverged(rr)
+    return _finish_device("cg", apply_A, b, x, st, tol, max_iter)
 
 
 def cgnr(
@@ -228,50 +314,54 @@ def cgnr(
     tol: float = 1e-10,
     max_iter: int = 1000,
     x0: torch.Tensor | None = None,
+    check_every: int | None = None,
 ) -> SolverResult:
     """CG on the normal equations ``A^dagger A x = A^dagger b`` for any invertible ``A`` (CGLS form).
 
     The recursion carries the residual ``b - A x`` of the original system, so the stopping
     criterion is ``|b - A x| / |b| < tol`` (not the normal-equation residual). Each iteration
-    applies ``A`` and ``A^dagger`` once. Arguments as in :func:`cg`.
+    applies ``A`` and ``A^dagger`` once. Scalars and masks stay on the device and the host checks
+    convergence every ``check_every`` iterations, as in :func:`cg`. Arguments as in :func:`cg`.
     """
     _check_args("cgnr", b, tol, max_iter, x0)
-    st = _Batch(b, tol)
+    k = _resolve_check_every("cgnr", check_every, b)
+    st = _DeviceBatch(b, tol)
     x, r = _start(apply_A, b, x0)
-    active = st.unconverged(_sq_norm(r))
+    active = st.unconverged(st.sq_norm(r))
     s = apply_A_dagger(r)
-    gamma = _sq_norm(s)
+    gamma = st.sq_norm(s)
     p = s.clone()
     n = 0
     while True:
-        if not active.any():
-            r_true = b - apply_A(x)
-            drift = st.unconverged(_sq_norm(r_true))
-            if not drift.any() or n >= max_iter:
+        if n % k == 0 or n >= max_iter:
+            if not _sync_any(active):
+                r_true = b - apply_A(x)
+                drift = st.unconverged(st.sq_norm(r_true))
+                if n >= max_iter or not _sync_any(drift):
+                    break
+                sel = drift.view(st.shape)
+                r = torch.where(sel, r_true, r)
+                s_true = apply_A_dagger(r)
+                p = torch.where(sel, s_true, p)
+                gamma = torch.where(drift, st.sq_norm(s_true), gamma)
+                active = drift
+            if n >= max_iter:
                 break
-            sel = st.mask(drift)
-            r = torch.where(sel, r_true, r)
-            s_true = apply_A_dagger(r)
-            p = torch.where(sel, s_true, p)
-            gamma = np.where(drift, _sq_norm(s_true), gamma)
-            active = drift
-        if n >= max_iter:
-            break
         q = apply_A(p)
-        qq = _sq_norm(q)
+        qq = st.sq_norm(q)
         st.failed |= active & ~(qq > 0)
-        active &= ~st.failed
-        alpha = st.scalars(_safe_div(gamma, qq, active))
+        active = active & ~st.failed
+        alpha = st.field(_safe_div_t(gamma, qq, active))
         x.addcmul_(alpha, p)
         r.addcmul_(alpha, q, value=-1)
         st.iterations += active
         n += 1
-        active &= st.unconverged(_sq_norm(r))
+        active = active & st.unconverged(st.sq_norm(r))
         s = apply_A_dagger(r)
-        gamma_new = _sq_norm(s)
-        p = torch.addcmul(s, st.scalars(_safe_div(gamma_new, gamma, active)), p)
-        gamma = np.where(active, gamma_new, gamma)
-    return _finish("cgnr", apply_A, b, x, st, tol, max_iter)
+        gamma_new = st.sq_norm(s)
+        p = torch.addcmul(s, st.field(_safe_div_t(gamma_new, gamma, active)), p)
+        gamma = torch.where(active, gamma_new, gamma)
+    return _finish_device("cgnr", apply_A, b, x, st, tol, max_iter)
 
 
 def bicgstab(
@@ -347,3 +437,141 @@ def bicgstab(
         if stalled.any():
             restart(stalled)
     return _finish("bicgstab", apply_A, b, x, st, tol, max_iter)
+
+
+_LOWER = {torch.complex128: torch.complex64, torch.float64: torch.float32}
+
+
+def cg_mixed(
+    apply_A_lo: Operator,
+    apply_A_hi: Operator,
+    b: torch.Tensor,
+    *,
+    tol: float = 1e-10,
+    max_iter: int = 1000,
+    inner_tol: float = 1e-5,
+    max_outer: int = 50,
+    min_reduction: float = 0.5,
+    x0: torch.Tensor | None = None,
+    check_every: int | None = None,
+) -> SolverResult:
+    """Mixed-precision CG by defect correction: single-precision inner solves, double-precision residuals.
+
+    Each outer step computes the true residual ``r = b - A x`` with ``apply_A_hi`` in the dtype of
+    ``b`` (complex128 / float64), scales it to unit norm per system, solves ``A e = r / |r|`` with
+    :func:`cg` in the lower precision (complex64 / float32, operator ``apply_A_lo``) to the relative
+    tolerance ``inner_tol``, and corrects ``x += |r| e`` in double precision. The reported residual
+    is the double-precision true residual, so ``tol`` can be far below single-precision rounding;
+    each outer step reduces it by about ``inner_tol``. Systems already below ``tol`` get a zero
+    right-hand side (zero correction, no inner iterations).
+
+    Parameters
+    ----------
+    apply_A_lo
+        ``A`` acting on ``[B, *field_shape]`` fields of the lower dtype (e.g. the Wilson
+        ``D^dagger D`` with complex64 links).
+    apply_A_hi
+        The same ``A`` in the dtype of ``b``.
+    b
+        Right-hand sides ``[B, *field_shape]``, complex128 or float64.
+    tol
+        Target relative residual ``|b - A x| / |b|`` (double precision), at least ``10 * eps``.
+    max_iter
+        Maximum total number of inner iterations (products with ``apply_A_lo``) per system.
+    inner_tol
+        Relative tolerance of each inner single-precision solve (above single-precision
+        rounding, e.g. 1e-3 .. 1e-5).
+    max_outer
+        Maximum number of outer (defect-correction) steps.
+    min_reduction
+        An outer step must multiply the residual of every unconverged system by less than this;
+        otherwise the lower precision cannot reduce it further and :class:`ConvergenceError`
+        is raised (reason "stagnated").
+    x0
+        Initial guess in the dtype of ``b`` (zero if ``None``).
+    check_every
+        Passed to the inner :func:`cg`.
+
+    Returns
+    -------
+    SolverResult
+        ``iterations`` counts the inner iterations per system; raises :class:`ConvergenceError`
+        if any system misses ``tol`` (after ``max_iter`` inner iterations, ``max_outer`` steps,
+        or stagnation).
+    """
+    _check_args("cg_mixed", b, tol, max_iter, x0)
+    if b.dtype not in _LOWER:
+        raise ValueError(f"cg_mixed: b must be complex128 or float64, got {b.dtype}")
+    eps = torch.finfo(b.real.dtype if b.is_complex() else b.dtype).eps
+    if tol < 10 * eps:
+        raise ValueError(f"cg_mixed: tol={tol:g} is below what {b.dtype} can resolve (10 eps = {10 * eps:.1e})")
+    lo_eps = torch.finfo(_LOWER[b.dtype].to_real() if b.is_complex() else _LOWER[b.dtype]).eps
+    if not 10 * lo_eps < inner_tol < 1:
+        raise ValueError(f"cg_mixed: inner_tol must lie in ({10 * lo_eps:.1e}, 1), got {inner_tol}")
+    st = _DeviceBatch(b, tol)
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - apply_A_hi(x) if x0 is not None else b.clone()
+    rel = st.sq_norm(r).sqrt() / st.denom
+    reason = ""
+    for _ in range(max_outer):
+        active = ~(rel < tol)
+        if not _sync_any(active):
+            break
+        left = max_iter - int(st.iterations.max())
+        if left <= 0:
+            break
+        rnorm = st.sq_norm(r).sqrt()
+        scale = torch.where(active & (rnorm > 0), rnorm, torch.zeros_like(rnorm))
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        rhs = torch.where(active.view(st.shape), r / st.field(safe), torch.zeros_like(r)).to(_LOWER[b.dtype])
+        try:
+            inner = cg(apply_A_lo, rhs, tol=inner_tol, max_iter=left, check_every=check_every)
+        except ConvergenceError as exc:  # a partial inner solve still corrects; the outer check judges it
+            inner = exc.result
+        st.iterations += inner.iterations.to(st.iterations.device)
+        x = x + inner.x.to(b.dtype) * st.field(scale)
+        r = b - apply_A_hi(x)
+        new_rel = st.sq_norm(r).sqrt() / st.denom
+        stalled = active & ~(new_rel < tol) & ~(new_rel < min_reduction * rel)
+        rel = new_rel
+        if _sync_any(stalled):
+            reason = f"stagnated: an outer step reduced the residual by less than {min_reduction:g}"
+            break
+    result = SolverResult(x=x, iterations=st.iterations, residual=rel.to(st.real_dtype))
+    if not bool((rel < tol).all()):
+        raise ConvergenceError("cg_mixed", tol, max_iter, result, reason)
+    return result
+
+
+def solve_normal(
+    op: object,
+    U: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    solver: str = "cg",
+    tol: float = 1e-10,
+    max_iter: int = 1000,
+    check_every: int | None = None,
+    inner_tol: float = 1e-5,
+) -> SolverResult:
+    """Solve ``D^dagger D x = b`` for a Dirac operator with ``apply_normal(U, psi)`` (Wilson, even/odd).
+
+    ``solver = "cg"``: :func:`cg` in the dtype of ``b``; ``"cg_mixed"``: :func:`cg_mixed` with the
+    inner products on ``U`` and ``b`` cast to single precision. ``U [B, d, ...]`` and
+    ``b [B, *field_shape]`` as for ``op.apply_normal``. The single-precision links are made once
+    per call.
+    """
+    if solver == "cg":
+        return cg(lambda v: op.apply_normal(U, v), b, tol=tol, max_iter=max_iter, check_every=check_every)
+    if solver == "cg_mixed":
+        U_lo = U.to(_LOWER.get(U.dtype, U.dtype))
+        return cg_mixed(
+            lambda v: op.apply_normal(U_lo, v),
+            lambda v: op.apply_normal(U, v),
+            b,
+            tol=tol,
+            max_iter=max_iter,
+            inner_tol=inner_tol,
+            check_every=check_every,
+        )
+    raise ValueError(f"solve_normal: solver must be one of 'cg', 'cg_mixed', got {solver!r}")
