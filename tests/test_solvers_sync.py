@@ -10,7 +10,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from latflow.fermions import WilsonDirac, solvers, u1_links
-from latflow.fermions.solvers import ConvergenceError, cg, cg_mixed, cgnr, solve_normal
+from latflow.fermions.solvers import ConvergenceError, bicgstab, cg, cg_mixed, cgnr, solve_normal
 from latflow.lattice import Lattice
 from latflow.sun import haar_sun
 
@@ -102,6 +102,10 @@ def test_check_every_k_reaches_tol_with_same_iterations(k: int) -> None:
     r1, rk = cgnr(D, Dd, b, tol=1e-10, check_every=1), cgnr(D, Dd, b, tol=1e-10, check_every=k)
     assert bool((rk.residual < 1e-10).all()) and torch.equal(rk.iterations, r1.iterations)
     torch.testing.assert_close(rk.x, r1.x, rtol=0, atol=0)
+    # BiCGStab on D, likewise
+    b1, bk = bicgstab(D, b, tol=1e-10, check_every=1), bicgstab(D, b, tol=1e-10, check_every=k)
+    assert bool((bk.residual < 1e-10).all()) and torch.equal(bk.iterations, b1.iterations)
+    torch.testing.assert_close(bk.x, b1.x, rtol=0, atol=0)
 
 
 def test_masks_freeze_the_converged_system() -> None:

@@ -371,72 +371,80 @@ def bicgstab(
     tol: float = 1e-10,
     max_iter: int = 1000,
     x0: torch.Tensor | None = None,
+    check_every: int | None = None,
 ) -> SolverResult:
     """BiCGStab (van der Vorst 1992) for non-Hermitian ``A`` (e.g. the Wilson ``D``), batched.
 
     Each iteration applies ``A`` twice. A system whose intermediate residual ``s`` already meets
     ``tol`` stops after the half step. On a breakdown (``<r_hat, r>`` or ``omega`` vanishing) the
-    system restarts with the shadow residual ``r_hat = r``. Arguments as in :func:`cg`.
+    system restarts with the shadow residual ``r_hat = r`` (applied by masks on the device, no
+    host decision). Scalars (``[B]`` complex128) stay on the device and the host checks
+    convergence every ``check_every`` iterations, as in :func:`cg`. Arguments as in :func:`cg`.
     """
     _check_args("bicgstab", b, tol, max_iter, x0)
-    st = _Batch(b, tol)
+    k = _resolve_check_every("bicgstab", check_every, b)
+    st = _DeviceBatch(b, tol)
     x, r = _start(apply_A, b, x0)
-    active = st.unconverged(_sq_norm(r))
+    active = st.unconverged(st.sq_norm(r))
     r_hat = r.clone()
     p = torch.zeros_like(b)
     v = torch.zeros_like(b)
-    nb = b.shape[0]
-    rho, alpha, omega = np.ones(nb, complex), np.ones(nb, complex), np.ones(nb, complex)
+    one = torch.ones(b.shape[0], dtype=torch.complex128, device=b.device)
+    rho, alpha, omega = one.clone(), one.clone(), one.clone()
 
-    def restart(which: np.ndarray) -> None:
-        nonlocal r_hat, p, v
-        sel = st.mask(which)
+    def cdot(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return _dot(a, c).to(torch.complex128)
+
+    def fieldc(values: torch.Tensor) -> torch.Tensor:
+        values = values if b.is_complex() else values.real
+        return values.to(b.dtype).view(st.shape)
+
+    def restart(which: torch.Tensor) -> None:
+        nonlocal r_hat, p, v, rho, alpha, omega
+        sel = which.view(st.shape)
         r_hat = torch.where(sel, r, r_hat)
         p = torch.where(sel, torch.zeros_like(p), p)
         v = torch.where(sel, torch.zeros_like(v), v)
-        for arr in (rho, alpha, omega):
-            arr[which] = 1.0
+        rho, alpha, omega = (torch.where(which, one, t) for t in (rho, alpha, omega))
 
     n = 0
     while True:
-        if not active.any():
-            r_true = b - apply_A(x)
-            drift = st.unconverged(_sq_norm(r_true))
-            if not drift.any() or n >= max_iter:
+        if n % k == 0 or n >= max_iter:
+            if not _sync_any(active):
+                r_true = b - apply_A(x)
+                drift = st.unconverged(st.sq_norm(r_true))
+                if n >= max_iter or not _sync_any(drift):
+                    break
+                r = torch.where(drift.view(st.shape), r_true, r)
+                restart(drift)
+                active = drift
+            if n >= max_iter:
                 break
-            r = torch.where(st.mask(drift), r_true, r)
-            restart(drift)
-            active = drift
-        if n >= max_iter:
-            break
-        rho_new = _host(_dot(r_hat, r))
-        rr = _sq_norm(r)
-        tiny = active & (np.abs(rho_new) <= 1e-30 * np.sqrt(_sq_norm(r_hat) * rr))
-        if tiny.any():  # Lanczos breakdown: new shadow residual
-            restart(tiny)
-            rho_new = np.where(tiny, rr, rho_new)
-        beta = _safe_div(rho_new, rho, active) * _safe_div(alpha, omega, active)
-        p = r + st.scalars(beta, complex_=True) * (p - st.scalars(omega, complex_=True) * v)
+        rho_new = cdot(r_hat, r)
+        rr = st.sq_norm(r)
+        tiny = active & (rho_new.abs() <= 1e-30 * (st.sq_norm(r_hat) * rr).sqrt())
+        restart(tiny)  # Lanczos breakdown: new shadow residual
+        rho_new = torch.where(tiny, rr.to(torch.complex128), rho_new)
+        beta = _safe_div_t(rho_new, rho, active) * _safe_div_t(alpha, omega, active)
+        p = r + fieldc(beta) * (p - fieldc(omega) * v)
         v = apply_A(p)
-        rv = _host(_dot(r_hat, v))
+        rv = cdot(r_hat, v)
         st.failed |= active & (rv == 0)
-        active &= ~st.failed
-        alpha = _safe_div(rho_new, rv, active)
-        s = r - st.scalars(alpha, complex_=True) * v
-        half = active & ~st.unconverged(_sq_norm(s)) & ~st.failed
+        active = active & ~st.failed
+        alpha = _safe_div_t(rho_new, rv, active)
+        s = r - fieldc(alpha) * v
+        half = active & ~st.unconverged(st.sq_norm(s)) & ~st.failed
         t = apply_A(s)
-        tt = _sq_norm(t)
-        omega = _safe_div(_host(_dot(t, s)), tt, active & ~half)
-        x = x + st.scalars(alpha, complex_=True) * p + st.scalars(omega, complex_=True) * s
-        r = s - st.scalars(omega, complex_=True) * t
-        rho = np.where(active, rho_new, rho)
+        tt = st.sq_norm(t).to(torch.complex128)
+        omega = _safe_div_t(cdot(t, s), tt, active & ~half)
+        x = x + fieldc(alpha) * p + fieldc(omega) * s
+        r = s - fieldc(omega) * t
+        rho = torch.where(active, rho_new, rho)
         st.iterations += active
         n += 1
-        active &= ~half & st.unconverged(_sq_norm(r))
-        stalled = active & (omega == 0)  # the next beta would divide by zero
-        if stalled.any():
-            restart(stalled)
-    return _finish("bicgstab", apply_A, b, x, st, tol, max_iter)
+        active = active & ~half & st.unconverged(st.sq_norm(r))
+        restart(active & (omega == 0))  # the next beta would divide by zero
+    return _finish_device("bicgstab", apply_A, b, x, st, tol, max_iter)
 
 
 _LOWER = {torch.complex128: torch.complex64, torch.float64: torch.float32}
