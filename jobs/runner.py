@@ -251,6 +251,17 @@ def _check_pseudofermion_options(job: JobConfig) -> None:
                 f"{src}: 'sampler.hasenbusch_kappas' = {list(s.hasenbusch_kappas)}: theory '{name}' has no hopping "
                 "parameter to split; allowed: hasenbusch_kappas = []"
             )
+        if getattr(s, "chrono", 0):
+            raise JobError(
+                f"{src}: 'sampler.chrono' = {s.chrono}: theory '{name}' has no chronological guesses; allowed: 0"
+            )
+    scales = tuple(getattr(s, "time_scales", ()))
+    n_factors = 1 + len(s.hasenbusch_kappas) if isinstance(s, PseudofermionSettings) else 1
+    if len(scales) > n_factors:
+        raise JobError(
+            f"{src}: 'sampler.time_scales' = {list(scales)}: {n_factors} pseudofermion factor(s) (1 + "
+            f"len(hasenbusch_kappas)) allow at most {n_factors} multiplier(s)"
+        )
 
 
 def command_line(job: JobConfig, command: str) -> str:
@@ -663,6 +674,8 @@ def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: Se
             integrator=s.integrator,
             step_jitter=s.step_jitter,
             chain_offset=comm.rank * s.n_chains,
+            time_scales=tuple(s.time_scales),
+            chrono=s.chrono,
             **pf,
         )
     return HMC(

@@ -156,7 +156,24 @@ class PseudofermionSettings:
 @dataclass(frozen=True)
 class PseudofermionHMCSettings(PseudofermionSettings, HMCSettings):
     """HMC with Nf = 2 pseudofermions (``kind = "pf-hmc"``): the :class:`HMCSettings` keys plus the
-    :class:`PseudofermionSettings` keys."""
+    :class:`PseudofermionSettings` keys, and:
+
+    Attributes
+    ----------
+    time_scales
+        Multipliers of the nested (Sexton-Weingarten) integrator; ``[]`` (default) one time scale. ``[m_0, ...]``:
+        the gauge force on level 0 (finest), the pseudofermion factors on levels 1 .. ``len``, the heaviest on
+        level 1 and the Hasenbusch ratios on the coarsest; ``n_steps`` steps of the coarsest level, ``m_j``
+        level-``j`` steps per drift segment of a level-``j+1`` step (:class:`latflow.samplers.PseudofermionHMC`).
+        At most one entry per pseudofermion factor (``1 + len(hasenbusch_kappas)``).
+    chrono
+        Chronological initial guesses for the force solves: 0 (default) zero guesses; ``k >= 1`` the
+        minimal-residual extrapolation of the last ``k`` solutions of the same factor (MD then reversible only
+        to ``cg_tol``; the Metropolis step stays exact).
+    """
+
+    time_scales: tuple[int, ...] = ()
+    chrono: int = 0
 
 
 @dataclass(frozen=True)
@@ -236,6 +253,10 @@ PSEUDOFERMION_RULES: dict[str, Rule] = {
     ),
     "cg_tol": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "cg_max_iter": POSITIVE,
+}
+PF_HMC_RULES: dict[str, Rule] = {
+    "time_scales": (lambda v: all(m >= 1 for m in v), "a list of integers >= 1 (default [] = one time scale)"),
+    "chrono": (lambda v: v >= 0, "an integer >= 0 (0: zero initial guesses)"),
 }
 CONDITIONAL_RULES: dict[str, Rule] = {
     "conditional_dispersion": (lambda v: 0.5 <= v <= 4, "a number in [0.5, 4] (1.1 is the validated default)"),
@@ -386,6 +407,9 @@ def _hmc_attribute(job: JobConfig) -> dict[str, Any]:
         "target_acceptance": s.target_acceptance,
         "dtype": job.run.dtype,
         **(_pseudofermion_attribute(s) if isinstance(s, PseudofermionSettings) else {}),
+        # recorded only when chosen, so that ensembles from before these keys still resume
+        **({"time_scales": list(s.time_scales)} if getattr(s, "time_scales", ()) else {}),
+        **({"chrono": s.chrono} if getattr(s, "chrono", 0) else {}),
         # recorded only when chosen, so that ensembles from before the key still resume
         **({"start": s.start} if s.start != "default" else {}),
     }
@@ -418,7 +442,7 @@ register_sampler_kind(
         uses_flow=False,
         default_burn_in=_hmc_burn_in,
         attribute=_hmc_attribute,
-        rules={**COMMON_RULES, **HMC_RULES, **PSEUDOFERMION_RULES},
+        rules={**COMMON_RULES, **HMC_RULES, **PSEUDOFERMION_RULES, **PF_HMC_RULES},
     )
 )
 register_sampler_kind(

@@ -62,6 +62,7 @@ __all__ = [
     "Nf2Pseudofermions",
     "PseudofermionFactor",
     "SolveStats",
+    "chrono_guess",
     "complex_gaussian",
     "heatbath",
     "hop_derivative",
@@ -360,12 +361,33 @@ class _FactorBase:
         self.tol = float(tol)
         self.max_iter = int(max_iter)
         self.stats = SolveStats()
+        self.chrono = 0
+        self._history: list[torch.Tensor] = []
 
     def _solve_normal(self, op: _Operator, U: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        """``(A^dag A)^{-1} rhs`` by CG; records the iterations."""
+        """``(A^dag A)^{-1} rhs`` by CG from a zero guess; records the iterations."""
         res = cg(lambda v: op.apply_normal(U, v), rhs, tol=self.tol, max_iter=self.max_iter)
         self.stats.add(res.iterations)
         return res.x
+
+    def _solve_force(self, op: _Operator, U: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        """The force solve ``(A^dag A)^{-1} rhs``: from a zero guess, or a chronological one (``chrono > 0``).
+
+        The guess is :func:`chrono_guess` of this factor's last ``chrono`` force solutions since
+        :meth:`chrono_reset`; the solution joins that history.
+        """
+        if not self.chrono:
+            return self._solve_normal(op, U, rhs)
+        normal = lambda v: op.apply_normal(U, v)  # noqa: E731
+        x0 = chrono_guess(normal, rhs, self._history) if self._history else None
+        res = cg(normal, rhs, tol=self.tol, max_iter=self.max_iter, x0=x0)
+        self.stats.add(res.iterations)
+        self._history = [*self._history, res.x][-self.chrono :]
+        return res.x
+
+    def chrono_reset(self) -> None:
+        """Forget the force solutions (the start of a trajectory: new pseudofermions)."""
+        self._history = []
 
     def _noise(self, U: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``chi`` ``[B, *L, Ns]`` (zero on odd sites for even/odd operators)."""
@@ -420,7 +442,7 @@ class PseudofermionFactor(_FactorBase):
 
         Links ``U`` ``[B, d, *L]`` (U(1)) or ``[B, d, *L, N, N]`` (SU(N)); the result has their shape.
         """
-        x = self._solve_normal(self.op, U, phi)
+        x = self._solve_force(self.op, U, phi)
         y = self.op.apply(U, x)
         return -2.0 * self.op.link_derivative(U, y, x)
 
@@ -436,7 +458,7 @@ class PseudofermionFactor(_FactorBase):
             mf = _link_manifold(manifold, self.dirac)
             return mf.link_force(self.link_gradient(mf.links(theta), phi), theta)
         U = u1_links(theta)
-        x = self._solve_normal(self.op, U, phi)
+        x = self._solve_force(self.op, U, phi)
         y = self.op.apply(U, x)
         return -2.0 * self.op.derivative(U, y, x)
 
@@ -497,7 +519,7 @@ class HasenbuschRatioFactor(_FactorBase):
         ``X = (A^dag A)^{-1} A'^dag phi``, ``Y = A X``.
         """
         v = self.op_heavy.apply_dagger(U, phi)
-        x = self._solve_normal(self.op, U, v)
+        x = self._solve_force(self.op, U, v)
         y = self.op.apply(U, x)
         return 2.0 * (self.op_heavy.link_derivative(U, phi, x) - self.op.link_derivative(U, y, x))
 
@@ -513,9 +535,43 @@ class HasenbuschRatioFactor(_FactorBase):
             return mf.link_force(self.link_gradient(mf.links(theta), phi), theta)
         U = u1_links(theta)
         v = self.op_heavy.apply_dagger(U, phi)
-        x = self._solve_normal(self.op, U, v)
+        x = self._solve_force(self.op, U, v)
         y = self.op.apply(U, x)
         return 2.0 * (self.op_heavy.derivative(U, phi, x) - self.op.derivative(U, y, x))
+
+
+def chrono_guess(apply_normal: Any, rhs: torch.Tensor, history: list[torch.Tensor]) -> torch.Tensor:
+    """Minimal-residual extrapolation of earlier solutions: the initial guess for ``M x = rhs``.
+
+    Over the span of the ``k`` earlier solutions ``v_1 .. v_k`` (Brower, Ivanenko, Levi, Orginos 1997)
+    the guess ``x = sum_i c_i v_i`` minimises ``(x - x*)^dag M (x - x*)`` (``x* = M^{-1} rhs``), i.e.
+    ``G c = r`` with ``G_ij = v_i^dag M v_j``, ``r_i = v_i^dag rhs``, per configuration (pseudo-inverse of
+    ``G``: nearly parallel solutions do not blow up). ``k = 1``: the last solution itself, no product
+    with ``M``; ``k >= 2``: ``k`` products with ``M``.
+
+    Parameters
+    ----------
+    apply_normal
+        ``v [B, ...] -> M v``, ``M`` Hermitian positive definite (``A^dag A``).
+    rhs
+        ``[B, ...]``.
+    history
+        Earlier solutions, each the shape of ``rhs``, oldest first (at least one).
+
+    Returns
+    -------
+    torch.Tensor
+        The guess, the shape of ``rhs``.
+    """
+    if len(history) == 1:
+        return history[0]
+    V = torch.stack([h.flatten(1) for h in history], dim=1)  # [B, k, n]
+    MV = torch.stack([apply_normal(h).flatten(1) for h in history], dim=1)
+    G = V.conj() @ MV.transpose(1, 2)  # [B, k, k]
+    G = 0.5 * (G + G.conj().transpose(1, 2))
+    r = (V.conj() @ rhs.flatten(1).unsqueeze(-1)).squeeze(-1)  # [B, k]
+    c = (torch.linalg.pinv(G, hermitian=True, rtol=1e-13) @ r.unsqueeze(-1)).squeeze(-1)
+    return (c.unsqueeze(-1) * V).sum(dim=1).reshape(rhs.shape)
 
 
 def heatbath(
@@ -601,6 +657,26 @@ class Nf2Pseudofermions:
 
     def __len__(self) -> int:
         return len(self.factors)
+
+    def set_chrono(self, k: int) -> None:
+        """Chronological initial guesses for the force solves of every factor: ``k = 0`` zero guesses (default);
+        ``k >= 1`` the minimal-residual extrapolation of that factor's last ``k`` force solutions
+        (:func:`chrono_guess`), forgotten at :meth:`chrono_reset`.
+
+        A non-zero guess makes the force depend on the earlier solutions by up to the CG tolerance, so
+        molecular dynamics is reversible only to that tolerance; the action solves (heatbath, Metropolis)
+        always start from zero.
+        """
+        if isinstance(k, bool) or int(k) != k or k < 0:
+            raise ValueError(f"chrono must be an integer >= 0, got {k!r}")
+        for f in self.factors:
+            f.chrono = int(k)
+            f.chrono_reset()
+
+    def chrono_reset(self) -> None:
+        """Forget every factor's force solutions (called at the start of each trajectory)."""
+        for f in self.factors:
+            f.chrono_reset()
 
     def heatbath(self, U: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         """One pseudofermion per factor, drawn in factor order: ``[phi_1, ...]``, each ``[B, *L, Ns]``."""

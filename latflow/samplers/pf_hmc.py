@@ -32,6 +32,7 @@ from latflow.fermions.wilson import WilsonDirac
 from latflow.manifolds import SUN, Euclidean, FieldManifold, U1Angles
 
 from .hmc import HMC, action_force
+from .integrators import integrate_nested
 from .records import SampleBlock
 
 __all__ = ["PseudofermionHMC"]
@@ -58,7 +59,20 @@ class PseudofermionHMC(HMC):
         Pseudofermions for the even/odd Schur complement ``M_hat`` (``det D = det M_hat``).
     hasenbusch_kappas
         Hasenbusch hopping parameters, strictly increasing in ``(0, kappa)``; one extra
-        pseudofermion per entry. All factors are integrated on one time scale.
+        pseudofermion per entry.
+    time_scales
+        Multipliers of a nested (Sexton-Weingarten) integrator, ``[]`` (default): every force on one
+        time scale, as before. ``[m_0, ..., m_{L-2}]`` gives ``L`` levels: level 0 (finest) the gauge
+        force; the pseudofermion factors (heaviest first) on levels ``1 .. L-1``, factor ``f`` on level
+        ``min(f + 1, L - 1)``: with 2 levels all factors on level 1; with 3 levels the plain (heaviest,
+        Hasenbusch-mass) factor on level 1 and the ratio factors on level 2 (coarsest); at most one level
+        per factor. The coarsest level takes ``n_steps`` steps of ``step_size``; every drift segment of a
+        level-``j+1`` step (leapfrog: one; Omelyan: two halves) is integrated by ``m_j`` level-``j`` steps
+        (:mod:`latflow.samplers.integrators`).
+    chrono
+        Chronological initial guesses for the force solves: ``0`` (default) zero guesses; ``1`` the last
+        solution of the same factor in this trajectory; ``k >= 2`` the minimal-residual extrapolation of
+        the last ``k`` (:meth:`Nf2Pseudofermions.set_chrono`). The history starts empty every trajectory.
     tol, max_iter
         CG tolerance (relative residual) and limit of every solve. A solve that does not converge
         raises :class:`latflow.fermions.solvers.ConvergenceError`.
@@ -90,9 +104,12 @@ class PseudofermionHMC(HMC):
     is not the marginal log density ``-S_g + log det(D^dag D)`` (small lattices: use the theory's
     exact effective action where that is needed). ``log_q = log_w = 0``.
 
-    Every solve starts from a zero guess, so the force is a deterministic function of the links
-    and the integrator is exactly reversible and area preserving whatever the CG tolerance; the
-    tolerance only enters the accept/reject through ``S_pf`` at the end point.
+    With ``chrono = 0`` every solve starts from a zero guess, so the force is a deterministic function
+    of the links and the integrator is exactly reversible and area preserving whatever the CG tolerance;
+    the tolerance only enters the accept/reject through ``S_pf`` at the end point. With ``chrono > 0``
+    the force depends on the earlier solutions through the guess, by at most the CG tolerance, so the
+    molecular dynamics is reversible only to that tolerance; the Metropolis step still uses ``S_pf`` at
+    the end point from an independent solve started at zero, as ``H`` at the start is exact (heatbath).
     """
 
     kind = "pf-hmc"
@@ -116,6 +133,8 @@ class PseudofermionHMC(HMC):
         chain_offset: int = 0,
         manifold: FieldManifold | None = None,
         pseudofermions: Any = None,
+        time_scales: tuple[int, ...] | list[int] = (),
+        chrono: int = 0,
     ) -> None:
         n_colors = int(getattr(dirac, "n_colors", None) or 1)
         if pseudofermions is not None:
@@ -151,6 +170,14 @@ class PseudofermionHMC(HMC):
                 dirac, even_odd=even_odd, hasenbusch_kappas=tuple(hasenbusch_kappas), tol=tol, max_iter=max_iter
             )
         self.pseudofermions = pseudofermions
+        self.time_scales = self._check_time_scales(time_scales, pseudofermions)
+        if int(chrono) != chrono or chrono < 0:
+            raise ValueError(f"chrono must be an integer >= 0, got {chrono!r}")
+        self.chrono = int(chrono)
+        if self.chrono:
+            if not hasattr(pseudofermions, "set_chrono"):
+                raise ValueError(f"chrono = {chrono}: these pseudofermions do not support chronological guesses")
+            pseudofermions.set_chrono(self.chrono)
         # the operator's background: complex links of a gauge field, or the field itself (a scalar)
         self._background = manifold.links if hasattr(manifold, "links") else (lambda x: x)
         self.gauge_action = gauge_action
@@ -191,7 +218,8 @@ class PseudofermionHMC(HMC):
         make = getattr(theory, "pseudofermions", None)
         if callable(make) and kwargs.get("pseudofermions") is None:
             # the theory builds its own factors (e.g. the Yukawa theory: staggered, forces in the scalar)
-            factors = {k: kwargs.pop(k) for k in ("even_odd", "hasenbusch_kappas", "tol", "max_iter") if k in kwargs}
+            keys = ("even_odd", "hasenbusch_kappas", "tol", "max_iter")
+            factors = {k: kwargs.pop(k) for k in keys if k in kwargs}
             kwargs["pseudofermions"] = make(**factors)
         return cls(theory.gauge_action, theory.dirac, theta0, gauge_force=theory.gauge_force, **kwargs)
 
@@ -201,7 +229,52 @@ class PseudofermionHMC(HMC):
             **self.pseudofermions.config(),
             "integrator": self.integrator,
             "step_jitter": self.step_jitter,
+            # only when chosen, so that states saved before these options still load
+            **({"time_scales": list(self.time_scales)} if self.time_scales else {}),
+            **({"chrono": self.chrono} if self.chrono else {}),
         }
+
+    @staticmethod
+    def _check_time_scales(time_scales: Any, pseudofermions: Any) -> tuple[int, ...]:
+        ms = tuple(time_scales)
+        if any(isinstance(m, bool) or int(m) != m or m < 1 for m in ms):
+            raise ValueError(f"time_scales must be integers >= 1, got {list(ms)}")
+        n_factors = len(getattr(pseudofermions, "factors", [None]))
+        if len(ms) > n_factors:
+            raise ValueError(
+                f"time_scales {list(ms)}: {len(ms) + 1} levels but only the gauge force and {n_factors} "
+                f"pseudofermion factor(s); at most {n_factors} multiplier(s)"
+            )
+        if len(ms) > 1 and not hasattr(pseudofermions, "factors"):
+            raise ValueError("time_scales with more than one multiplier need pseudofermions with separate factors")
+        return tuple(int(m) for m in ms)
+
+    def level_forces(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """The force of each time-scale level, finest first (class docstring), each ``x -> [B, ...]``."""
+        n_levels = len(self.time_scales) + 1
+        if n_levels == 1:
+            return [self.total_force]
+        pf = self.pseudofermions
+        if n_levels == 2:
+            return [self.gauge_force, lambda x: pf.force(x, self._current_phis(), self.manifold)]
+        groups: list[list[int]] = [[] for _ in range(n_levels - 1)]
+        for f in range(len(pf.factors)):
+            groups[min(f, n_levels - 2)].append(f)
+
+        def level(idx: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+            def force(x: torch.Tensor) -> torch.Tensor:
+                phis = self._current_phis()
+                out = [pf.factors[f].force(x, phis[f], self.manifold) for f in idx]
+                return out[0] if len(out) == 1 else torch.stack(out).sum(dim=0)
+
+            return force
+
+        return [self.gauge_force, *(level(g) for g in groups)]
+
+    def _current_phis(self) -> list[torch.Tensor]:
+        if self._phis is None:
+            raise RuntimeError("the pseudofermion force needs pseudofermions: call it within a trajectory")
+        return self._phis
 
     def total_force(self, theta: torch.Tensor) -> torch.Tensor:
         """Force of ``S_g + S_pf`` in the manifold's coordinates at the current trajectory's pseudofermions.
@@ -232,8 +305,16 @@ class PseudofermionHMC(HMC):
         # the Hamiltonian is accumulated in float64 whatever the field's precision (as in HMC)
         h0 = mf.kinetic(p0) + s_g0.double() + s_pf0.double()
         self._phis = phis
+        reset = getattr(pf, "chrono_reset", None)
+        if reset is not None:
+            reset()
         try:
-            x1, p1 = self._integrate(x0, p0, eps, n)
+            if self.time_scales:
+                x1, p1 = integrate_nested(
+                    x0, p0, eps, n, self.level_forces(), self.time_scales, self.integrator, mf.kick, mf.drift
+                )
+            else:
+                x1, p1 = self._integrate(x0, p0, eps, n)
             s1 = self.gauge_action(x1) + pf.action(self._background(x1), phis)
         finally:
             self._phis = None
