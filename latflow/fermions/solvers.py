@@ -30,7 +30,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 __all__ = ["SolverResult", "ConvergenceError", "cg", "cgnr", "bicgstab", "cg_mixed", "solve_normal"]
@@ -82,16 +81,6 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a.flatten(1), b.flatten(1), dim=-1)
 
 
-def _host(t: torch.Tensor) -> np.ndarray:
-    """A ``[B]`` tensor as a float64 / complex128 numpy array (the recursion scalars live on the host)."""
-    t = t.detach().cpu()
-    return t.numpy().astype(np.complex128 if t.is_complex() else np.float64)
-
-
-def _sq_norm(a: torch.Tensor) -> np.ndarray:
-    return _host(_dot(a, a).real)
-
-
 def _check_args(name: str, b: torch.Tensor, tol: float, max_iter: int, x0: torch.Tensor | None) -> None:
     if not isinstance(b, torch.Tensor) or b.dim() < 2:
         shape = list(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
@@ -102,59 +91,6 @@ def _check_args(name: str, b: torch.Tensor, tol: float, max_iter: int, x0: torch
         raise ValueError(f"{name}: max_iter must be a non-negative integer, got {max_iter}")
     if x0 is not None and (x0.shape != b.shape or x0.dtype != b.dtype):
         raise ValueError(f"{name}: x0 {list(x0.shape)} {x0.dtype} does not match b {list(b.shape)} {b.dtype}")
-
-
-class _Batch:
-    """Per-system bookkeeping shared by the solvers (host-side numpy arrays of length ``B``)."""
-
-    def __init__(self, b: torch.Tensor, tol: float) -> None:
-        bnorm = np.sqrt(_sq_norm(b))
-        self.denom = np.where(bnorm > 0, bnorm, 1.0)
-        self.tol = tol
-        self.iterations = np.zeros(b.shape[0], dtype=np.int64)
-        self.failed = np.zeros(b.shape[0], dtype=bool)
-        self.device = b.device
-        self.real_dtype = b.real.dtype if b.is_complex() else b.dtype
-        self.dtype = b.dtype
-        self.shape = (-1,) + (1,) * (b.dim() - 1)
-
-    def unconverged(self, sq_norm: np.ndarray) -> np.ndarray:
-        """Systems still to iterate: relative residual not below ``tol`` and not failed (NaN fails)."""
-        with np.errstate(invalid="ignore"):
-            rel = np.sqrt(sq_norm) / self.denom
-        self.failed |= ~np.isfinite(rel)
-        return ~(rel < self.tol) & ~self.failed
-
-    def scalars(self, values: np.ndarray, *, complex_: bool = False) -> torch.Tensor:
-        """``[B]`` host scalars as a tensor broadcastable against the fields ``[B, ...]``."""
-        dtype = self.dtype if complex_ else self.real_dtype
-        if not dtype.is_complex:
-            values = np.real(values)
-        return torch.as_tensor(values, dtype=dtype).to(self.device).view(self.shape)
-
-    def mask(self, values: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(values).to(self.device).view(self.shape)
-
-
-def _safe_div(num: np.ndarray, den: np.ndarray, where: np.ndarray) -> np.ndarray:
-    """``num / den`` where ``where`` holds, 0 elsewhere (no 0/0 from finished systems)."""
-    ok = where & (den != 0)
-    return np.where(ok, num / np.where(ok, den, 1), 0)
-
-
-def _finish(
-    name: str, apply_A: Operator, b: torch.Tensor, x: torch.Tensor, st: _Batch, tol: float, max_iter: int
-) -> SolverResult:
-    residual = np.sqrt(_sq_norm(b - apply_A(x))) / st.denom
-    result = SolverResult(
-        x=x,
-        iterations=torch.as_tensor(st.iterations, device=b.device),
-        residual=torch.as_tensor(residual, dtype=st.real_dtype, device=b.device),
-    )
-    if not bool((residual < tol).all()):
-        reason = "breakdown or non-finite values" if bool(st.failed.any()) else ""
-        raise ConvergenceError(name, tol, max_iter, result, reason)
-    return result
 
 
 def _start(apply_A: Operator, b: torch.Tensor, x0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
