@@ -402,7 +402,7 @@ def train_craft(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch
                         log.info("stopped by %s: checkpoint %s written at iteration %d",
                                  termination.signal_name(signum), path, craft.iteration)  # fmt: skip
                     comm.barrier()  # the line above is written before any rank ends the job
-                    raise Terminated(signum)
+                    raise Terminated(signum, everywhere=True)
                 if craft.iteration % max(1, job.train.checkpoint_every) == 0:
                     save(False)
     finally:
@@ -501,7 +501,7 @@ def train_snf(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch.d
                         log.info("stopped by %s: checkpoint %s written at step %d",
                                  termination.signal_name(signum), path, step)  # fmt: skip
                     comm.barrier()  # the line above is written before any rank ends the job
-                    raise Terminated(signum)
+                    raise Terminated(signum, everywhere=True)
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
                     save(False)
     finally:

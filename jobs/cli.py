@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -363,9 +364,10 @@ def _run_job(args: argparse.Namespace) -> int:
                 print(format_table(runner.analyze(path)))
                 print(f"ensemble: {path}")
     except BaseException as exc:
-        if comm.size > 1:
+        if comm.size > 1 and not (isinstance(exc, Terminated) and exc.everywhere):
             # the other ranks may wait forever in a collective for this one (and MPI_Finalize would wait
-            # for them): report here, then end every rank
+            # for them): report here, then end every rank. A stop that every rank agreed on and reached at
+            # the same point (a training checkpoint) ends each rank normally instead.
             _abort_all_ranks(comm, exc)
         raise
     return 0
@@ -387,6 +389,9 @@ def _abort_all_ranks(comm, exc: BaseException) -> None:
         message = "".join(traceback.format_exception(exc)).rstrip()
     print(f"[rank {comm.rank}] {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    # MPI_Abort makes the launcher kill every rank, and with them its output forwarders: give the line just
+    # written a moment to reach the launcher's output first (only on this failure path)
+    time.sleep(0.5)
     comm.abort(code)
 
 

@@ -361,7 +361,7 @@ def train(job: JobConfig, *, resume: bool, comm: SerialComm) -> Path:
         # called after each completed optimiser step: the one place where a stop signal ends training
         signum = termination.agreed(comm)  # every rank stops at the same step (the checkpoint gathers from all)
         if signum is not None:
-            raise Terminated(signum)
+            raise Terminated(signum, everywhere=True)
         if m.kl is None:
             bar.update(1, loss=m.loss, ess=m.ess)
         else:

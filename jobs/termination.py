@@ -29,8 +29,14 @@ _deferred = False
 class Terminated(BaseException):
     """Raised in the main thread when the process receives SIGTERM or SIGUSR1 (handled like Ctrl-C).
 
-    ``args[0]`` is the signal number.
+    ``args[0]`` is the signal number. ``everywhere``: raised on every rank of a multi-rank run at the same
+    point, after the ranks agreed to stop (:func:`agreed`) and the checkpoint was written; such a stop ends
+    each rank normally (exit 143) instead of through ``MPI_Abort``.
     """
+
+    def __init__(self, signum: int = signal.SIGTERM, *, everywhere: bool = False) -> None:
+        super().__init__(signum)
+        self.everywhere = everywhere
 
     @property
     def signal_name(self) -> str:

@@ -25,6 +25,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import wait_for
+from mpi_launch import NP, TIMEOUT
+from mpi_launch import env as _env
+from mpi_launch import rank_pids as _rank_pids
 
 from latflow.jobs.cli import EXIT_TERMINATED
 
@@ -35,8 +38,6 @@ pytestmark = [
     pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the ranks' PIDs"),
 ]
 
-NP = 2
-TIMEOUT = 240  # seconds per launcher call: a hung rank fails the test instead of blocking it
 ROW_GROUPS = ("fields", "markov", "weights", "observables")
 
 PHI4 = """\
@@ -100,10 +101,6 @@ seed = 11
 # -- processes -------------------------------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def _launch(args: list[str], cwd: Path, log: str) -> tuple[subprocess.Popen, Path]:
     """``mpiexec -n 2 latflow args...`` in the background; stdout and stderr go to ``cwd/log``."""
     path = cwd / log
@@ -135,36 +132,6 @@ def _run(args: list[str], cwd: Path, log: str) -> str:
     out = path.read_text()
     assert rc == 0, f"latflow {' '.join(args)} exited {rc}:\n{out}"
     return out
-
-
-def _children() -> dict[int, list[int]]:
-    """Parent PID -> child PIDs of every process in ``/proc``."""
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # ended meanwhile
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
-
-
-def _rank_pids(launcher: subprocess.Popen) -> list[int]:
-    """PIDs of the launcher's descendants that run ``latflow`` (its ranks; the launcher's proxies do not)."""
-    tree, found, todo = _children(), [], [launcher.pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            todo.append(child)
-            try:
-                cmdline = (Path("/proc") / str(child) / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(part.endswith(b"latflow") for part in cmdline[:2]):
-                found.append(child)
-    return found
 
 
 def _stop(

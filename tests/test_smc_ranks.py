@@ -29,6 +29,8 @@ import h5py
 import numpy as np
 import pytest
 from conftest import stat_seed, wait_for
+from mpi_launch import NP, TIMEOUT, mpirun, rank_pids
+from mpi_launch import env as _env
 
 from latflow import checkpoint
 from latflow.jobs.cli import EXIT_TERMINATED
@@ -45,23 +47,8 @@ def mpi(test):
     return test
 
 
-NP = 2
-TIMEOUT = 240
 SCRIPT = Path(__file__).parent / "mpi_scripts" / "spread_smc.py"
 Z_BOUND = 3.0
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def mpirun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [shutil.which("mpiexec"), "-n", str(NP), *args], cwd=cwd, env=_env(), capture_output=True, text=True,
-        timeout=TIMEOUT,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 def z_log_z(log_z: np.ndarray, exact: float) -> float:
@@ -171,21 +158,6 @@ seed = 11
 """
 
 
-def _rank_pids(cwd: Path) -> list[int]:
-    """PIDs of the MPI ranks (processes with ``PMI_RANK`` in their environment) running in ``cwd``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if Path(os.readlink(entry / "cwd")) != cwd or b"PMI_RANK=" not in (entry / "environ").read_bytes():
-                continue
-        except OSError:
-            continue
-        pids.append(int(entry.name))
-    return pids
-
-
 def _same_flows(a: dict, b: dict) -> None:
     assert a["model"].keys() == b["model"].keys()
     for k, v in a["model"].items():
@@ -212,8 +184,7 @@ def test_craft_training_on_two_ranks_stops_and_resumes_bit_for_bit(tmp_path: Pat
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         wait_for(lambda: (run / "flows.pt").exists() or proc.poll() is not None, TIMEOUT, "the first checkpoint")
-        pids = _rank_pids(run)
-        assert len(pids) == NP, f"found rank processes {pids}"
+        pids = wait_for(lambda: (p := rank_pids(proc)) and len(p) == NP and p, 60, "both ranks")
         for pid in pids:
             os.kill(pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=TIMEOUT)
