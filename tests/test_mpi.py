@@ -252,6 +252,7 @@ def test_hmc_chain_ids_per_rank(tmp_path: Path) -> None:
     assert not np.array_equal(phi[chains[0]], phi[chains[n_chains]])
 
 
+@pytest.mark.slow  # the default run resumes a 2-rank HMC ensemble (test_pipelined_hmc_equals_ranks_alone_and_resumes)
 def test_resume_under_mpi_is_bit_identical(trained: Path) -> None:
     d = trained
     # A is a multiple of commit_every (20), so both runs draw the same blocks

@@ -283,6 +283,7 @@ def test_independence_chains_reproduce_exact_values(name: str, reference, record
 
 
 @pytest.mark.statistical
+@pytest.mark.slow  # the default run checks PF-HMC through `latflow run` (test_latflow_run_pf_hmc_and_pf_flow_mcmc_jobs)
 def test_pf_hmc_reproduces_exact_values(reference, record_z) -> None:
     """PF-HMC (library API, the theory's staggered pseudofermion), 32 chains x 250 trajectories from proposal
     draws (50 discarded): Gamma-method means over the replicas agree with the exact reference."""
