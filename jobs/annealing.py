@@ -474,20 +474,16 @@ def train_snf(job: JobConfig, *, resume: bool, comm: SerialComm, device: torch.d
             while step < t.steps:
                 opt.zero_grad(set_to_none=True)
                 loss = snf.loss(t.batch_size, gen)
+                loss.backward()
                 if comm.size > 1:
-                    loss.backward()
                     for q in params:
                         if q.grad is None:  # the same buffer layout on every rank
                             q.grad = torch.zeros_like(q)
-                    mean = loss.detach().reshape(1).clone()
-                    comm.allreduce_mean_([mean, *(q.grad for q in params)])
-                    loss_value = float(mean)
-                else:
-                    loss_value = float(loss.detach())
+                mean = loss.detach().reshape(1).clone()
+                comm.allreduce_mean_([mean, *(q.grad for q in params if q.grad is not None)])  # one rank: no-op
+                loss_value = float(mean)
                 if not math.isfinite(loss_value):
                     raise JobError(f"{path}: SNF training diverged at step {step} (non-finite loss)")
-                if comm.size == 1:
-                    loss.backward()
                 if t.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
                 opt.step()

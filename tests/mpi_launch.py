@@ -10,6 +10,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import h5py
+import numpy as np
+
 NP = 2
 TIMEOUT = 240  # seconds per launcher call: a hung rank fails the test instead of blocking it
 
@@ -57,3 +60,29 @@ def rank_pids(launcher: subprocess.Popen) -> list[int]:
             if any(part.endswith(b"latflow") for part in cmdline[:2]):
                 found.append(child)
     return found
+
+
+ROW_GROUPS = ("fields", "markov", "weights", "observables")
+
+
+def committed_rows(path: Path) -> dict[str, np.ndarray]:
+    """Every per-row dataset of an ensemble, rows ``[0, n_committed)``."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        n = int(f.attrs["n_committed"])
+        for group in ROW_GROUPS:
+            for name, ds in f[group].items() if group in f else ():
+                out[f"{group}/{name}"] = ds[:n]
+    return out
+
+
+def assert_same_ensembles(a: Path, b: Path, field: str) -> None:
+    """``a`` and ``b`` hold the same committed rows, dtype for dtype and bit for bit, and the same sha256 of
+    ``fields/<field>``."""
+    ra, rb = committed_rows(a), committed_rows(b)
+    assert ra.keys() == rb.keys()
+    for key in rb:
+        assert ra[key].dtype == rb[key].dtype, key
+        np.testing.assert_array_equal(ra[key], rb[key], err_msg=key)
+    with h5py.File(a, "r") as f1, h5py.File(b, "r") as f2:
+        assert f1[f"fields/{field}"].attrs["sha256"] == f2[f"fields/{field}"].attrs["sha256"]

@@ -20,12 +20,10 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 import torch
 from conftest import wait_for
-from mpi_launch import NP, TIMEOUT
+from mpi_launch import NP, TIMEOUT, assert_same_ensembles, committed_rows
 from mpi_launch import env as _env
 from mpi_launch import rank_pids as _rank_pids
 
@@ -38,7 +36,6 @@ pytestmark = [
     pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the ranks' PIDs"),
 ]
 
-ROW_GROUPS = ("fields", "markov", "weights", "observables")
 
 PHI4 = """\
 [theory]
@@ -212,17 +209,6 @@ def _n_committed(path: Path) -> int:
         return 0
 
 
-def _rows(path: Path) -> dict[str, np.ndarray]:
-    """Every per-row dataset of an ensemble, rows ``[0, n_committed)``."""
-    out: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as f:
-        n = int(f.attrs["n_committed"])
-        for group in ROW_GROUPS:
-            for name, ds in f[group].items() if group in f else ():
-                out[f"{group}/{name}"] = ds[:n]
-    return out
-
-
 def _stop_and_resume_sampling(tmp_path: Path, signum: int, send: str) -> None:
     (tmp_path / "job.toml").write_text(HMC_JOB)
     ens = tmp_path / "hmc.h5"
@@ -247,14 +233,8 @@ def _stop_and_resume_sampling(tmp_path: Path, signum: int, send: str) -> None:
     out = _run(["sample", "job.toml", "--resume", "--set", f"sampler.n_samples={steps}"], tmp_path, "resumed.log")
     assert f"resuming hmc.h5 at {committed} committed rows" in out, out
     _run(["sample", "job.toml", "--out", "ref.h5", "--set", f"sampler.n_samples={steps}"], tmp_path, "ref.log")
-    resumed, ref = _rows(ens), _rows(tmp_path / "ref.h5")
-    assert len(ref["markov/chain"]) == steps * rows_per_step
-    assert resumed.keys() == ref.keys()
-    for key in ref:
-        assert resumed[key].dtype == ref[key].dtype, key
-        np.testing.assert_array_equal(resumed[key], ref[key], err_msg=key)
-    with h5py.File(ens, "r") as f1, h5py.File(tmp_path / "ref.h5", "r") as f2:
-        assert f1["fields/phi"].attrs["sha256"] == f2["fields/phi"].attrs["sha256"]
+    assert len(committed_rows(tmp_path / "ref.h5")["markov/chain"]) == steps * rows_per_step
+    assert_same_ensembles(ens, tmp_path / "ref.h5", "phi")
 
 
 def test_two_rank_hmc_stopped_by_sigusr1_resumes_bit_for_bit(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["LocalPopulation", "Population", "SpreadPopulation", "split_counts"]
+__all__ = ["LocalPopulation", "SpreadPopulation", "split_counts"]
 
 
 def split_counts(n_total: int, size: int) -> list[int]:
@@ -94,9 +94,6 @@ class LocalPopulation:
     def sum(self, value: float) -> float:
         """A number summed over ranks."""
         return float(value)
-
-
-Population = LocalPopulation
 
 
 class SpreadPopulation(LocalPopulation):
