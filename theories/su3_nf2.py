@@ -33,6 +33,7 @@ import torch
 
 from latflow.fermions.dense import dense_matrix, logdet_normal
 from latflow.fermions.wilson import WilsonDirac
+from latflow.gauge_kernels import sun_wilson_force
 from latflow.lattice import Lattice
 from latflow.manifolds import SUN
 from latflow.sun import sun_staples, traceless_antihermitian
@@ -165,8 +166,16 @@ class SUNNf2Model:
         """Analytic su(N) force of ``S_g``: ``F_mu(x) = (beta / 2N) ta(U_mu(x) A_mu(x))`` ``[B, d, *L, N, N]``.
 
         ``S_g = -(beta/N) Re tr(U A) + ...`` with the staple sum ``A`` (:func:`latflow.sun.sun_staples`) gives
-        ``G = dS/dU = -(beta/N) A^dagger`` and ``F = (1/2) ta(G U^dagger) = (beta/2N) ta(U A)``.
+        ``G = dS/dU = -(beta/N) A^dagger`` and ``F = (1/2) ta(G U^dagger) = (beta/2N) ta(U A)``. On CPU without
+        autograd the fused compiled kernel (:func:`latflow.gauge_kernels.sun_wilson_force`) computes it in one
+        pass; :meth:`gauge_force_reference` (torch) otherwise.
         """
+        self._check(u)
+        fused = sun_wilson_force(u, self.beta)
+        return fused if fused is not None else self.gauge_force_reference(u)
+
+    def gauge_force_reference(self, u: torch.Tensor) -> torch.Tensor:
+        """The torch su(N) force of ``S_g`` ``[B, d, *L, N, N]`` (any device, differentiable; :meth:`gauge_force`)."""
         self._check(u)
         staples = torch.stack([sun_staples(u, mu) for mu in range(self.lattice.dim)], dim=1)
         return (0.5 * self.beta / self.n) * traceless_antihermitian(u @ staples)

@@ -42,6 +42,7 @@ from latflow.gauge import (
     u1_wilson_loops,
     wrap_angle,
 )
+from latflow.gauge_kernels import u1_wilson_force
 from latflow.lattice import Lattice, shift
 from latflow.plaquette_prior import u1_links_with_plaquettes
 from latflow.rng import numpy_generator
@@ -117,7 +118,15 @@ class U1GaugeAction:
         ``beta (s_{mu nu}(x) - s_{mu nu}(x - nu))`` to direction ``mu`` and
         ``beta (s_{mu nu}(x - mu) - s_{mu nu}(x))`` to direction ``nu``; this equals
         ``beta Im(U_mu(x) A_mu(x))`` with the staples ``A`` of :func:`latflow.gauge.u1_staples`.
+
+        On CPU without autograd the fused compiled kernel (:func:`latflow.gauge_kernels.u1_wilson_force`)
+        computes it in one pass; :meth:`force_reference` (torch) otherwise.
         """
+        fused = u1_wilson_force(theta, self.beta)
+        return fused if fused is not None else self.force_reference(theta)
+
+    def force_reference(self, theta: torch.Tensor) -> torch.Tensor:
+        """The torch ``dS/dtheta`` ``[B, d, L0, ..., L{d-1}]`` (any device); see :meth:`force`."""
         d = self.lattice.dim
         if d == 2:
             return self._force_2d(theta)

@@ -46,6 +46,7 @@ import torch
 from latflow.lattice import Lattice
 
 from .solvers import cg
+from .staggered_kernels import staggered_apply
 
 __all__ = [
     "eta_phases",
@@ -192,7 +193,17 @@ class StaggeredDirac:
 
     # --- the operator -----------------------------------------------------------------
     def hop(self, x: Any, psi: torch.Tensor) -> torch.Tensor:
-        """``D_st psi`` ``[B, *field_shape]`` (anti-Hermitian hopping term with the 1/2)."""
+        """``D_st psi`` ``[B, *field_shape]`` (anti-Hermitian hopping term with the 1/2).
+
+        On CPU without autograd the fused compiled kernel (:func:`latflow.fermions.staggered_kernels.staggered_apply`)
+        computes it in one pass; :meth:`hop_reference` (torch) otherwise.
+        """
+        self._check_spinor(psi)
+        fused = staggered_apply(self, x, psi, sign=1.0, with_mass=False)
+        return fused if fused is not None else self.hop_reference(x, psi)
+
+    def hop_reference(self, x: Any, psi: torch.Tensor) -> torch.Tensor:
+        """The torch ``D_st psi`` ``[B, *field_shape]`` (any device, differentiable); see :meth:`hop`."""
         self._check_spinor(psi)
         U, _ = self.split(x)
         fwd, bwd = self._signs(psi)
@@ -228,12 +239,16 @@ class StaggeredDirac:
         return mass.to(psi.real.dtype if psi.is_complex() else psi.dtype) * psi
 
     def apply(self, x: Any, psi: torch.Tensor) -> torch.Tensor:
-        """``D psi = D_st psi + (m + g sigma) psi``."""
-        return self.hop(x, psi) + self._diag(x, psi)
+        """``D psi = D_st psi + (m + g sigma) psi`` (one fused pass where :meth:`hop` has one)."""
+        self._check_spinor(psi)
+        fused = staggered_apply(self, x, psi, sign=1.0, with_mass=True)
+        return fused if fused is not None else self.hop_reference(x, psi) + self._diag(x, psi)
 
     def apply_dagger(self, x: Any, psi: torch.Tensor) -> torch.Tensor:
-        """``D^dagger psi = -D_st psi + (m + g sigma) psi`` (real site mass)."""
-        return self._diag(x, psi) - self.hop(x, psi)
+        """``D^dagger psi = -D_st psi + (m + g sigma) psi`` (real site mass; fused like :meth:`apply`)."""
+        self._check_spinor(psi)
+        fused = staggered_apply(self, x, psi, sign=-1.0, with_mass=True)
+        return fused if fused is not None else self._diag(x, psi) - self.hop_reference(x, psi)
 
     def apply_normal(self, x: Any, psi: torch.Tensor) -> torch.Tensor:
         """``D^dagger D psi``."""
