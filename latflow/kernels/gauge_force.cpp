@@ -10,13 +10,15 @@
 // U(1):  F_mu(x) = beta sum_{nu != mu} [ sin P_{mu nu}(x) - sin P_{mu nu}(x - nu) ],
 //        P_{mu nu}(x) = t_mu(x) + t_nu(x + mu) - t_mu(x + nu) - t_nu(x)  (P_{nu mu} = -P_{mu nu}),
 //        computed plane by plane (mu < nu): s(x) goes to +F_mu(x) and -F_nu(x), s(x - nu) to -F_mu(x),
-//        s(x - mu) to +F_nu(x).
+//        s(x - mu) to +F_nu(x). Shifts along the last axis reuse the row's own sines; for the plane
+//        (d-2, d-1), s(x - e_{d-2}) is the previous row's s(x) when the same thread computed it.
 // SU(N): F_mu(x) = coef ta(U_mu(x) A_mu(x)), A the staple sum of latflow.sun.sun_staples and
 //        ta(M) = (M - M^dagger)/2 - tr(M - M^dagger)/(2N) 1.
 // Complex arithmetic is written on real pairs (no std::complex).
 
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #if defined(__GLIBC__) && defined(__x86_64__)
@@ -95,16 +97,22 @@ void u1_force(const T* theta, T* force, int64_t batch, const Geometry& g, T beta
   const int64_t V = g.volume, ln = g.ln;
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<T> buf(3 * ln);
+    std::vector<T> buf(5 * ln);
     T* s_x = buf.data();
     T* s_mnu = s_x + ln;
     T* s_mmu = s_mnu + ln;
+    // the sines of plane (d-2, d-1) on the previous row, which is x - e_{d-2} unless x_{d-2} = 0
+    T* last_prev = s_mmu + ln;
+    T* last_here = last_prev + ln;
+    int64_t prev_r = -2;
     int64_t dplus[kMaxDim], dminus[kMaxDim];
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < batch * g.nrows; ++r) {
       const int64_t b = r / g.nrows, rr = r % g.nrows;
       const int64_t s0 = rr * ln;
       row_offsets(g, rr, dplus, dminus);
+      const bool reuse = (prev_r == r - 1) && (rr % g.L[d - 2] != 0);  // same b and x_{d-2} > 0
+      prev_r = r;
       const T* tb = theta + b * d * V;
       T* fb = force + b * d * V;
       for (int mu = 0; mu < d; ++mu) {
@@ -125,7 +133,15 @@ void u1_force(const T* theta, T* force, int64_t batch, const Geometry& g, T beta
             plaquette_sines(t_mu, t_nu, s0 + dminus[nu], s0 + dminus[nu] + dplus[mu], s0, false, ln, s_mnu);
           }
           const int64_t xm = s0 + dminus[mu];
-          plaquette_sines(t_mu, t_nu, xm, s0, nu_last ? xm : xm + dplus[nu], nu_last, ln, s_mmu);
+          const bool last_plane = (mu == d - 2);  // then nu = d-1
+          if (last_plane && reuse) {
+            for (int64_t j = 0; j < ln; ++j) s_mmu[j] = last_prev[j];
+          } else {
+            plaquette_sines(t_mu, t_nu, xm, s0, nu_last ? xm : xm + dplus[nu], nu_last, ln, s_mmu);
+          }
+          if (last_plane) {
+            for (int64_t j = 0; j < ln; ++j) last_here[j] = s_x[j];
+          }
           T* f_mu = fb + mu * V + s0;
           T* f_nu = fb + nu * V + s0;
 #pragma omp simd
@@ -140,6 +156,7 @@ void u1_force(const T* theta, T* force, int64_t batch, const Geometry& g, T beta
 #pragma omp simd
         for (int64_t j = 0; j < ln; ++j) f[j] *= beta;
       }
+      std::swap(last_prev, last_here);
     }
   }
 }
