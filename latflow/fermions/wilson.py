@@ -26,6 +26,12 @@ links once: ``U_0(x)`` with ``x_0 = L0 - 1`` is multiplied by -1 (both hops acro
 use that link). These prepared links are cached for the last link tensor seen (same object,
 unchanged version counter, not requiring grad), so Krylov solvers do not redo that work in every
 iteration.
+
+Compiled kernel. On CPU, for contiguous complex64/complex128 fields and links without autograd,
+``Ns`` in {2, 4} and ``N`` in {1, 2, 3}, the hop runs in one fused pass of the compiled kernel of
+:mod:`latflow.fermions.hopping` (OpenMP over sites, ``torch.get_num_threads()`` threads); every
+other call (GPU, autograd, no compiler, ``LATFLOW_KERNELS=off``) takes the torch code above, which
+stays the reference. ``WilsonDirac(..., backend="torch")`` forces the torch code.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import torch
 from latflow.lattice import Lattice
 
 from .gamma import _gammas_np, monomial_form, spin_dim
+from .hopping import check_backend, hop_tables, kernel_hop, kernel_usable, term_tables
 
 __all__ = ["u1_links", "DiracOperator", "WilsonDirac"]
 
@@ -111,8 +118,19 @@ class _Links:
     ref: weakref.ref
     version: int | None
     uf: torch.Tensor
-    ub: torch.Tensor
+    n_colors: int
     plans: dict
+    _ub: torch.Tensor | None = None
+
+    @property
+    def ub(self) -> torch.Tensor:
+        """``uf^dagger``, computed on first use (the compiled kernel never needs it)."""
+        if self._ub is None:
+            if self.n_colors == 1:
+                self._ub = self.uf.conj().resolve_conj()
+            else:
+                self._ub = self.uf.conj().transpose(-1, -2).contiguous()
+        return self._ub
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -135,6 +153,10 @@ class WilsonDirac:
         1 for U(1) links (no colour axis), ``N >= 2`` for SU(N) links.
     antiperiodic_time
         Antiperiodic boundary condition along axis 0 (default); periodic otherwise.
+    backend
+        ``"auto"`` (default): the compiled hopping kernel where it applies (CPU, no autograd, see the
+        module docstring), torch otherwise; ``"torch"``: always the torch code (the reference);
+        ``"kernel"``: the compiled kernel or ``RuntimeError``.
 
     Attributes
     ----------
@@ -145,7 +167,15 @@ class WilsonDirac:
         Link shape of one configuration: ``(d, *L)`` for U(1), ``(d, *L, N, N)`` for SU(N).
     """
 
-    def __init__(self, lattice: Lattice, kappa: float, *, n_colors: int = 1, antiperiodic_time: bool = True) -> None:
+    def __init__(
+        self,
+        lattice: Lattice,
+        kappa: float,
+        *,
+        n_colors: int = 1,
+        antiperiodic_time: bool = True,
+        backend: str = "auto",
+    ) -> None:
         if not isinstance(lattice, Lattice):
             lattice = Lattice(tuple(lattice))
         if lattice.dim < 2:
@@ -158,6 +188,7 @@ class WilsonDirac:
         self.kappa = float(kappa)
         self.n_colors = int(n_colors)
         self.antiperiodic_time = bool(antiperiodic_time)
+        self.backend = check_backend(backend)
         d = lattice.dim
         self.n_spin = spin_dim(d)
         colour = () if self.n_colors == 1 else (self.n_colors,)
@@ -180,6 +211,7 @@ class WilsonDirac:
             ]
             for dag in (False, True)
         }
+        self._term_tabs = {dag: term_tables(self._flat_terms[dag]) for dag in (False, True)}
         self._map_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._work: dict[tuple, torch.Tensor] = {}
         self._sign_cache: dict[tuple, torch.Tensor] = {}
@@ -192,7 +224,9 @@ class WilsonDirac:
 
     def with_kappa(self, kappa: float) -> WilsonDirac:
         """The same operator with another hopping parameter (e.g. a Hasenbusch mass)."""
-        return WilsonDirac(self.lattice, kappa, n_colors=self.n_colors, antiperiodic_time=self.antiperiodic_time)
+        return WilsonDirac(
+            self.lattice, kappa, n_colors=self.n_colors, antiperiodic_time=self.antiperiodic_time, backend=self.backend
+        )
 
     # ------------------------------------------------------------------ checks and helpers
     def check_links(self, U: torch.Tensor) -> None:
@@ -274,11 +308,7 @@ class WilsonDirac:
         if cache is not None and version is not None and cache.ref() is U and cache.version == version:
             return cache
         uf = U * self._boundary_sign(U) if self.antiperiodic_time else U
-        if self.n_colors == 1:
-            ub = uf.conj().resolve_conj()
-        else:
-            ub = uf.conj().transpose(-1, -2).contiguous()
-        state = _Links(weakref.ref(U), version, uf, ub, {})
+        state = _Links(weakref.ref(U), version, uf, self.n_colors, {})
         cacheable = not U.requires_grad and version is not None
         self._link_cache = state if cacheable else None
         return state
@@ -394,6 +424,10 @@ class WilsonDirac:
         self, U: torch.Tensor, psi: torch.Tensor, scale: float, base: torch.Tensor | None, dagger: bool
     ) -> torch.Tensor:
         """``base + scale * H psi`` (``H^dagger`` with ``dagger``; ``base = 0`` if ``None``); inputs checked."""
+        if self.backend != "torch":
+            out = self._kernel_scaled_hop(U, psi, scale, base, dagger)
+            if out is not None:
+                return out
         fast = not (torch.is_grad_enabled() and (U.requires_grad or psi.requires_grad))
         if self.n_colors == 1:
             hop_t = self._hop_u1(U, psi, dagger, fast).T.view(psi.shape)
@@ -404,6 +438,36 @@ class WilsonDirac:
         out = torch.zeros_like(psi) if base is None else base.clone()
         self._hop_sun(out, U, psi, scale, dagger)
         return out
+
+    def flat_links(self, U: torch.Tensor) -> torch.Tensor:
+        """Prepared forward links (time-boundary sign folded in) as ``[B, d, V(, N, N)]``, contiguous."""
+        uf = self._link_state(U).uf
+        b, d = uf.shape[0], self.lattice.dim
+        return uf.reshape(b, d, self.lattice.volume, *uf.shape[2 + d :]).contiguous()
+
+    def _kernel_scaled_hop(
+        self, U: torch.Tensor, psi: torch.Tensor, scale: float, base: torch.Tensor | None, dagger: bool
+    ) -> torch.Tensor | None:
+        """:meth:`_scaled_hop` by the compiled kernel on the full lattice, or ``None`` if it does not apply."""
+        if not kernel_usable(U, psi, base, n_spin=self.n_spin, n_colors=self.n_colors):
+            if self.backend == "kernel":
+                raise RuntimeError(f"{self!r}: backend='kernel' but the compiled kernel cannot take this call")
+            return None
+        b, v = psi.shape[0], self.lattice.volume
+        flat = psi.reshape(b, v, *self.field_shape[self.lattice.dim :])
+        ints, coefs = self._term_tabs[dagger]
+        out = kernel_hop(
+            hop_tables(tuple(self.lattice.shape), "all"),
+            ints,
+            coefs,
+            self.flat_links(U),
+            flat,
+            scale,
+            None if base is None else base.reshape(flat.shape),
+            self.n_spin,
+            self.n_colors,
+        )
+        return out.view(psi.shape)
 
     # ------------------------------------------------------------------ public operator
     def hop(self, U: torch.Tensor, psi: torch.Tensor, *, dagger: bool = False) -> torch.Tensor:
