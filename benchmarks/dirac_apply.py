@@ -5,10 +5,15 @@ Measured in one process:
 (a) streaming memory bandwidth of this machine: ``copy`` (``a = b``) and ``triad``
     (``a = b + s c``) on 256 MB float64 arrays, best of several repetitions, with one torch
     thread and with all threads;
-(b) ``WilsonDirac.apply`` for 2D U(1) links at L = 16, 32, 64 with B = 64 configurations, in
-    complex128 and complex64: time per batched apply, effective bandwidth counting only the
-    minimal traffic (read psi, read U, write D psi: ``B V (2 Ns + d)`` complex numbers), and
-    that as a fraction of the triad bandwidth measured in (a) at the same thread count;
+(b) ``WilsonDirac.apply``, the torch path (``backend="torch"``) and the fused compiled kernel
+    (``backend="kernel"``) side by side, for 2D L = 64 and 4D 8^4 lattices, U(1) and SU(3) links,
+    complex128 and complex64, with the batch chosen so that the minimal traffic of one apply is
+    about ``--mbytes`` (out of cache): time per batched apply, ns per site, effective bandwidth
+    counting only the minimal traffic (read psi, read U, write D psi: ``B V (2 Ns N + d N^2)``
+    complex numbers), and that as a fraction of the triad bandwidth measured in (a) at the same
+    thread count; then the even/odd Schur complement: ``M_hat^dag M_hat`` on packed half-lattice
+    vectors (``EvenOddWilson.apply_normal_packed``) and on full-lattice vectors with zero odd
+    sites (``apply_normal``), against ``D^dag D``, all with the kernel;
 (c) CG iterations to a relative residual of 1e-10 on ``D^dagger D`` (plain) and on
     ``M_hat^dagger M_hat`` (even/odd) against kappa, at L = 8 and 16, on U(1) configurations
     from a beta = 2 pure-gauge HMC ensemble (independent chains, a few hundred Omelyan
@@ -16,7 +21,7 @@ Measured in one process:
 
 Usage::
 
-    python benchmarks/dirac_apply.py              # full run (well under a minute on 1 thread)
+    python benchmarks/dirac_apply.py              # full run (a few minutes on 1 thread)
     python benchmarks/dirac_apply.py --quick      # seconds; checks the script runs
     python benchmarks/dirac_apply.py --threads 2  # torch threads for (b) and (c)
 """
@@ -63,18 +68,66 @@ def bandwidth(n_bytes: int, repeats: int) -> dict[str, float]:
     return {"copy": 2 * n * 8 / t_copy / 1e9, "triad": 3 * n * 8 / t_triad / 1e9}
 
 
-def apply_throughput(L: int, batch: int, dtype: torch.dtype, repeats: int, seed: int) -> tuple[float, float]:
-    """Seconds per batched ``apply`` and minimal bytes moved by it."""
-    g = make_generator(seed, L)
-    op = WilsonDirac(Lattice((L, L)), 0.25)
-    theta = 2 * math.pi * torch.rand((batch, 2, L, L), generator=g, dtype=torch.float64)
-    U = u1_links(theta).to(dtype)
-    psi = op.gaussian(batch, g, dtype=dtype)
-    with torch.no_grad():
-        t = best_time(lambda: op.apply(U, psi), repeats, inner=3)
+GEOMETRIES = (("2D L=64", (64, 64)), ("4D 8^4", (8, 8, 8, 8)))
+GROUPS = (("U(1)", 1), ("SU(3)", 3))
+
+
+def random_links(op: WilsonDirac, batch: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """Random U(1) phases or Haar-like SU(N) matrices (QR of a Gaussian) ``[batch, *link_shape]``."""
+    if op.n_colors == 1:
+        theta = 2 * math.pi * torch.rand((batch, *op.link_shape), generator=g, dtype=torch.float64)
+        return u1_links(theta).to(dtype)
+    z = torch.randn((batch, *op.link_shape), generator=g, dtype=torch.complex128)
+    return torch.linalg.qr(z)[0].to(dtype).contiguous()
+
+
+def config_bytes(op: WilsonDirac, dtype: torch.dtype) -> int:
+    """Minimal bytes of one configuration's apply: read psi and U, write D psi."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    n_bytes = itemsize * (2 * psi.numel() + U.numel())
-    return t, n_bytes
+    return itemsize * (2 * math.prod(op.field_shape) + math.prod(op.link_shape))
+
+
+CHUNK_MB = 24.0  # per batched call: every tensor stays below glibc's 32 MB mmap threshold (no page faults)
+
+
+def chunks(op: WilsonDirac, dtype: torch.dtype, mbytes: float, g: torch.Generator):
+    """``(U, psi)`` pairs, each a batch of about ``CHUNK_MB`` of minimal traffic, ``mbytes`` in all.
+
+    Applying the operator to all chunks in turn streams ``mbytes`` through memory (out of cache) while
+    each call allocates its result from memory the allocator reuses, as in a Krylov solver.
+    """
+    per_config = config_bytes(op, dtype)
+    batch = max(1, round(CHUNK_MB * 1e6 / per_config))
+    n_chunks = max(1, round(mbytes / CHUNK_MB))
+    pairs = [(random_links(op, batch, dtype, g), op.gaussian(batch, g, dtype=dtype)) for _ in range(n_chunks)]
+    return pairs, batch * n_chunks, batch * n_chunks * per_config
+
+
+def apply_rows(shape: tuple[int, ...], n_colors: int, dtype: torch.dtype, mbytes: float, repeats: int, seed: int):
+    """Seconds per ``apply`` of all chunks for the torch path and the kernel, the total batch and minimal bytes."""
+    g = make_generator(seed, sum(shape) + n_colors)
+    ops = {b: WilsonDirac(Lattice(shape), 0.12, n_colors=n_colors, backend=b) for b in ("torch", "kernel")}
+    pairs, batch, n_bytes = chunks(ops["torch"], dtype, mbytes, g)
+    times = {}
+    with torch.no_grad():
+        for name, op in ops.items():
+            times[name] = best_time(lambda: [op.apply(U, psi) for U, psi in pairs], repeats)
+    return times, batch, n_bytes
+
+
+def schur_rows(shape: tuple[int, ...], n_colors: int, dtype: torch.dtype, mbytes: float, repeats: int, seed: int):
+    """Seconds per batched ``D^dag D``, packed ``M_hat^dag M_hat`` and full-lattice ``M_hat^dag M_hat`` (kernel)."""
+    g = make_generator(seed, 7 + sum(shape) + n_colors)
+    op = WilsonDirac(Lattice(shape), 0.12, n_colors=n_colors, backend="kernel")
+    eo = EvenOddWilson(op, check_parity=False)
+    pairs, batch, _ = chunks(op, dtype, mbytes, g)
+    packed = [(U, eo.pack(psi)) for U, psi in pairs]
+    full_e = [(U, eo.project_even(psi)) for U, psi in pairs]
+    with torch.no_grad():
+        t_dd = best_time(lambda: [op.apply_normal(U, psi) for U, psi in pairs], repeats)
+        t_packed = best_time(lambda: [eo.apply_normal_packed(U, x) for U, x in packed], repeats)
+        t_full = best_time(lambda: [eo.apply_normal(U, x) for U, x in full_e], repeats)
+    return t_dd, t_packed, t_full, batch
 
 
 def u1_ensemble(L: int, n_configs: int, n_traj: int, seed: int) -> torch.Tensor:
@@ -123,8 +176,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds), to check the script runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads for (b) and (c) (0: torch default)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64], help="L for the apply throughput")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--mbytes", type=float, default=200.0, help="minimal traffic of one batched apply in (b), MB")
     p.add_argument("--cg-sizes", type=int, nargs="+", default=[8, 16])
     p.add_argument("--configs", type=int, default=6, help="HMC chains (configurations) per lattice size")
     p.add_argument("--trajectories", type=int, default=300)
@@ -133,7 +185,7 @@ def main() -> None:
     args = p.parse_args()
     bw_bytes, repeats = 256 * 2**20, 5
     if args.quick:
-        args.sizes, args.batch, args.cg_sizes = [16], 8, [8]
+        args.mbytes, args.cg_sizes = 24.0, [8]
         args.configs, args.trajectories, args.max_iter = 2, 20, 5000
         bw_bytes, repeats = 32 * 2**20, 2
     all_threads = torch.get_num_threads()
@@ -157,18 +209,44 @@ def main() -> None:
     ref = bws[threads]["triad"]
 
     print(
-        f"\n## (b) WilsonDirac.apply, 2D U(1), B = {args.batch}, {threads} thread(s); "
-        f"minimal bytes = read psi + read U + write D psi"
+        f"\n## (b) WilsonDirac.apply, torch path vs fused kernel, {threads} thread(s), about {args.mbytes:.0f} MB "
+        f"per apply; minimal bytes = read psi + read U + write D psi; fraction of the triad bandwidth above"
     )
-    print(f"{'L':>4} {'dtype':>10} {'ms/apply':>9} {'ns/site':>8} {'MB moved':>9} {'eff GB/s':>9} {'of triad':>9}")
-    for dtype in (torch.complex128, torch.complex64):
-        for L in args.sizes:
-            t, n_bytes = apply_throughput(L, args.batch, dtype, repeats, args.seed)
-            sites = args.batch * L * L
-            print(
-                f"{L:>4} {str(dtype).split('.')[-1]:>10} {1e3 * t:>9.3f} {1e9 * t / sites:>8.2f} "
-                f"{n_bytes / 1e6:>9.2f} {n_bytes / t / 1e9:>9.2f} {n_bytes / t / 1e9 / ref:>8.1%}"
-            )
+    print(
+        f"{'lattice':>8} {'group':>6} {'dtype':>10} {'B':>5} {'MB':>6} | {'torch ms':>9} {'ns/site':>8} "
+        f"{'GB/s':>6} {'triad':>6} | {'kernel ms':>9} {'ns/site':>8} {'GB/s':>6} {'triad':>6} | {'speed-up':>8}"
+    )
+    for geo, shape in GEOMETRIES:
+        for group, n_colors in GROUPS:
+            for dtype in (torch.complex128, torch.complex64):
+                times, batch, n_bytes = apply_rows(shape, n_colors, dtype, args.mbytes, repeats, args.seed)
+                sites = batch * math.prod(shape)
+                cols = []
+                for name in ("torch", "kernel"):
+                    t = times[name]
+                    gbs = n_bytes / t / 1e9
+                    cols.append(f"{1e3 * t:>9.2f} {1e9 * t / sites:>8.2f} {gbs:>6.2f} {gbs / ref:>6.1%}")
+                print(
+                    f"{geo:>8} {group:>6} {str(dtype).split('.')[-1]:>10} {batch:>5} {n_bytes / 1e6:>6.0f} | "
+                    f"{cols[0]} | {cols[1]} | {times['torch'] / times['kernel']:>7.1f}x"
+                )
+
+    print(
+        f"\n## (b2) even/odd cost with the kernel, {threads} thread(s): D^dag D (full lattice) vs M_hat^dag M_hat on "
+        "packed half-lattice vectors and on full-lattice vectors with zero odd sites"
+    )
+    print(
+        f"{'lattice':>8} {'group':>6} {'dtype':>10} {'B':>5} | {'DdagD ms':>9} {'packed ms':>10} {'ratio':>6} | "
+        f"{'full-lattice eo ms':>18} {'ratio':>6}"
+    )
+    for geo, shape in GEOMETRIES:
+        for group, n_colors in GROUPS:
+            for dtype in (torch.complex128, torch.complex64):
+                t_dd, t_packed, t_full, batch = schur_rows(shape, n_colors, dtype, args.mbytes, repeats, args.seed)
+                print(
+                    f"{geo:>8} {group:>6} {str(dtype).split('.')[-1]:>10} {batch:>5} | {1e3 * t_dd:>9.2f} "
+                    f"{1e3 * t_packed:>10.2f} {t_packed / t_dd:>6.2f} | {1e3 * t_full:>18.2f} {t_full / t_dd:>6.2f}"
+                )
 
     print(
         f"\n## (c) CG iterations to |r|/|b| < 1e-10, beta = 2 U(1) HMC configurations, complex128, {threads} thread(s)"

@@ -32,7 +32,7 @@ def _fields(op: WilsonDirac, batch: int, dtype: torch.dtype, seed: int = 0) -> t
 
 def _unitary(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
     """Random unitary matrices ``[*shape]`` (last two axes square), complex128."""
-    return torch.linalg.qr(torch.randn(shape, generator=g, dtype=torch.complex128))[0]
+    return torch.linalg.qr(torch.randn(shape, generator=g, dtype=torch.complex128))[0].contiguous()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -16,7 +16,14 @@
 //   term_int [K, 8]: mu, backward, n_proj, p0, p1, n_recon, r0, r1
 //   term_coef [K, 8]: proj coefficients (p0 re, im, p1 re, im), recon coefficients (r0 re, im, r1 re, im)
 // Terms must come grouped by (mu, backward) so that consecutive terms share source and link.
+//
+// Two implementations: a generic one that follows the tables at run time (any d, Ns = 2 or 4), and
+// a fast one for the basis of latflow.fermions.gamma in d = 2 and 4, with the terms known at
+// compile time and vectorised in pairs; the fast one runs only when the tables equal its terms.
+// Sites are distributed over OpenMP threads (n_threads per call); each output site is written by
+// one thread with a fixed order of operations, so results do not depend on the thread count.
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 namespace {
@@ -175,56 +182,138 @@ constexpr const Spec& spec(int k) {
     }
 }
 
-// i^K z
-template <int K, typename T>
-inline Cx<T> ipow(Cx<T> z) {
-    constexpr int k = ((K % 4) + 4) % 4;
-    if constexpr (k == 0) return z;
-    if constexpr (k == 1) return {-z.im, z.re};
-    if constexpr (k == 2) return {-z.re, -z.im};
-    return {z.im, -z.re};
+// The fast path runs paired lanes: consecutive terms (2m, 2m + 1) of the spec run in the two
+// complex lanes of one 4-wide vector [re_a, im_a, re_b, im_b] (d = 2: the forward and backward hop
+// of one direction; d = 4: the two half-spinors of one hop, which share their link). Accumulators
+// are vectors indexed by the pair of spins the two lanes add to; they are summed into the result
+// at the end. GCC/Clang vector extensions: SIMD on any target, no intrinsics.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<double> {
+    typedef double type __attribute__((vector_size(32)));
+    typedef int64_t index __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<float> {
+    typedef float type __attribute__((vector_size(16)));
+    typedef int32_t index __attribute__((vector_size(16)));
+};
+template <typename T>
+using V4 = typename Vec<T>::type;
+template <typename T>
+using I4 = typename Vec<T>::index;
+template <typename V>
+using Scalar = std::decay_t<decltype(V{}[0])>;
+
+template <typename V>
+inline V swap_reim(V v) {
+#if defined(__clang__)
+    return __builtin_shufflevector(v, v, 1, 0, 3, 2);
+#else
+    return __builtin_shuffle(v, I4<Scalar<V>>{1, 0, 3, 2});
+#endif
 }
 
-template <typename T, int N, int D, int DAG, int K>
-inline void fast_term(int64_t i, const int32_t* out_site, const int32_t* fwd, const int32_t* bwd,
+template <typename T>
+inline V4<T> pair(Cx<T> a, Cx<T> b) {
+    return V4<T>{a.re, a.im, b.re, b.im};
+}
+
+// lane-wise i^KA (lane a), i^KB (lane b)
+template <int KA, int KB, typename V>
+inline V ipow2(V z) {
+    using T = Scalar<V>;
+    constexpr int ka = ((KA % 4) + 4) % 4, kb = ((KB % 4) + 4) % 4;
+    if constexpr (ka == kb) {
+        if constexpr (ka == 0) return z;
+        if constexpr (ka == 2) return -z;
+        if constexpr (ka == 1) return swap_reim(z) * V{-1, 1, -1, 1};
+        return swap_reim(z) * V{1, -1, 1, -1};
+    } else {
+        constexpr T a0 = ka == 0 ? 1 : (ka == 2 ? -1 : 0), b0 = kb == 0 ? 1 : (kb == 2 ? -1 : 0);
+        constexpr T a1 = ka == 1 ? -1 : (ka == 3 ? 1 : 0), b1 = kb == 1 ? -1 : (kb == 3 ? 1 : 0);
+        return z * V{a0, a0, b0, b0} + swap_reim(z) * V{a1, -a1, b1, -b1};
+    }
+}
+
+template <int D>
+constexpr bool spin_pair_used(int x, int y) {
+    for (int m = 0; m < (D == 2 ? 2 : 8); ++m) {
+        const Spec& a = spec<D>(2 * m);
+        const Spec& b = spec<D>(2 * m + 1);
+        if ((a.p0 == x && b.p0 == y) || (a.p1 == x && b.p1 == y)) return true;
+    }
+    return false;
+}
+
+template <typename T, int N, int D, int DAG, int M>
+inline void simd_pair(int64_t i, const int32_t* out_site, const int32_t* fwd, const int32_t* bwd,
                       const int32_t* bwd_link, const Cx<T>* links_b, int64_t volume, const Cx<T>* src_b,
-                      Cx<T> (&acc)[D == 2 ? 2 : 4][N]) {
+                      V4<T> (&acc)[(D == 2 ? 2 : 4) * (D == 2 ? 2 : 4)][N]) {
     constexpr int NS = D == 2 ? 2 : 4;
-    constexpr Spec t = spec<D>(K);
-    constexpr int k1 = t.k1 + 2 * DAG, kr = t.kr + 2 * DAG;
-    const int64_t j = t.backward ? bwd[i * D + t.mu] : fwd[i * D + t.mu];
-    const int64_t lx = t.backward ? bwd_link[i * D + t.mu] : out_site[i];
-    const Cx<T>* s = src_b + j * NS * N;
-    const Cx<T>* u = links_b + (t.mu * volume + lx) * N * N;
-    Cx<T> h[N];
-    for (int c = 0; c < N; ++c) {
-        const Cx<T> z = ipow<k1>(s[t.p1 * N + c]);
-        h[c] = {s[t.p0 * N + c].re + z.re, s[t.p0 * N + c].im + z.im};
+    constexpr Spec ta = spec<D>(2 * M), tb = spec<D>(2 * M + 1);
+    const int64_t ja = ta.backward ? bwd[i * D + ta.mu] : fwd[i * D + ta.mu];
+    const int64_t jb = tb.backward ? bwd[i * D + tb.mu] : fwd[i * D + tb.mu];
+    const Cx<T>* sa = src_b + ja * NS * N;
+    const Cx<T>* sb = src_b + jb * NS * N;
+    const int64_t la = ta.backward ? bwd_link[i * D + ta.mu] : out_site[i];
+    const Cx<T>* ua = links_b + (ta.mu * volume + la) * N * N;
+    constexpr bool shared_link = ta.mu == tb.mu && ta.backward == tb.backward;
+    const Cx<T>* ub = ua;
+    if constexpr (!shared_link) {
+        const int64_t lb = tb.backward ? bwd_link[i * D + tb.mu] : out_site[i];
+        ub = links_b + (tb.mu * volume + lb) * N * N;
     }
+    // conj sign of the link's imaginary part per lane (backward hop: adjoint)
+    constexpr T ca = ta.backward ? -1 : 1, cb = tb.backward ? -1 : 1;
+    V4<T> h[N];
+    for (int c = 0; c < N; ++c)
+        h[c] = pair(sa[ta.p0 * N + c], sb[tb.p0 * N + c]) +
+               ipow2<ta.k1 + 2 * DAG, tb.k1 + 2 * DAG>(pair(sa[ta.p1 * N + c], sb[tb.p1 * N + c]));
     for (int a = 0; a < N; ++a) {
-        Cx<T> v = t.backward ? cjmul(u[a], h[0]) : cmul(u[a * N], h[0]);
-        for (int c = 1; c < N; ++c) {
-            const Cx<T> z = t.backward ? cjmul(u[c * N + a], h[c]) : cmul(u[a * N + c], h[c]);
-            v.re += z.re;
-            v.im += z.im;
+        V4<T> y;
+        for (int c = 0; c < N; ++c) {
+            // element (a, c) of U (forward) or of U^dagger (backward: conj of U[c][a])
+            const Cx<T> xa = ta.backward ? ua[c * N + a] : ua[a * N + c];
+            const Cx<T> xb = tb.backward ? ub[c * N + a] : ub[a * N + c];
+            const V4<T> re = V4<T>{xa.re, xa.re, xb.re, xb.re};
+            const V4<T> im = V4<T>{xa.im * ca, xa.im * ca, xb.im * cb, xb.im * cb};
+            const V4<T> prod = re * h[c] + im * swap_reim(h[c]) * V4<T>{-1, 1, -1, 1};
+            y = c == 0 ? prod : y + prod;
         }
-        acc[t.p0][a].re += v.re;
-        acc[t.p0][a].im += v.im;
-        const Cx<T> w = ipow<kr>(v);
-        acc[t.p1][a].re += w.re;
-        acc[t.p1][a].im += w.im;
+        acc[ta.p0 * NS + tb.p0][a] += y;
+        acc[ta.p1 * NS + tb.p1][a] += ipow2<ta.kr + 2 * DAG, tb.kr + 2 * DAG>(y);
     }
 }
 
-template <typename T, int N, int D, int DAG, int... K>
-inline void fast_site(std::integer_sequence<int, K...>, int64_t i, const int32_t* out_site, const int32_t* fwd,
+template <typename T, int N, int D, int DAG, int... M>
+inline void simd_site(std::integer_sequence<int, M...>, int64_t i, const int32_t* out_site, const int32_t* fwd,
                       const int32_t* bwd, const int32_t* bwd_link, const Cx<T>* links_b, int64_t volume,
-                      const Cx<T>* src_b, Cx<T> (&acc)[D == 2 ? 2 : 4][N]) {
-    (fast_term<T, N, D, DAG, K>(i, out_site, fwd, bwd, bwd_link, links_b, volume, src_b, acc), ...);
+                      const Cx<T>* src_b, V4<T> (&acc)[(D == 2 ? 2 : 4) * (D == 2 ? 2 : 4)][N]) {
+    (simd_pair<T, N, D, DAG, M>(i, out_site, fwd, bwd, bwd_link, links_b, volume, src_b, acc), ...);
+}
+
+template <typename T, int N, int D, int... P>
+inline void simd_collect(std::integer_sequence<int, P...>, const V4<T> (&acc)[(D == 2 ? 2 : 4) * (D == 2 ? 2 : 4)][N],
+                         Cx<T> (&res)[D == 2 ? 2 : 4][N]) {
+    constexpr int NS = D == 2 ? 2 : 4;
+    auto one = [&](auto pc) {
+        constexpr int p = decltype(pc)::value;
+        if constexpr (spin_pair_used<D>(p / NS, p % NS)) {
+            for (int a = 0; a < N; ++a) {
+                res[p / NS][a].re += acc[p][a][0];
+                res[p / NS][a].im += acc[p][a][1];
+                res[p % NS][a].re += acc[p][a][2];
+                res[p % NS][a].im += acc[p][a][3];
+            }
+        }
+    };
+    (one(std::integral_constant<int, P>{}), ...);
 }
 
 template <typename T, int N, int D, int DAG>
-void fast_impl(int64_t batch, int64_t n_out, int64_t n_src, int64_t volume, const int32_t* out_site,
+void simd_impl(int64_t batch, int64_t n_out, int64_t n_src, int64_t volume, const int32_t* out_site,
                const int32_t* fwd, const int32_t* bwd, const int32_t* bwd_link, const T* links_r, const T* src_r,
                const T* base_r, T* out_r, T scale, int n_threads) {
     constexpr int NS = D == 2 ? 2 : 4;
@@ -235,22 +324,26 @@ void fast_impl(int64_t batch, int64_t n_out, int64_t n_src, int64_t volume, cons
 #pragma omp parallel for collapse(2) schedule(static) num_threads(n_threads)
     for (int64_t b = 0; b < batch; ++b) {
         for (int64_t i = 0; i < n_out; ++i) {
-            Cx<T> acc[NS][N];
-            for (int sp = 0; sp < NS; ++sp)
-                for (int c = 0; c < N; ++c) acc[sp][c] = {T(0), T(0)};
-            fast_site<T, N, D, DAG>(std::make_integer_sequence<int, D == 2 ? 4 : 16>{}, i, out_site, fwd, bwd,
+            V4<T> acc[NS * NS][N];
+            for (int p = 0; p < NS * NS; ++p)
+                for (int c = 0; c < N; ++c) acc[p][c] = V4<T>{0, 0, 0, 0};
+            simd_site<T, N, D, DAG>(std::make_integer_sequence<int, D == 2 ? 2 : 8>{}, i, out_site, fwd, bwd,
                                     bwd_link, links + b * D * volume * N * N, volume, src + b * n_src * NS * N, acc);
+            Cx<T> res[NS][N];
+            for (int sp = 0; sp < NS; ++sp)
+                for (int c = 0; c < N; ++c) res[sp][c] = {T(0), T(0)};
+            simd_collect<T, N, D>(std::make_integer_sequence<int, NS * NS>{}, acc, res);
             const int64_t bi = b * n_out + i;
             Cx<T>* o = out + bi * NS * N;
             if (base != nullptr) {
                 const Cx<T>* bs = base + bi * NS * N;
                 for (int sp = 0; sp < NS; ++sp)
                     for (int c = 0; c < N; ++c)
-                        o[sp * N + c] = {bs[sp * N + c].re + scale * acc[sp][c].re,
-                                         bs[sp * N + c].im + scale * acc[sp][c].im};
+                        o[sp * N + c] = {bs[sp * N + c].re + scale * res[sp][c].re,
+                                         bs[sp * N + c].im + scale * res[sp][c].im};
             } else {
                 for (int sp = 0; sp < NS; ++sp)
-                    for (int c = 0; c < N; ++c) o[sp * N + c] = {scale * acc[sp][c].re, scale * acc[sp][c].im};
+                    for (int c = 0; c < N; ++c) o[sp * N + c] = {scale * res[sp][c].re, scale * res[sp][c].im};
             }
         }
     }
@@ -292,13 +385,13 @@ void run_fixed(int variant, int d, int64_t batch, int64_t n_out, int64_t n_src, 
     auto* o = static_cast<T*>(out);
     const T sc = T(scale);
     if (d == 2 && variant == 1)
-        fast_impl<T, N, 2, 0>(batch, n_out, n_src, volume, out_site, fwd, bwd, bwd_link, l, s, b, o, sc, n_threads);
+        simd_impl<T, N, 2, 0>(batch, n_out, n_src, volume, out_site, fwd, bwd, bwd_link, l, s, b, o, sc, n_threads);
     else if (d == 2)
-        fast_impl<T, N, 2, 1>(batch, n_out, n_src, volume, out_site, fwd, bwd, bwd_link, l, s, b, o, sc, n_threads);
+        simd_impl<T, N, 2, 1>(batch, n_out, n_src, volume, out_site, fwd, bwd, bwd_link, l, s, b, o, sc, n_threads);
     else if (variant == 1)
-        fast_impl<T, N, 4, 0>(batch, n_out, n_src, volume, out_site, fwd, bwd, bwd_link, l, s, b, o, sc, n_threads);
+        simd_impl<T, N, 4, 0>(batch, n_out, n_src, volume, out_site, fwd, bwd, bwd_link, l, s, b, o, sc, n_threads);
     else
-        fast_impl<T, N, 4, 1>(batch, n_out, n_src, volume, out_site, fwd, bwd, bwd_link, l, s, b, o, sc, n_threads);
+        simd_impl<T, N, 4, 1>(batch, n_out, n_src, volume, out_site, fwd, bwd, bwd_link, l, s, b, o, sc, n_threads);
 }
 
 template <typename T>
