@@ -402,7 +402,7 @@ int load_terms(int n_terms, int n_spin, int d, const int32_t* ti, const double* 
         const double* c = tc + 8 * k;
         Term<T>& t = terms[k];
         t = {a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7],
-             {T(c[0]), T(c[1])}, {T(c[2]), T(c[3])}, {T(c[4]), T(c[5])}, {T(c[6]), T(c[7])}};
+             {T(c[0]), T(c[1])}, {T(c[2]), T(c[3])}, {T(c[4]), T(c[5])}, {T(c[6]), T(c[7])}, false, false};
         const bool ok = t.mu >= 0 && t.mu < d && (t.np == 1 || t.np == 2) && (t.nr == 1 || t.nr == 2) &&
                         t.p0 >= 0 && t.p0 < n_spin && t.r0 >= 0 && t.r0 < n_spin &&
                         (t.np == 1 || (t.p1 >= 0 && t.p1 < n_spin)) && (t.nr == 1 || (t.r1 >= 0 && t.r1 < n_spin));
@@ -496,6 +496,7 @@ int latflow_wilson_hop(int real_bytes, int n_colors, int n_spin, int d, int64_t 
                        const double* term_coef, const void* links, const void* src, const void* base, void* out,
                        double scale, int n_threads) {
     if (n_threads < 1) n_threads = 1;
+    (void)n_threads;  // unused without OpenMP
     if (real_bytes == 4)
         return dispatch<float>(n_colors, n_spin, d, batch, n_out, n_src, volume, out_site, fwd, bwd, bwd_link,
                                n_terms, term_int, term_coef, links, src, base, out, scale, n_threads);
