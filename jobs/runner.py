@@ -255,6 +255,11 @@ def _check_pseudofermion_options(job: JobConfig) -> None:
             raise JobError(
                 f"{src}: 'sampler.chrono' = {s.chrono}: theory '{name}' has no chronological guesses; allowed: 0"
             )
+        if s.cg_solver != "cg":
+            raise JobError(
+                f"{src}: 'sampler.cg_solver' = {s.cg_solver!r}: theory '{name}' solves its staggered systems with "
+                "plain CG; allowed: 'cg'"
+            )
     scales = tuple(getattr(s, "time_scales", ()))
     n_factors = 1 + len(s.hasenbusch_kappas) if isinstance(s, PseudofermionSettings) else 1
     if len(scales) > n_factors:
@@ -641,6 +646,14 @@ def check_weight_variance(
     return lam
 
 
+def _with_solver(s: Any, sampler: Any) -> Any:
+    """``sampler`` with the job's ``cg_solver`` / ``cg_check_every`` set on its pseudofermions (where they apply)."""
+    pf = getattr(sampler, "pseudofermions", None)
+    if hasattr(pf, "set_solver"):
+        pf.set_solver(s.cg_solver, check_every=s.cg_check_every or None)
+    return sampler
+
+
 def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: SerialComm, device: torch.device) -> Any:
     s = job.sampler
     gen = make_generator(job.run.seed, STREAM_SAMPLE, comm.rank, device=device)
@@ -658,25 +671,31 @@ def _make_sampler(job: JobConfig, theory: Any, model: FlowModel | None, comm: Se
     if s.kind == "pf-flow-mcmc":
         conditional = make_conditional(job, theory, model, device)
         check_weight_variance(job, conditional, model, device)
-        return PseudofermionFlowMCMC.for_theory(
-            theory, model, batch_size=s.batch_size, generator=gen, chain_id=comm.rank, conditional=conditional, **pf
+        return _with_solver(
+            s,
+            PseudofermionFlowMCMC.for_theory(
+                theory, model, batch_size=s.batch_size, generator=gen, chain_id=comm.rank, conditional=conditional, **pf
+            ),
         )
     if s.kind not in ("hmc", "pf-hmc"):
         raise JobError(f"{job.source}: 'sampler.kind' = {s.kind!r}: no sampler of this kind is wired into the runner")
     x0 = initial_field(job, theory, s.n_chains, gen, device)
     if s.kind == "pf-hmc":
-        return PseudofermionHMC.for_theory(
-            theory,
-            x0,
-            step_size=s.step_size,
-            n_steps=s.n_steps,
-            generator=gen,
-            integrator=s.integrator,
-            step_jitter=s.step_jitter,
-            chain_offset=comm.rank * s.n_chains,
-            time_scales=tuple(s.time_scales),
-            chrono=s.chrono,
-            **pf,
+        return _with_solver(
+            s,
+            PseudofermionHMC.for_theory(
+                theory,
+                x0,
+                step_size=s.step_size,
+                n_steps=s.n_steps,
+                generator=gen,
+                integrator=s.integrator,
+                step_jitter=s.step_jitter,
+                chain_offset=comm.rank * s.n_chains,
+                time_scales=tuple(s.time_scales),
+                chrono=s.chrono,
+                **pf,
+            ),
         )
     return HMC(
         theory.action,

@@ -145,12 +145,19 @@ class PseudofermionSettings:
         Relative residual of the conjugate-gradient solves, in ``(0, 1)``.
     cg_max_iter
         Most CG iterations per solve.
+    cg_solver
+        ``"cg"`` (default): CG in the run's dtype; ``"cg_mixed"``: single-precision inner CG with double-precision
+        defect correction to ``cg_tol`` (float64 runs; Wilson pseudofermions).
+    cg_check_every
+        Iterations between the solver's host-side convergence checks; 0 (default): 1 on the CPU, 10 on GPUs.
     """
 
     even_odd: bool = False
     hasenbusch_kappas: tuple[float, ...] = ()
     cg_tol: float = 1e-10
     cg_max_iter: int = 10000
+    cg_solver: Literal["cg", "cg_mixed"] = "cg"
+    cg_check_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -253,6 +260,7 @@ PSEUDOFERMION_RULES: dict[str, Rule] = {
     ),
     "cg_tol": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "cg_max_iter": POSITIVE,
+    "cg_check_every": NON_NEGATIVE,
 }
 PF_HMC_RULES: dict[str, Rule] = {
     "time_scales": (lambda v: all(m >= 1 for m in v), "a list of integers >= 1 (default [] = one time scale)"),

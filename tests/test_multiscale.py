@@ -222,10 +222,14 @@ def test_job_keys_are_validated_in_one_line():
         "sampler.time_scales=[0]": r"'sampler.time_scales' = \[0\]: must be a list of integers >= 1",
         "sampler.time_scales=2": r"'sampler.time_scales' = 2: expected a list of integers",
         "sampler.chrono=-1": r"'sampler.chrono' = -1: must be an integer >= 0",
+        'sampler.cg_solver="gmres"': r"'sampler.cg_solver' = 'gmres': expected one of 'cg', 'cg_mixed'",
+        "sampler.cg_check_every=-1": r"'sampler.cg_check_every' = -1: must be a number >= 0",
     }
     for change, message in bad.items():
         with pytest.raises(JobError, match=message):
             load_job(path, [change])
+    job = load_job(path, ['sampler.cg_solver="cg_mixed"', "sampler.cg_check_every=4"])
+    assert (job.sampler.cg_solver, job.sampler.cg_check_every) == ("cg_mixed", 4)
     job = load_job(path, ["sampler.time_scales=[2, 2, 2]"])
     with pytest.raises(JobError, match=r"'sampler.time_scales' = \[2, 2, 2\]: 2 pseudofermion factor\(s\)"):
         _check_pseudofermion_options(job)
@@ -244,3 +248,26 @@ def test_resume_with_time_scales_and_chrono_is_bit_identical():
     c = sampler(haar(2, 17), time_scales=[2, 1], chrono=0, generator=gen(99))
     with pytest.raises(ValueError, match="sampler state was made with"):
         c.load_state_dict(state)
+
+
+def test_mixed_precision_and_check_every_give_the_same_trajectory():
+    """``solver = "cg_mixed"`` (complex64 inner CG, complex128 defect correction) and ``check_every = 5`` solve to
+    the same tolerance: one nested trajectory with even/odd and a Hasenbusch factor ends at the plain-CG end point
+    to ~the tolerance, with the same acceptance decision; the solver is part of the sampler's config."""
+    x = haar(2, 18)
+    runs = {}
+    for solver, every in (("cg", None), ("cg_mixed", None), ("cg", 5)):
+        s = sampler(x, even_odd=True, time_scales=[2, 1], tol=1e-11, generator=gen(8), solver=solver, check_every=every)
+        accepted, dh = s.trajectory()
+        runs[(solver, every)] = (s.x.clone(), dh, accepted, s.config())
+    base = runs[("cg", None)]
+    for key, (x1, dh1, acc1, _) in runs.items():
+        print(key, f"|dx| {float((x1 - base[0]).abs().max()):.1e}, |d dH| {float((dh1 - base[1]).abs().max()):.1e}")
+        assert torch.allclose(x1, base[0], rtol=0, atol=1e-8), key
+        assert torch.allclose(dh1, base[1], rtol=0, atol=1e-7), key
+        assert torch.equal(acc1, base[2]), key
+    assert runs[("cg_mixed", None)][3]["solver"] == "cg_mixed" and "solver" not in base[3]
+    with pytest.raises(ValueError, match="solver must be one of 'cg', 'cg_mixed'"):
+        sampler(x, solver="gmres")
+    with pytest.raises(ValueError, match="check_every must be a positive integer"):
+        sampler(x, check_every=0)

@@ -454,6 +454,7 @@ def test_latflow_run_pf_flow_mcmc_jobs(tmp_path, latflow_cli, record_z) -> None:
         ({"conditional": "triangular"}, "sampler.conditional"),
         ({"even_odd": True}, "sampler.even_odd"),
         ({"hasenbusch_kappas": [0.1]}, "sampler.hasenbusch_kappas"),
+        ({"cg_solver": "cg_mixed"}, "sampler.cg_solver"),
     ],
 )
 def test_bad_pseudofermion_settings_are_one_line_errors(

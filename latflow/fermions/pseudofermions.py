@@ -54,13 +54,14 @@ from latflow.manifolds import SUN
 
 from .evenodd import EvenOddWilson
 from .gamma import gamma_matrices
-from .solvers import cg
+from .solvers import SolverResult, cg, cg_mixed, lower_dtype
 from .wilson import WilsonDirac, u1_links
 
 __all__ = [
     "HasenbuschRatioFactor",
     "Nf2Pseudofermions",
     "PseudofermionFactor",
+    "SOLVERS",
     "SolveStats",
     "chrono_guess",
     "complex_gaussian",
@@ -239,6 +240,12 @@ class _Operator(Protocol):
 
     def link_derivative(self, U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor: ...
 
+    def pack(self, psi: torch.Tensor) -> torch.Tensor: ...
+
+    def unpack(self, v: torch.Tensor) -> torch.Tensor: ...
+
+    def normal(self, U: torch.Tensor) -> Any: ...
+
 
 class _FullOperator:
     """``A = D`` on the full lattice."""
@@ -265,6 +272,18 @@ class _FullOperator:
     def link_derivative(self, U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``d Re(a^dag D b) / dU`` (torch convention), the shape of ``U``."""
         return -self.kappa * hop_link_gradient(self.dirac, U, a, b)
+
+    def pack(self, psi: torch.Tensor) -> torch.Tensor:
+        """The solver's vector for a field ``[B, *field_shape]``: the field itself."""
+        return psi
+
+    def unpack(self, v: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`pack`."""
+        return v
+
+    def normal(self, U: torch.Tensor) -> Any:
+        """``v -> D^dag D v`` on solver vectors (:meth:`pack`)."""
+        return lambda v: self.dirac.apply_normal(U, v)
 
 
 class _EvenOddOperator:
@@ -301,6 +320,20 @@ class _EvenOddOperator:
         c = dirac.hop(U, b)
         w = dirac.gamma5(dirac.hop(U, dirac.gamma5(a)))
         return -(self.kappa**2) * (hop_link_gradient(dirac, U, a, c) + hop_link_gradient(dirac, U, w, b))
+
+    def pack(self, psi: torch.Tensor) -> torch.Tensor:
+        """The solver's vector ``[B, V/2, Ns(, N)]`` for an even-site field ``[B, *field_shape]``: its even sites."""
+        return self.eo.pack(psi) if hasattr(self.eo, "pack") else psi  # TEMP until half-lattice lands
+
+    def unpack(self, v: torch.Tensor) -> torch.Tensor:
+        """The full-lattice field (odd sites zero) of a packed even-site vector."""
+        return self.eo.unpack(v) if hasattr(self.eo, "unpack") else v  # TEMP
+
+    def normal(self, U: torch.Tensor) -> Any:
+        """``v -> M_hat^dag M_hat v`` on packed even-site vectors (half-lattice hops)."""
+        if hasattr(self.eo, "apply_normal_packed"):  # TEMP
+            return lambda v: self.eo.apply_normal_packed(U, v)
+        return lambda v: self.eo.apply_normal(U, v)
 
 
 def _make_operator(dirac: WilsonDirac, even_odd: bool) -> _FullOperator | _EvenOddOperator:
@@ -363,27 +396,59 @@ class _FactorBase:
         self.stats = SolveStats()
         self.chrono = 0
         self._history: list[torch.Tensor] = []
+        self.set_solver("cg")
+
+    def set_solver(self, solver: str = "cg", *, check_every: int | None = None, inner_tol: float = 1e-5) -> None:
+        """How this factor's ``(A^dag A) x = b`` systems are solved (see :meth:`Nf2Pseudofermions.set_solver`)."""
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(map(repr, SOLVERS))}, got {solver!r}")
+        if check_every is not None and (isinstance(check_every, bool) or int(check_every) != check_every):
+            raise ValueError(f"check_every must be a positive integer or None, got {check_every!r}")
+        if check_every is not None and check_every < 1:
+            raise ValueError(f"check_every must be a positive integer or None, got {check_every!r}")
+        if solver == "cg_mixed" and not 1e-6 < inner_tol < 1:
+            raise ValueError(f"inner_tol must lie in (1e-6, 1) (single-precision inner solves), got {inner_tol}")
+        self.solver = solver
+        self.check_every = None if check_every is None else int(check_every)
+        self.inner_tol = float(inner_tol)
+
+    def _cg(self, op: _Operator, U: torch.Tensor, b: torch.Tensor, x0: torch.Tensor | None) -> SolverResult:
+        """Solve ``A^dag A x = b`` on solver vectors (``op.pack``) with this factor's solver; records iterations."""
+        normal = op.normal(U)
+        if self.solver == "cg_mixed" and lower_dtype(b.dtype) != b.dtype:
+            normal_lo = op.normal(U.to(lower_dtype(U.dtype)))
+            res = cg_mixed(
+                normal_lo,
+                normal,
+                b,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                inner_tol=self.inner_tol,
+                x0=x0,
+                check_every=self.check_every,
+            )
+        else:
+            res = cg(normal, b, tol=self.tol, max_iter=self.max_iter, x0=x0, check_every=self.check_every)
+        self.stats.add(res.iterations)
+        return res
 
     def _solve_normal(self, op: _Operator, U: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        """``(A^dag A)^{-1} rhs`` by CG from a zero guess; records the iterations."""
-        res = cg(lambda v: op.apply_normal(U, v), rhs, tol=self.tol, max_iter=self.max_iter)
-        self.stats.add(res.iterations)
-        return res.x
+        """``(A^dag A)^{-1} rhs`` ``[B, *field_shape]`` from a zero guess; records the iterations."""
+        return op.unpack(self._cg(op, U, op.pack(rhs), None).x)
 
     def _solve_force(self, op: _Operator, U: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         """The force solve ``(A^dag A)^{-1} rhs``: from a zero guess, or a chronological one (``chrono > 0``).
 
         The guess is :func:`chrono_guess` of this factor's last ``chrono`` force solutions since
-        :meth:`chrono_reset`; the solution joins that history.
+        :meth:`chrono_reset` (kept as solver vectors); the solution joins that history.
         """
         if not self.chrono:
             return self._solve_normal(op, U, rhs)
-        normal = lambda v: op.apply_normal(U, v)  # noqa: E731
-        x0 = chrono_guess(normal, rhs, self._history) if self._history else None
-        res = cg(normal, rhs, tol=self.tol, max_iter=self.max_iter, x0=x0)
-        self.stats.add(res.iterations)
-        self._history = [*self._history, res.x][-self.chrono :]
-        return res.x
+        b = op.pack(rhs)
+        x0 = chrono_guess(op.normal(U), b, self._history) if self._history else None
+        x = self._cg(op, U, b, x0).x
+        self._history = [*self._history, x][-self.chrono :]
+        return op.unpack(x)
 
     def chrono_reset(self) -> None:
         """Forget the force solutions (the start of a trajectory: new pseudofermions)."""
@@ -540,6 +605,12 @@ class HasenbuschRatioFactor(_FactorBase):
         return 2.0 * (self.op_heavy.derivative(U, phi, x) - self.op.derivative(U, y, x))
 
 
+SOLVERS = ("cg", "cg_mixed")
+"""Solvers of the pseudofermion systems: ``"cg"`` in the fields' dtype; ``"cg_mixed"``: single-precision inner
+CG with double-precision defect correction (:func:`~latflow.fermions.solvers.cg_mixed`; plain CG for
+single-precision fields)."""
+
+
 def chrono_guess(apply_normal: Any, rhs: torch.Tensor, history: list[torch.Tensor]) -> torch.Tensor:
     """Minimal-residual extrapolation of earlier solutions: the initial guess for ``M x = rhs``.
 
@@ -654,6 +725,7 @@ class Nf2Pseudofermions:
         for heavy, light in zip(chain[:-1], chain[1:]):
             self.factors.append(HasenbuschRatioFactor(light, heavy, **opts))
         self.n_components = self.factors[0].n_components
+        self.solver, self.check_every = "cg", None
 
     def __len__(self) -> int:
         return len(self.factors)
@@ -677,6 +749,26 @@ class Nf2Pseudofermions:
         """Forget every factor's force solutions (called at the start of each trajectory)."""
         for f in self.factors:
             f.chrono_reset()
+
+    def set_solver(self, solver: str = "cg", *, check_every: int | None = None, inner_tol: float = 1e-5) -> None:
+        """How every factor solves its ``(A^dag A) x = b`` systems (heatbath, action and force).
+
+        Parameters
+        ----------
+        solver
+            ``"cg"`` (default): CG in the fields' dtype; ``"cg_mixed"``: complex64 inner CG to ``inner_tol``
+            with complex128 defect correction to the factors' ``tol`` (same solutions to that tolerance; the
+            Metropolis step stays exact).
+        check_every
+            Iterations between the solver's host-side convergence checks; ``None``: 1 on the CPU, 10 on
+            accelerators (the iterations and solutions do not depend on it).
+        inner_tol
+            Relative tolerance of the single-precision inner solves of ``"cg_mixed"``.
+        """
+        for f in self.factors:
+            f.set_solver(solver, check_every=check_every, inner_tol=inner_tol)
+        self.solver = solver
+        self.check_every = check_every
 
     def heatbath(self, U: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         """One pseudofermion per factor, drawn in factor order: ``[phi_1, ...]``, each ``[B, *L, Ns]``."""
@@ -736,6 +828,7 @@ class Nf2Pseudofermions:
             "even_odd": self.even_odd,
             "hasenbusch_kappas": list(self.hasenbusch_kappas),
             "tol": self.tol,
+            **({"solver": self.solver} if self.solver != "cg" else {}),
         }
 
     def reset_stats(self) -> None:

@@ -386,6 +386,12 @@ def bicgstab(
 _LOWER = {torch.complex128: torch.complex64, torch.float64: torch.float32}
 
 
+def lower_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The single-precision partner of a double-precision dtype (complex128 -> complex64, float64 -> float32);
+    other dtypes unchanged."""
+    return _LOWER.get(dtype, dtype)
+
+
 def cg_mixed(
     apply_A_lo: Operator,
     apply_A_hi: Operator,

@@ -73,6 +73,10 @@ class PseudofermionHMC(HMC):
         Chronological initial guesses for the force solves: ``0`` (default) zero guesses; ``1`` the last
         solution of the same factor in this trajectory; ``k >= 2`` the minimal-residual extrapolation of
         the last ``k`` (:meth:`Nf2Pseudofermions.set_chrono`). The history starts empty every trajectory.
+    solver, check_every
+        How the pseudofermion systems are solved (:meth:`Nf2Pseudofermions.set_solver`): ``"cg"`` (default) or
+        ``"cg_mixed"`` (single-precision inner CG, double-precision defect correction to ``tol``); host-side
+        convergence checks every ``check_every`` iterations (``None``: 1 on the CPU, 10 on accelerators).
     tol, max_iter
         CG tolerance (relative residual) and limit of every solve. A solve that does not converge
         raises :class:`latflow.fermions.solvers.ConvergenceError`.
@@ -135,6 +139,8 @@ class PseudofermionHMC(HMC):
         pseudofermions: Any = None,
         time_scales: tuple[int, ...] | list[int] = (),
         chrono: int = 0,
+        solver: str = "cg",
+        check_every: int | None = None,
     ) -> None:
         n_colors = int(getattr(dirac, "n_colors", None) or 1)
         if pseudofermions is not None:
@@ -178,6 +184,10 @@ class PseudofermionHMC(HMC):
             if not hasattr(pseudofermions, "set_chrono"):
                 raise ValueError(f"chrono = {chrono}: these pseudofermions do not support chronological guesses")
             pseudofermions.set_chrono(self.chrono)
+        if solver != "cg" or check_every is not None:
+            if not hasattr(pseudofermions, "set_solver"):
+                raise ValueError(f"solver = {solver!r}: these pseudofermions support only plain CG")
+            pseudofermions.set_solver(solver, check_every=check_every)
         # the operator's background: complex links of a gauge field, or the field itself (a scalar)
         self._background = manifold.links if hasattr(manifold, "links") else (lambda x: x)
         self.gauge_action = gauge_action
