@@ -47,6 +47,8 @@ def _library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = [vp, vp, ctypes.c_int64, ctypes.c_int, i64p, ctypes.c_int, ctypes.c_double, ctypes.c_int]
         fn.restype = ctypes.c_int
+    lib.latflow_u1_force_scratch_limit.argtypes = [ctypes.c_int64]
+    lib.latflow_u1_force_scratch_limit.restype = ctypes.c_int64
     _configured[:] = [lib]
     return lib
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from latflow import gauge_kernels
 from latflow.gauge_kernels import compiled_force_available, sun_wilson_force, u1_wilson_force
 from latflow.lattice import Lattice
 from latflow.manifolds import SUN
@@ -52,6 +53,24 @@ def test_u1_force_matches_torch(shape, dtype, batch):
     theta = _angles(batch, shape, dtype)
     _close(action.force(theta), action.force_reference(theta))
     _close(u1_wilson_force(theta, 1.7), action.force_reference(theta))
+
+
+@pytest.mark.parametrize("shape", [(7, 10), (3, 4, 2, 5)])
+@pytest.mark.parametrize("dtype", REAL)
+def test_u1_streaming_kernel_gives_the_same_bits(shape, dtype):
+    """The one-sweep U(1) kernel (used for large lattices) equals the two-sweep one bit for bit."""
+    lib = gauge_kernels._library()
+    theta = _angles(3, shape, dtype)
+    two_sweeps = u1_wilson_force(theta, 1.7)
+    previous = lib.latflow_u1_force_scratch_limit(0)
+    try:
+        one_sweep = u1_wilson_force(theta, 1.7)
+        torch.set_num_threads(2)
+        one_sweep_2 = u1_wilson_force(theta, 1.7)
+    finally:
+        torch.set_num_threads(1)
+        lib.latflow_u1_force_scratch_limit(previous)
+    assert torch.equal(one_sweep, two_sweeps) and torch.equal(one_sweep_2, two_sweeps)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -10,14 +10,19 @@
 // U(1):  F_mu(x) = beta sum_{nu != mu} [ sin P_{mu nu}(x) - sin P_{mu nu}(x - nu) ],
 //        P_{mu nu}(x) = t_mu(x) + t_nu(x + mu) - t_mu(x + nu) - t_nu(x)  (P_{nu mu} = -P_{mu nu}),
 //        computed plane by plane (mu < nu): s(x) goes to +F_mu(x) and -F_nu(x), s(x - nu) to -F_mu(x),
-//        s(x - mu) to +F_nu(x). Shifts along the last axis reuse the row's own sines; for the plane
-//        (d-2, d-1), s(x - e_{d-2}) is the previous row's s(x) when the same thread computed it.
+//        s(x - mu) to +F_nu(x). Two kernels give the same bits: u1_force_planes evaluates every plaquette
+//        sine once into a scratch array [n_planes, V] per configuration, then sums (used while that array
+//        is at most 64 MiB); u1_force streams row by row, re-evaluating the sines at x - mu and x - nu
+//        (shifts along the last axis reuse the row's own sines; for the plane (d-2, d-1), s(x - e_{d-2})
+//        is the previous row's s(x) when the same thread computed it).
 // SU(N): F_mu(x) = coef ta(U_mu(x) A_mu(x)), A the staple sum of latflow.sun.sun_staples and
 //        ta(M) = (M - M^dagger)/2 - tr(M - M^dagger)/(2N) 1.
 // Complex arithmetic is written on real pairs (no std::complex).
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -157,6 +162,87 @@ void u1_force(const T* theta, T* force, int64_t batch, const Geometry& g, T beta
         for (int64_t j = 0; j < ln; ++j) f[j] *= beta;
       }
       std::swap(last_prev, last_here);
+    }
+  }
+}
+
+// The same force in two sweeps per configuration through a scratch array of the d (d-1)/2 plaquette sines
+// [n_planes, V] (each sine evaluated once instead of 2-3 times; the arithmetic on the sines is that of
+// u1_force, so both give the same bits). Used while the scratch array is at most u1_scratch_limit bytes.
+int64_t u1_scratch_limit = int64_t(64) << 20;
+
+template <typename T>
+void u1_force_planes(const T* theta, T* force, int64_t batch, const Geometry& g, T beta, int nthreads) {
+  const int d = g.d;
+  const int n_planes = d * (d - 1) / 2;
+  const int64_t V = g.volume, ln = g.ln;
+  // scratch: up to 4 MiB kept per calling thread between calls (no allocation and page faults per force)
+  const size_t n_scratch = static_cast<size_t>(n_planes) * V;
+  thread_local std::vector<T> kept;
+  std::unique_ptr<T[]> fresh;
+  T* S = nullptr;
+  if (n_scratch * sizeof(T) <= (size_t(4) << 20)) {
+    if (kept.size() < n_scratch) kept.resize(n_scratch);
+    S = kept.data();
+  } else {
+    fresh.reset(new (std::nothrow) T[n_scratch]);
+    if (!fresh) {
+      u1_force(theta, force, batch, g, beta, nthreads);
+      return;
+    }
+    S = fresh.get();
+  }
+#pragma omp parallel num_threads(nthreads)
+  {
+    int64_t dplus[kMaxDim], dminus[kMaxDim];
+    for (int64_t b = 0; b < batch; ++b) {
+      const T* tb = theta + b * d * V;
+      T* fb = force + b * d * V;
+#pragma omp for schedule(static)
+      for (int64_t rr = 0; rr < g.nrows; ++rr) {
+        const int64_t s0 = rr * ln;
+        row_offsets(g, rr, dplus, dminus);
+        int p = 0;
+        for (int mu = 0; mu < d; ++mu)
+          for (int nu = mu + 1; nu < d; ++nu, ++p) {
+            const bool nu_last = (nu == d - 1);
+            plaquette_sines(tb + mu * V, tb + nu * V, s0, s0 + dplus[mu], nu_last ? s0 : s0 + dplus[nu], nu_last, ln,
+                            S + p * V + s0);
+          }
+      }  // implicit barrier: every sine of configuration b is ready
+#pragma omp for schedule(static)
+      for (int64_t rr = 0; rr < g.nrows; ++rr) {
+        const int64_t s0 = rr * ln;
+        row_offsets(g, rr, dplus, dminus);
+        for (int mu = 0; mu < d; ++mu) {
+          T* f = fb + mu * V + s0;
+          for (int64_t j = 0; j < ln; ++j) f[j] = T(0);
+        }
+        int p = 0;
+        for (int mu = 0; mu < d; ++mu)
+          for (int nu = mu + 1; nu < d; ++nu, ++p) {
+            const T* s_x = S + p * V + s0;
+            const T* s_mmu = S + p * V + s0 + dminus[mu];
+            T* f_mu = fb + mu * V + s0;
+            T* f_nu = fb + nu * V + s0;
+            if (nu == d - 1) {  // s(x - nu) is the same row shifted by one
+              f_mu[0] += s_x[0] - s_x[ln - 1];
+#pragma omp simd
+              for (int64_t j = 1; j < ln; ++j) f_mu[j] += s_x[j] - s_x[j - 1];
+            } else {
+              const T* s_mnu = S + p * V + s0 + dminus[nu];
+#pragma omp simd
+              for (int64_t j = 0; j < ln; ++j) f_mu[j] += s_x[j] - s_mnu[j];
+            }
+#pragma omp simd
+            for (int64_t j = 0; j < ln; ++j) f_nu[j] += s_mmu[j] - s_x[j];
+          }
+        for (int mu = 0; mu < d; ++mu) {
+          T* f = fb + mu * V + s0;
+#pragma omp simd
+          for (int64_t j = 0; j < ln; ++j) f[j] *= beta;
+        }
+      }  // implicit barrier before the scratch array is reused
     }
   }
 }
@@ -308,13 +394,25 @@ int sun_dispatch(const T* u, T* force, int64_t batch, const Geometry& g, int n, 
 
 extern "C" {
 
+// Largest scratch array (bytes) of the two-sweep U(1) force; above it the one-sweep kernel runs (tests set
+// 0 to check that both give the same force). Returns the previous limit.
+int64_t latflow_u1_force_scratch_limit(int64_t bytes) {
+  const int64_t previous = u1_scratch_limit;
+  u1_scratch_limit = bytes;
+  return previous;
+}
+
 // Return codes: 0 ok, 1 bad geometry (d outside [2, 8] or an extent < 1), 2 unsupported N.
 
 int latflow_u1_force_f64(const double* theta, double* force, int64_t batch, int d, const int64_t* shape,
                          double beta, int nthreads) {
   Geometry g;
   if (d < 2 || !make_geometry(d, shape, &g)) return 1;
-  u1_force<double>(theta, force, batch, g, beta, nthreads);
+  const int64_t scratch = int64_t(d) * (d - 1) / 2 * g.volume * int64_t(sizeof(double));
+  if (scratch <= u1_scratch_limit)
+    u1_force_planes<double>(theta, force, batch, g, beta, nthreads);
+  else
+    u1_force<double>(theta, force, batch, g, beta, nthreads);
   return 0;
 }
 
@@ -322,7 +420,11 @@ int latflow_u1_force_f32(const float* theta, float* force, int64_t batch, int d,
                          double beta, int nthreads) {
   Geometry g;
   if (d < 2 || !make_geometry(d, shape, &g)) return 1;
-  u1_force<float>(theta, force, batch, g, static_cast<float>(beta), nthreads);
+  const int64_t scratch = int64_t(d) * (d - 1) / 2 * g.volume * int64_t(sizeof(float));
+  if (scratch <= u1_scratch_limit)
+    u1_force_planes<float>(theta, force, batch, g, static_cast<float>(beta), nthreads);
+  else
+    u1_force<float>(theta, force, batch, g, static_cast<float>(beta), nthreads);
   return 0;
 }
 
