@@ -1,7 +1,10 @@
 """Compiled, fused Wilson gauge forces (``latflow/kernels/gauge_force.cpp``) with a ``None`` fallback signal.
 
-Each function here returns the force computed in one pass over the links by the compiled kernel, or
-``None`` when the kernel does not apply, so that the caller runs its torch reference instead:
+Each function here returns the force computed by the compiled kernel without torch temporaries (the links
+are read once and the force written once: SU(N) in one sweep over the links; U(1) in one sweep, or, while
+the plaquette sines of one configuration fit in a 64 MiB scratch array, in two sweeps that evaluate every
+sine once, with the same bits), or ``None`` when the kernel does not apply, so that the caller runs its
+torch reference instead:
 
 - the kernel library is unavailable (no compiler, ``LATFLOW_KERNELS=off``; see :mod:`latflow.kernels`);
 - the input is not a CPU tensor of a supported dtype (``float32``/``float64`` angles,

@@ -120,7 +120,7 @@ class U1GaugeAction:
         ``beta Im(U_mu(x) A_mu(x))`` with the staples ``A`` of :func:`latflow.gauge.u1_staples`.
 
         On CPU without autograd the fused compiled kernel (:func:`latflow.gauge_kernels.u1_wilson_force`)
-        computes it in one pass; :meth:`force_reference` (torch) otherwise.
+        computes it (links read once, no torch temporaries); :meth:`force_reference` (torch) otherwise.
         """
         fused = u1_wilson_force(theta, self.beta)
         return fused if fused is not None else self.force_reference(theta)
