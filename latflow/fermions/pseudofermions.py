@@ -323,17 +323,15 @@ class _EvenOddOperator:
 
     def pack(self, psi: torch.Tensor) -> torch.Tensor:
         """The solver's vector ``[B, V/2, Ns(, N)]`` for an even-site field ``[B, *field_shape]``: its even sites."""
-        return self.eo.pack(psi) if hasattr(self.eo, "pack") else psi  # TEMP until half-lattice lands
+        return self.eo.pack(psi)
 
     def unpack(self, v: torch.Tensor) -> torch.Tensor:
         """The full-lattice field (odd sites zero) of a packed even-site vector."""
-        return self.eo.unpack(v) if hasattr(self.eo, "unpack") else v  # TEMP
+        return self.eo.unpack(v)
 
     def normal(self, U: torch.Tensor) -> Any:
         """``v -> M_hat^dag M_hat v`` on packed even-site vectors (half-lattice hops)."""
-        if hasattr(self.eo, "apply_normal_packed"):  # TEMP
-            return lambda v: self.eo.apply_normal_packed(U, v)
-        return lambda v: self.eo.apply_normal(U, v)
+        return lambda v: self.eo.apply_normal_packed(U, v)
 
 
 def _make_operator(dirac: WilsonDirac, even_odd: bool) -> _FullOperator | _EvenOddOperator:
