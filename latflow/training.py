@@ -47,6 +47,13 @@ def ess_per_config(log_w: torch.Tensor) -> float:
     return math.exp(2 * torch.logsumexp(lw, 0).item() - torch.logsumexp(2 * lw, 0).item()) / lw.numel()
 
 
+def _all_finite(tensors: list[torch.Tensor], *, like: torch.Tensor) -> torch.Tensor:
+    """``[1]`` bool on the tensors' device: every entry of every tensor is finite (no host read)."""
+    if not tensors:
+        return torch.ones(1, dtype=torch.bool, device=like.device)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all().reshape(1).to(like.device)
+
+
 def lr_factor(
     k: int,
     *,
@@ -267,20 +274,30 @@ class ReverseKLTrainer:
         return ((dkl - baseline) * self.model.log_prob(x)).mean(), dkl
 
     def train_step(self) -> TrainMetrics:
-        """One Adam step; raises :class:`TrainingDivergedError` on a non-finite loss or parameter."""
+        """One Adam step; raises :class:`TrainingDivergedError` on a non-finite loss, gradient or parameter.
+
+        Two host reads per step, whatever the number of parameters: the loss statistics, the ESS terms and the
+        gradients' finiteness come back in one transfer before the Adam step, the parameters' finiteness in one
+        after it (on a GPU each read is a synchronisation)."""
         self.optimizer.zero_grad(set_to_none=False)
         surrogate, dkl = self._surrogate()
         dkl = dkl.detach()
-        local = torch.tensor([dkl.mean().item(), (dkl**2).mean().item()], dtype=torch.float64)
-        # averaged before the check, so that under MPI every rank stops at the same step
-        self.comm.allreduce_mean_([local])
-        if not torch.isfinite(local[0]):
-            raise TrainingDivergedError(f"loss is {local[0].item()} at step {self.step + 1}")
         if surrogate.requires_grad:  # a flow without trainable parameters has nothing to differentiate
             surrogate.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
+        lw = -dkl.double()
+        stats = torch.stack([dkl.mean(), (dkl**2).mean()]).to(torch.float64)
+        # loss averaged over the ranks before the check, so that under MPI every rank stops at the same step
+        self.comm.allreduce_mean_([stats])
         self.comm.allreduce_mean_([p.grad for p in params])
-        if not all(torch.isfinite(p.grad).all() for p in params):
+        grads_finite = _all_finite([p.grad for p in params], like=stats)
+        host = torch.cat(
+            [stats, torch.stack([torch.logsumexp(lw, 0), torch.logsumexp(2 * lw, 0)]), grads_finite.double()]
+        ).tolist()
+        mean, mean_sq, lse_w, lse_w2, grads_ok = host
+        if not math.isfinite(mean):
+            raise TrainingDivergedError(f"loss is {mean} at step {self.step + 1}")
+        if not grads_ok:
             raise TrainingDivergedError(f"gradient became non-finite at step {self.step + 1}")
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
@@ -288,14 +305,13 @@ class ReverseKLTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        if not bool(_all_finite(list(self.model.parameters()), like=stats)):
             raise TrainingDivergedError(f"parameters became non-finite at step {self.step}")
-        mean, mean_sq = local.tolist()
         metrics = TrainMetrics(
             step=self.step,
             loss=mean,
             loss_std=math.sqrt(max(mean_sq - mean * mean, 0.0)) if math.isfinite(mean_sq) else math.inf,
-            ess=ess_per_config(-dkl),
+            ess=math.exp(2 * lse_w - lse_w2) / dkl.numel(),
             kl=None if self.log_z is None else mean + self.log_z,
             lr=lr,
         )

@@ -9,6 +9,7 @@ z-scores are tested at once, so the bound is Bonferroni-corrected: with ``m`` co
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from latflow.lattice import Lattice
 from latflow.priors import NormalPrior
 from latflow.theories.phi4 import Phi4Params, Phi4Theory
 from latflow.theories.u1 import U1GaugeAction, U1Params
-from latflow.training import ESTIMATORS, ReverseKLTrainer, lr_factor
+from latflow.training import ESTIMATORS, ReverseKLTrainer, TrainingDivergedError, lr_factor
 
 ALPHA = 1e-3  # family-wise false-alarm rate of each statistical test
 
@@ -407,3 +408,48 @@ def test_kl_of_haar_flow_is_haar_log_z() -> None:
     z = (m.kl - theory.exact_log_z()) / (m.loss_std / math.sqrt(batch))
     assert abs(z) < 3, f"KL {m.kl:.4f} vs log Z_Haar {theory.exact_log_z():.4f}: z = {z:.2f}"
     assert theory.exact_log_z() > 1  # not vacuous
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the tensor-to-host reads (``item``, ``tolist``, ``bool``) that latflow's code makes inside the mode
+    (not torch's own: Adam reads its CPU step counter, which is no device synchronisation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__):
+            caller = sys._getframe(1).f_code.co_filename
+            if Path(torch.__file__).parent not in Path(caller).parents:
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_reads_the_host_twice_whatever_the_parameter_count() -> None:
+    """Loss statistics, ESS terms and the gradients' finiteness come back in one read, the parameters' finiteness in
+    another: 2 reads per step for 2 and for 12 coupling layers (was 4 + 2 per parameter tensor); non-finite gradients
+    and parameters still stop training with their own message."""
+    theory = Phi4Theory(Phi4Params(m2=-4.0, lam=8.0), Lattice((4, 4)))
+    reads = {}
+    for n_layers in (2, 12):
+        model = make_affine_flow(Lattice((4, 4)), n_layers=n_layers, hidden=(4,))
+        trainer = ReverseKLTrainer(model, lambda x: -theory.action(x), batch_size=8, lr=1e-3, generator=gen(2))
+        trainer.train_step()
+        with _HostReads() as mode:
+            m = trainer.train_step()
+        reads[n_layers] = mode.count
+        assert math.isfinite(m.loss) and 0 < m.ess <= 1
+    assert reads == {2: 2, 12: 2}, reads
+
+    model = make_affine_flow(Lattice((4, 4)), n_layers=2, hidden=(4,))
+    first = next(p for p in model.parameters() if p.requires_grad)
+    first.register_hook(lambda g: g * float("nan"))
+    trainer = ReverseKLTrainer(model, lambda x: -theory.action(x), batch_size=8, lr=1e-3, generator=gen(2))
+    with pytest.raises(TrainingDivergedError, match="gradient became non-finite at step 1"):
+        trainer.train_step()
+    model = make_affine_flow(Lattice((4, 4)), n_layers=2, hidden=(4,))
+    trainer = ReverseKLTrainer(model, lambda x: -theory.action(x), batch_size=8, lr=1e3, generator=gen(2))
+    trainer.optimizer.register_step_post_hook(lambda *_: [p.data.fill_(float("inf")) for p in model.parameters()])
+    with pytest.raises(TrainingDivergedError, match="parameters became non-finite at step 1"):
+        trainer.train_step()
