@@ -37,6 +37,7 @@ import time
 import torch
 
 from latflow.fermions import ConvergenceError, EvenOddWilson, WilsonDirac, cg, u1_links
+from latflow.fermions.hopping import hop_tables, kernel_hop
 from latflow.lattice import Lattice
 from latflow.rng import make_generator
 from latflow.samplers import HMC
@@ -112,7 +113,23 @@ def apply_rows(shape: tuple[int, ...], n_colors: int, dtype: torch.dtype, mbytes
     with torch.no_grad():
         for name, op in ops.items():
             times[name] = best_time(lambda: [op.apply(U, psi) for U, psi in pairs], repeats)
+        times["out"] = best_time(kernel_into_buffers(ops["kernel"], pairs), repeats)
     return times, batch, n_bytes
+
+
+def kernel_into_buffers(op: WilsonDirac, pairs):
+    """``D psi`` by the kernel into preallocated outputs, for every chunk (no allocation, no page faults)."""
+    tables = hop_tables(tuple(op.lattice.shape), "all")
+    ints, coefs = op._term_tabs[False]
+    inner = op.field_shape[op.lattice.dim :]
+    flat = [(op.flat_links(U), psi.reshape(psi.shape[0], -1, *inner)) for U, psi in pairs]
+    outs = [torch.empty_like(src) for _, src in flat]
+
+    def run():
+        for (uf, src), out in zip(flat, outs):
+            kernel_hop(tables, ints, coefs, uf, src, -op.kappa, src, op.n_spin, op.n_colors, out=out)
+
+    return run
 
 
 def schur_rows(shape: tuple[int, ...], n_colors: int, dtype: torch.dtype, mbytes: float, repeats: int, seed: int):
@@ -212,9 +229,11 @@ def main() -> None:
         f"\n## (b) WilsonDirac.apply, torch path vs fused kernel, {threads} thread(s), about {args.mbytes:.0f} MB "
         f"per apply; minimal bytes = read psi + read U + write D psi; fraction of the triad bandwidth above"
     )
+    print("# kernel: WilsonDirac.apply with the kernel (allocates its result); out=: kernel into preallocated outputs")
     print(
         f"{'lattice':>8} {'group':>6} {'dtype':>10} {'B':>5} {'MB':>6} | {'torch ms':>9} {'ns/site':>8} "
-        f"{'GB/s':>6} {'triad':>6} | {'kernel ms':>9} {'ns/site':>8} {'GB/s':>6} {'triad':>6} | {'speed-up':>8}"
+        f"{'GB/s':>6} {'triad':>6} | {'kernel ms':>9} {'ns/site':>8} {'GB/s':>6} {'triad':>6} | {'speed-up':>8} | "
+        f"{'out= ms':>8} {'ns/site':>8} {'GB/s':>6} {'triad':>6}"
     )
     for geo, shape in GEOMETRIES:
         for group, n_colors in GROUPS:
@@ -222,13 +241,13 @@ def main() -> None:
                 times, batch, n_bytes = apply_rows(shape, n_colors, dtype, args.mbytes, repeats, args.seed)
                 sites = batch * math.prod(shape)
                 cols = []
-                for name in ("torch", "kernel"):
+                for name in ("torch", "kernel", "out"):
                     t = times[name]
                     gbs = n_bytes / t / 1e9
                     cols.append(f"{1e3 * t:>9.2f} {1e9 * t / sites:>8.2f} {gbs:>6.2f} {gbs / ref:>6.1%}")
                 print(
                     f"{geo:>8} {group:>6} {str(dtype).split('.')[-1]:>10} {batch:>5} {n_bytes / 1e6:>6.0f} | "
-                    f"{cols[0]} | {cols[1]} | {times['torch'] / times['kernel']:>7.1f}x"
+                    f"{cols[0]} | {cols[1]} | {times['torch'] / times['kernel']:>7.1f}x | {cols[2]}"
                 )
 
     print(

@@ -230,14 +230,21 @@ def kernel_hop(
     base: torch.Tensor | None,
     n_spin: int,
     n_colors: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``base + scale * H src`` by the compiled kernel; the caller has checked :func:`kernel_usable`.
 
     ``ints, coefs`` are :func:`term_tables` of the terms; other arguments as in :func:`table_hop`.
+    ``out``: optional contiguous ``[B, n_out, Ns(, N)]`` tensor of the source's dtype to write into
+    (must not overlap ``src`` or ``base``); a new tensor otherwise.
     """
     lib = _library()
     batch = src.shape[0]
-    out = torch.empty((batch, tables.n_out, *src.shape[2:]), dtype=src.dtype)
+    shape = (batch, tables.n_out, *src.shape[2:])
+    if out is None:
+        out = torch.empty(shape, dtype=src.dtype)
+    elif tuple(out.shape) != shape or out.dtype != src.dtype or not out.is_contiguous() or out.device != src.device:
+        raise ValueError(f"out must be contiguous {src.dtype} {list(shape)}, got {out.dtype} {list(out.shape)}")
     out_site, fwd, bwd, bwd_link = tables._int32
     err = lib.latflow_wilson_hop(
         _DTYPES[src.dtype],

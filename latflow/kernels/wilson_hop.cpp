@@ -23,6 +23,7 @@
 // Sites are distributed over OpenMP threads (n_threads per call); each output site is written by
 // one thread with a fixed order of operations, so results do not depend on the thread count.
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 
@@ -216,8 +217,38 @@ inline V swap_reim(V v) {
 }
 
 template <typename T>
-inline V4<T> pair(Cx<T> a, Cx<T> b) {
-    return V4<T>{a.re, a.im, b.re, b.im};
+inline V4<T> pair(const Cx<T>* a, const Cx<T>* b) {
+    // whole-complex loads into the two lanes (element-wise construction is slow, above all for float)
+    typedef double D2 __attribute__((vector_size(16)));
+    if constexpr (sizeof(T) == 8) {
+        D2 lo, hi;
+        std::memcpy(&lo, a, 16);
+        std::memcpy(&hi, b, 16);
+        return __builtin_shufflevector(lo, hi, 0, 1, 2, 3);
+    } else {
+        double da, db;
+        std::memcpy(&da, a, 8);
+        std::memcpy(&db, b, 8);
+        return (V4<T>)D2{da, db};
+    }
+}
+
+template <typename V>
+inline V dup_re(V v) {
+#if defined(__clang__)
+    return __builtin_shufflevector(v, v, 0, 0, 2, 2);
+#else
+    return __builtin_shuffle(v, I4<Scalar<V>>{0, 0, 2, 2});
+#endif
+}
+
+template <typename V>
+inline V dup_im(V v) {
+#if defined(__clang__)
+    return __builtin_shufflevector(v, v, 1, 1, 3, 3);
+#else
+    return __builtin_shuffle(v, I4<Scalar<V>>{1, 1, 3, 3});
+#endif
 }
 
 // lane-wise i^KA (lane a), i^KB (lane b)
@@ -269,16 +300,23 @@ inline void simd_pair(int64_t i, const int32_t* out_site, const int32_t* fwd, co
     constexpr T ca = ta.backward ? -1 : 1, cb = tb.backward ? -1 : 1;
     V4<T> h[N];
     for (int c = 0; c < N; ++c)
-        h[c] = pair(sa[ta.p0 * N + c], sb[tb.p0 * N + c]) +
-               ipow2<ta.k1 + 2 * DAG, tb.k1 + 2 * DAG>(pair(sa[ta.p1 * N + c], sb[tb.p1 * N + c]));
+        h[c] = pair(sa + ta.p0 * N + c, sb + tb.p0 * N + c) +
+               ipow2<ta.k1 + 2 * DAG, tb.k1 + 2 * DAG>(pair(sa + ta.p1 * N + c, sb + tb.p1 * N + c));
     for (int a = 0; a < N; ++a) {
         V4<T> y;
         for (int c = 0; c < N; ++c) {
             // element (a, c) of U (forward) or of U^dagger (backward: conj of U[c][a])
-            const Cx<T> xa = ta.backward ? ua[c * N + a] : ua[a * N + c];
-            const Cx<T> xb = tb.backward ? ub[c * N + a] : ub[a * N + c];
-            const V4<T> re = V4<T>{xa.re, xa.re, xb.re, xb.re};
-            const V4<T> im = V4<T>{xa.im * ca, xa.im * ca, xb.im * cb, xb.im * cb};
+            V4<T> re, im;
+            if constexpr (shared_link) {  // broadcast one link element to both lanes
+                const Cx<T> x = ta.backward ? ua[c * N + a] : ua[a * N + c];
+                re = V4<T>{x.re, x.re, x.re, x.re};
+                im = V4<T>{x.im * ca, x.im * ca, x.im * ca, x.im * ca};
+            } else {
+                const V4<T> x =
+                    pair(ua + (ta.backward ? c * N + a : a * N + c), ub + (tb.backward ? c * N + a : a * N + c));
+                re = dup_re(x);
+                im = dup_im(x) * V4<T>{ca, ca, cb, cb};
+            }
             const V4<T> prod = re * h[c] + im * swap_reim(h[c]) * V4<T>{-1, 1, -1, 1};
             y = c == 0 ? prod : y + prod;
         }
