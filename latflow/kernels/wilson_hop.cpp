@@ -465,20 +465,20 @@ int make_groups(int n_terms, const Term<T>* terms, int* group_start) {
 template <typename T, int N>
 int dispatch_spin(int n_spin, int d, int64_t batch, int64_t n_out, int64_t n_src, int64_t volume,
                   const int32_t* out_site, const int32_t* fwd, const int32_t* bwd, const int32_t* bwd_link,
-                  int n_groups, const int* group_start, const Term<T>* terms, const void* links, const void* src, const void* base, void* out,
-                  double scale, int n_threads) {
+                  int n_groups, const int* group_start, const Term<T>* terms, const void* links, const void* src,
+                  const void* base, void* out, double scale, int n_threads) {
     const auto* l = static_cast<const T*>(links);
     const auto* s = static_cast<const T*>(src);
     const auto* b = static_cast<const T*>(base);
     auto* o = static_cast<T*>(out);
     switch (n_spin) {
         case 2:
-            hop_impl<T, N, 2>(d, batch, n_out, n_src, volume, out_site, fwd, bwd, bwd_link, n_groups, group_start, terms, l, s, b,
-                              o, T(scale), n_threads);
+            hop_impl<T, N, 2>(d, batch, n_out, n_src, volume, out_site, fwd, bwd, bwd_link, n_groups, group_start,
+                              terms, l, s, b, o, T(scale), n_threads);
             return 0;
         case 4:
-            hop_impl<T, N, 4>(d, batch, n_out, n_src, volume, out_site, fwd, bwd, bwd_link, n_groups, group_start, terms, l, s, b,
-                              o, T(scale), n_threads);
+            hop_impl<T, N, 4>(d, batch, n_out, n_src, volume, out_site, fwd, bwd, bwd_link, n_groups, group_start,
+                              terms, l, s, b, o, T(scale), n_threads);
             return 0;
         default:
             return 1;
