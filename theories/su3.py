@@ -45,9 +45,10 @@ import torch
 from scipy.special import ive
 
 from latflow.gauge import planes
+from latflow.gauge_kernels import sun_wilson_force
 from latflow.lattice import Lattice, shift
 from latflow.manifolds import SUN
-from latflow.sun import dagger, haar_sun, polyakov_loop, sun_plaquettes
+from latflow.sun import dagger, haar_sun, polyakov_loop, sun_plaquettes, sun_staples, traceless_antihermitian
 
 from .base import Derived, TheorySpec
 
@@ -224,6 +225,37 @@ class SUNGaugeAction:
         """``S[B] = -(beta/N) sum_p Re tr P_p`` for links ``[B, d, L0, ..., L{d-1}, N, N]``."""
         self._check(u)
         return -(self.beta / self.n) * _re_tr(sun_plaquettes(u)).flatten(1).sum(dim=1)
+
+    def force(self, u: torch.Tensor) -> torch.Tensor:
+        """su(N) force of :meth:`action` for HMC: ``F_mu(x) = (beta / 2N) ta(U_mu(x) A_mu(x))`` ``[B, d, *L, N, N]``.
+
+        The force of :mod:`latflow.manifolds` (``SUN.force(self.action, u)``, the left Lie derivative, sign such
+        that the kick is ``P -> P - eps F``), in closed form: ``S = -(beta/N) Re tr(U A) + ...`` with the staple sum
+        ``A`` (:func:`latflow.sun.sun_staples`) gives ``G = dS/dU = -(beta/N) A^dagger`` and
+        ``F = (1/2) ta(G U^dagger) = (beta/2N) ta(U A)``. The fused compiled kernel
+        (:func:`latflow.gauge_kernels.sun_wilson_force`: CPU, ``N <= 3``, no autograd graph needed) computes it
+        in one sweep; :meth:`force_reference` (torch: any device, ``N``, differentiable) otherwise.
+        """
+        self._check(u)
+        fused = sun_wilson_force(u, self.beta) if self._staples_exact else None
+        return fused if fused is not None else self.force_reference(u)
+
+    @property
+    def _staples_exact(self) -> bool:
+        """Whether the staple sum excludes the link itself (every extent >= 2; :func:`latflow.sun.sun_staples`)."""
+        return min(self.lattice.shape) >= 2
+
+    def force_reference(self, u: torch.Tensor) -> torch.Tensor:
+        """The torch su(N) force of :meth:`action` from the staple sums, ``[B, d, *L, N, N]`` (see :meth:`force`).
+
+        With an extent 1 the staples contain the link itself; then autograd of :meth:`action`
+        (``SUN.force``) gives the force.
+        """
+        self._check(u)
+        if not self._staples_exact:
+            return self.manifold.force(self.action, u)
+        staples = torch.stack([sun_staples(u, mu) for mu in range(self.lattice.dim)], dim=1)
+        return (0.5 * self.beta / self.n) * traceless_antihermitian(u @ staples)
 
     def wilson_loop(self, u: torch.Tensor, r: int, t: int) -> torch.Tensor:
         """``Re tr W / N`` of ``R x T`` loops averaged over sites, planes and both orientations, ``[B]``."""
