@@ -38,8 +38,13 @@ def su3_setup(kappa: float = 0.12, batch: int = 2, L: int = 2, seed: int = 6):
 
 
 def reference_cg(apply_A, b: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Textbook batched CG with host (numpy) scalars and a check every iteration: the former implementation."""
-    dot = lambda a, c: torch.linalg.vecdot(a.flatten(1), c.flatten(1), dim=-1).real.numpy()  # noqa: E731
+    """Textbook batched CG with host (numpy) scalars and a check every iteration: the former implementation, with
+    ``Re <a, c>`` as the real dot product of the (re, im) pairs, as the solver computes it."""
+
+    def dot(a: torch.Tensor, c: torch.Tensor) -> np.ndarray:
+        a, c = torch.view_as_real(a).flatten(1), torch.view_as_real(c).flatten(1)
+        return torch.linalg.vecdot(a, c, dim=-1).numpy()
+
     shape = (-1,) + (1,) * (b.dim() - 1)
     denom = np.sqrt(dot(b, b))
     x, r = torch.zeros_like(b), b.clone()

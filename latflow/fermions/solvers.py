@@ -81,6 +81,14 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a.flatten(1), b.flatten(1), dim=-1)
 
 
+def _re_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Re <a, b>`` over all non-batch axes, ``[B]`` real (on the device): a real dot product of the (re, im)
+    pairs, cheaper than the complex one."""
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    return torch.linalg.vecdot(a.flatten(1), b.flatten(1), dim=-1)
+
+
 def _check_args(name: str, b: torch.Tensor, tol: float, max_iter: int, x0: torch.Tensor | None) -> None:
     if not isinstance(b, torch.Tensor) or b.dim() < 2:
         shape = list(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
@@ -132,7 +140,7 @@ class _DeviceBatch:
 
     def sq_norm(self, a: torch.Tensor) -> torch.Tensor:
         """``|a|^2`` per system, ``[B]`` float64 on the device."""
-        return _dot(a, a).real.double()
+        return _re_dot(a, a).double()
 
     def unconverged(self, sq_norm: torch.Tensor) -> torch.Tensor:
         """Systems still to iterate, ``[B]`` bool: relative residual not below ``tol`` and not failed."""
@@ -208,10 +216,15 @@ def cg(
     x, r = _start(apply_A, b, x0)
     rr = st.sq_norm(r)
     active = st.unconverged(rr)
+    # rr < thresh <=> relative residual < tol (rr >= 0); a non-finite rr fails the comparison, which freezes that
+    # system at once, and the periodic check below marks it failed
+    thresh = (tol * st.denom) ** 2
     p = r.clone()
     n = 0
     while True:
         if n % k == 0 or n >= max_iter:
+            st.failed |= ~torch.isfinite(rr)
+            active &= ~st.failed
             if not _sync_any(active):
                 # converged by the recursion: check the true residual, restart the systems that drifted
                 r_true = b - apply_A(x)
@@ -226,19 +239,21 @@ def cg(
                 active = drift
             if n >= max_iter:
                 break
+        # one iteration in about 25 small operations (they, not the arithmetic, set the cost of small systems)
         ap = apply_A(p)
-        pap = _dot(p, ap).real.double()
-        st.failed |= active & ~(pap > 0)  # not positive definite, or breakdown
-        active = active & ~st.failed
-        alpha = st.field(_safe_div_t(rr, pap, active))
+        pap = _re_dot(p, ap).double()
+        ok = active & (pap > 0)
+        st.failed |= active ^ ok  # active but p^dag A p <= 0: not positive definite, or breakdown
+        alpha = torch.where(ok, rr / pap, 0.0).to(st.real_dtype).view(st.shape)
         x.addcmul_(alpha, p)
         r.addcmul_(alpha, ap, value=-1)
         rr_new = st.sq_norm(r)
-        p = torch.addcmul(r, st.field(_safe_div_t(rr_new, rr, active)), p)
-        rr = torch.where(active, rr_new, rr)
-        st.iterations += active
+        beta = torch.where(ok, rr_new / rr, 0.0).to(st.real_dtype).view(st.shape)
+        p = torch.addcmul(r, beta, p)
+        rr = torch.where(ok, rr_new, rr)
+        st.iterations += ok
         n += 1
-        active = active & st.unconverged(rr)
+        active = ok & (rr >= thresh)
     return _finish_device("cg", apply_A, b, x, st, tol, max_iter)
 
 
