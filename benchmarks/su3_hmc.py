@@ -3,7 +3,9 @@ and the U(1) HMC timing with and without the field-manifold path (the runner's),
 
 SU(3) (``--su3``, default on): the Wilson action at ``--beta`` (6) on ``L^4`` for each ``--L`` (4 and 8), HMC as
 ``latflow run`` does it (:class:`latflow.samplers.HMC` with the theory's ``manifold = SUN(3)``: su(3) momenta,
-``U -> exp(eps P) U``, autograd force ``F = (1/2) ta(G U^dagger)``, projection onto SU(3) after each trajectory),
+``U -> exp(eps P) U``, the theory's analytic force ``F = (1/2) ta(G U^dagger)`` (the compiled fused kernel on the
+CPU, :meth:`SUNGaugeAction.force`; the BENCHMARKS.md numbers before 2026-12-02 used the autograd force),
+projection onto SU(3) after each trajectory),
 Omelyan integrator, trajectory length 1, ``--chains`` chains batched: ``--therm`` trajectories from a cold start
 at half the step ``1 / --n-steps``, then ``--tune`` trajectories tune the step to ``--target`` acceptance;
 then ``--traj`` timed trajectories give the time per trajectory per chain (float64; then float32, i.e. complex64
@@ -56,6 +58,7 @@ def su3_point(L: int, chains: int, args: argparse.Namespace) -> dict:
         integrator="omelyan",
         step_jitter=0.1,
         manifold=theory.manifold,
+        force=theory.force,
     )
     t0 = time.perf_counter()
     # relax the cold start with half the step (a large volume rejects everything at the target step before),
@@ -81,6 +84,7 @@ def su3_point(L: int, chains: int, args: argparse.Namespace) -> dict:
         integrator="omelyan",
         step_jitter=0.1,
         manifold=theory.manifold,
+        force=theory.force,
     )
     n32 = max(2, args.traj // 4)
     hmc32.run(1)
