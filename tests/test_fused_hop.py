@@ -210,3 +210,16 @@ def test_two_threads_give_the_same_numbers_and_torch_threads_survive():
         torch.set_num_threads(old)
     assert torch.equal(out1, out2) and torch.equal(eo1, eo2)
     assert torch.equal(before, after)
+
+
+def test_kernels_off_falls_back_to_torch(monkeypatch):
+    monkeypatch.setenv("LATFLOW_KERNELS", "off")
+    op = WilsonDirac(Lattice((4, 6)), 0.13, n_colors=3)
+    ref = WilsonDirac(Lattice((4, 6)), 0.13, n_colors=3, backend="torch")
+    U, psi = _fields(op, 2, torch.complex128, seed=7)
+    assert _rel(op.apply(U, psi), ref.apply(U, psi)) < 1e-13
+    eo = EvenOddWilson(op)
+    x = eo.pack(psi)
+    assert _rel(eo.apply_normal_packed(U, x), eo.pack(eo.apply_normal(U, eo.unpack(x)))) < 1e-13
+    with pytest.raises(RuntimeError, match="backend='kernel'"):
+        WilsonDirac(Lattice((4, 6)), 0.13, n_colors=3, backend="kernel").apply(U, psi)
