@@ -17,6 +17,13 @@ from latflow.sun import haar_sun
 SYNC_METHODS = {"__bool__", "item", "cpu", "numpy", "tolist", "__float__", "__int__", "__index__"}
 
 
+@pytest.fixture(autouse=True)
+def device_scalar_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the device-scalar solvers (the GPU path): keep ``cg`` off the CPU host-scalar path
+    (:mod:`latflow.fermions.cg_cpu`, tested in ``test_cg_cpu.py``)."""
+    monkeypatch.setattr(solvers.cg_cpu, "usable", lambda b, x0: False)
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cg_cpu
+
 __all__ = ["SolverResult", "ConvergenceError", "cg", "cgnr", "bicgstab", "cg_mixed", "solve_normal"]
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
@@ -212,6 +214,16 @@ def cg(
     """
     _check_args("cg", b, tol, max_iter, x0)
     k = _resolve_check_every("cg", check_every, b)
+    if k == 1 and cg_cpu.usable(b, x0):
+        try:
+            x, its, residual, failed = cg_cpu.cg_host(apply_A, b, tol, max_iter, x0)
+        except cg_cpu.NeedsAutograd:
+            pass
+        else:
+            result = SolverResult(x=x, iterations=its, residual=residual)
+            if not bool((residual < tol).all()):
+                raise ConvergenceError("cg", tol, max_iter, result, "breakdown or non-finite values" if failed else "")
+            return result
     st = _DeviceBatch(b, tol)
     x, r = _start(apply_A, b, x0)
     rr = st.sq_norm(r)
