@@ -29,7 +29,7 @@ import itertools
 
 import torch
 
-from .hopping import hop_tables, parity_sites, table_hop
+from .hopping import hop_tables, kernel_schur_normal, kernel_usable, parity_sites, table_hop
 from .solvers import ConvergenceError, SolverResult, bicgstab, cgnr
 from .wilson import WilsonDirac
 
@@ -287,6 +287,16 @@ class EvenOddWilson:
         """``M_hat^dagger M_hat x`` for a packed even-site spinor ``[B, *packed_shape]`` (Hermitian positive
         definite)."""
         self._check_packed(x, U)
+        d = self.dirac
+        if d.backend != "torch":
+            uf, src = d.flat_links(U), x.contiguous()
+            if kernel_usable(uf, src, n_spin=self.n_spin, n_colors=self.n_colors):
+                shape = tuple(self.lattice.shape)
+                odd, even = hop_tables(shape, "odd"), hop_tables(shape, "even")
+                tabs = d._term_tabs
+                return kernel_schur_normal(
+                    odd, even, tabs[False], tabs[True], uf, src, self.kappa, self.n_spin, self.n_colors
+                )
         return self._m_packed(U, self._m_packed(U, x, False), True)
 
     def source_packed(self, U: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

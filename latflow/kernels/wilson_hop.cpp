@@ -544,6 +544,33 @@ int latflow_wilson_hop(int real_bytes, int n_colors, int n_spin, int d, int64_t 
     return 1;
 }
 
+// M_hat^dagger M_hat src on packed even sites in one call: four hops through the packed odd (tmp_odd) and even
+// (tmp_even) work fields, M_hat = 1 - kappa^2 H_eo H_oe, M_hat^dagger = 1 - kappa^2 H^dagger_eo H^dagger_oe.
+// tab_o* are the tables with odd output sites, tab_e* with even ones; terms of H (h) and of H^dagger (hd).
+int latflow_wilson_schur_normal(int real_bytes, int n_colors, int n_spin, int d, int64_t batch, int64_t n_half,
+                                int64_t volume, const int32_t* o_site, const int32_t* o_fwd, const int32_t* o_bwd,
+                                const int32_t* o_bwd_link, const int32_t* e_site, const int32_t* e_fwd,
+                                const int32_t* e_bwd, const int32_t* e_bwd_link, int n_terms, const int32_t* h_int,
+                                const double* h_coef, const int32_t* hd_int, const double* hd_coef, const void* links,
+                                const void* src, void* tmp_odd, void* tmp_even, void* out, double kappa2,
+                                int n_threads) {
+    int err = latflow_wilson_hop(real_bytes, n_colors, n_spin, d, batch, n_half, n_half, volume, o_site, o_fwd, o_bwd,
+                                 o_bwd_link, n_terms, h_int, h_coef, links, src, nullptr, tmp_odd, 1.0, n_threads);
+    if (!err)
+        err = latflow_wilson_hop(real_bytes, n_colors, n_spin, d, batch, n_half, n_half, volume, e_site, e_fwd,
+                                 e_bwd, e_bwd_link, n_terms, h_int, h_coef, links, tmp_odd, src, tmp_even, -kappa2,
+                                 n_threads);
+    if (!err)
+        err = latflow_wilson_hop(real_bytes, n_colors, n_spin, d, batch, n_half, n_half, volume, o_site, o_fwd, o_bwd,
+                                 o_bwd_link, n_terms, hd_int, hd_coef, links, tmp_even, nullptr, tmp_odd, 1.0,
+                                 n_threads);
+    if (!err)
+        err = latflow_wilson_hop(real_bytes, n_colors, n_spin, d, batch, n_half, n_half, volume, e_site, e_fwd,
+                                 e_bwd, e_bwd_link, n_terms, hd_int, hd_coef, links, tmp_odd, tmp_even, out, -kappa2,
+                                 n_threads);
+    return err;
+}
+
 // Which path a term table takes: 0 generic, 1 built-in basis H, 2 built-in basis H^dagger.
 int latflow_wilson_hop_variant(int d, int n_spin, int n_terms, const int32_t* term_int, const double* term_coef) {
     return match_fixed(d, n_spin, n_terms, term_int, term_coef);
