@@ -40,8 +40,10 @@ VARIANTS = [
 ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def point_arguments(description: str) -> argparse.ArgumentParser:
+    """The command-line options of the Schwinger benchmark point and its thermalised start (shared with
+    ``pf_hmc_speedup.py``)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--L", type=int, default=16)
     ap.add_argument("--beta", type=float, default=2.0)
     ap.add_argument("--kappa", type=float, default=0.26)
@@ -52,9 +54,12 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=1e-10)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    if a.quick:
-        a.L, a.chains, a.therm, a.traj = 8, 2, 2, 2
+    return ap
+
+
+def thermalised_start(a: argparse.Namespace) -> tuple[SchwingerModel, dict, torch.Tensor]:
+    """``(model, common sampler options, thermalised chains)``: ``a.therm`` one-scale PF-HMC trajectories from a
+    pure-gauge exact sample; prints the header lines."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     m = SchwingerModel(SchwingerParams(a.beta, a.kappa), Lattice((a.L, a.L)))
     common = dict(even_odd=True, hasenbusch_kappas=(a.hasenbusch,), tol=a.tol, step_jitter=0.1)
@@ -65,15 +70,25 @@ def main() -> None:
     print(
         f"# L = {a.L}, beta = {a.beta}, kappa = {a.kappa}, Hasenbusch kappa' = {a.hasenbusch}, even/odd, Omelyan, "
         f"tau = 1, {a.chains} chains, {a.traj} trajectories, tol {a.tol:g}; torch {torch.__version__}, "
-        f"{platform.machine()}, load {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f"{torch.get_num_threads()} thread(s), {platform.machine()}, load {os.getloadavg()[0]:.2f}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        flush=True,
     )
-    print(f"# thermalisation: {a.therm} one-scale trajectories, acceptance {therm_acc:.2f}")
+    print(f"# thermalisation: {a.therm} one-scale trajectories, acceptance {therm_acc:.2f}", flush=True)
+    return m, common, warm.x
+
+
+def main() -> None:
+    a = point_arguments(__doc__.splitlines()[0]).parse_args()
+    if a.quick:
+        a.L, a.chains, a.therm, a.traj = 8, 2, 2, 2
+    m, common, start = thermalised_start(a)
     header = f"{'variant':32s} {'acc':>5s} {'<|dH|>':>7s} {'ms/traj':>8s} {'CG/traj':>8s} {'ms/acc':>8s} {'CG/acc':>8s}"
     print(header)
     for label, n, scales, chrono in VARIANTS:
         s = PseudofermionHMC.for_theory(
             m,
-            warm.x,
+            start,
             step_size=1.0 / n,
             n_steps=n,
             generator=torch.Generator().manual_seed(a.seed + 1),

@@ -27,20 +27,17 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import time
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+from pf_hmc_cost import point_arguments, thermalised_start
 
 from latflow.kernels import available
-from latflow.lattice import Lattice
 from latflow.samplers.pf_hmc import PseudofermionHMC
-from latflow.theories.schwinger import SchwingerModel, SchwingerParams
-from latflow.theories.u1 import sample_exact_2d
+from latflow.theories.schwinger import SchwingerModel
 
 # (label, legacy path, n_steps, time_scales, chrono, solver)
 VARIANTS = [
@@ -76,7 +73,7 @@ def full_lattice_even_odd(sampler: PseudofermionHMC) -> None:
                 continue
             op.pack = lambda psi: psi
             op.unpack = lambda v: v
-            op.normal = lambda U, op=op: (lambda v: op.eo.apply_normal(U, v))
+            op.normal = lambda U, op=op: lambda v: op.eo.apply_normal(U, v)
 
 
 def build(m: SchwingerModel, x0: torch.Tensor, variant: tuple, common: dict, seed: int) -> PseudofermionHMC:
@@ -113,40 +110,17 @@ def measure(m: SchwingerModel, x0: torch.Tensor, variant: tuple, common: dict, a
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--L", type=int, default=16)
-    ap.add_argument("--beta", type=float, default=2.0)
-    ap.add_argument("--kappa", type=float, default=0.26)
-    ap.add_argument("--hasenbusch", type=float, default=0.2)
-    ap.add_argument("--chains", type=int, default=8)
-    ap.add_argument("--therm", type=int, default=20)
-    ap.add_argument("--traj", type=int, default=20)
+    ap = point_arguments(__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--tol", type=float, default=1e-10)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     if a.quick:
         a.L, a.chains, a.therm, a.traj, a.repeats = 8, 2, 2, 2, 1
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    m = SchwingerModel(SchwingerParams(a.beta, a.kappa), Lattice((a.L, a.L)))
-    common = dict(even_odd=True, hasenbusch_kappas=(a.hasenbusch,), tol=a.tol, step_jitter=0.1)
-    g = torch.Generator().manual_seed(a.seed)
-    x0 = sample_exact_2d(a.beta, (a.L, a.L), a.chains, g)
-    warm = PseudofermionHMC.for_theory(m, x0, step_size=1 / 8, n_steps=8, generator=g, **common)
-    therm_acc = warm.run(a.therm).accepted.double().mean().item()
-    print(
-        f"# L = {a.L}, beta = {a.beta}, kappa = {a.kappa}, Hasenbusch kappa' = {a.hasenbusch}, even/odd, Omelyan, "
-        f"tau = 1, {a.chains} chains, {a.traj} trajectories x {a.repeats} repeats, tol {a.tol:g}; torch "
-        f"{torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()}, compiled hop kernel "
-        f"{'yes' if available('wilson_hop') else 'NO'}, load {os.getloadavg()[0]:.2f}; "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-    )
-    print(f"# thermalisation: {a.therm} one-scale trajectories, acceptance {therm_acc:.2f}")
+    m, common, start = thermalised_start(a)
+    print(f"# {a.repeats} repeats; compiled hop kernel {'yes' if available('wilson_hop') else 'NO'}", flush=True)
     best: dict[str, dict[str, float]] = {}
     for _ in range(a.repeats):
         for v in VARIANTS:
-            r = measure(m, warm.x, v, common, a)
+            r = measure(m, start, v, common, a)
             if v[0] not in best or r["cpu"] < best[v[0]]["cpu"]:
                 best[v[0]] = r
     print(

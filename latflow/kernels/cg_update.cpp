@@ -57,6 +57,15 @@ constexpr int64_t CHUNK = 16384;
 
 inline int64_t n_chunks(int64_t m) { return m > 0 ? (m + CHUNK - 1) / CHUNK : 1; }
 
+// out[i] = sum over c of partial[i * nc + c], in order
+inline void sum_chunks(const std::vector<double>& partial, int64_t batch, int64_t nc, double* out) {
+    for (int64_t i = 0; i < batch; ++i) {
+        double s = 0;
+        for (int64_t c = 0; c < nc; ++c) s += partial[i * nc + c];
+        out[i] = s;
+    }
+}
+
 template <typename T>
 void re_dot(int64_t batch, int64_t m, const T* a, const T* b, double* out, int n_threads) {
     const int64_t nc = n_chunks(m);
@@ -67,11 +76,7 @@ void re_dot(int64_t batch, int64_t m, const T* a, const T* b, double* out, int n
         const int64_t lo = c * CHUNK, hi = lo + CHUNK < m ? lo + CHUNK : m;
         partial[t] = dot_range(a + i * m, b + i * m, lo, hi);
     }
-    for (int64_t i = 0; i < batch; ++i) {
-        double s = 0;
-        for (int64_t c = 0; c < nc; ++c) s += partial[i * nc + c];
-        out[i] = s;
-    }
+    sum_chunks(partial, batch, nc, out);
 }
 
 template <typename T>
@@ -86,11 +91,7 @@ void update(int64_t batch, int64_t m, const double* alpha, T* x, const T* p, T* 
         const int64_t o = i * m;
         partial[t] = update_range(x + o, p + o, r + o, ap + o, T(alpha[i]), lo, hi);
     }
-    for (int64_t i = 0; i < batch; ++i) {
-        double s = 0;
-        for (int64_t c = 0; c < nc; ++c) s += partial[i * nc + c];
-        rr[i] = s;
-    }
+    sum_chunks(partial, batch, nc, rr);
 }
 
 template <typename T>
