@@ -283,7 +283,7 @@ def test_independence_chains_reproduce_exact_values(name: str, reference, record
 
 
 @pytest.mark.statistical
-@pytest.mark.slow  # the default run checks PF-HMC against the same reference through `latflow run` (test_latflow_run_pf_hmc_job)
+@pytest.mark.slow  # the default run checks PF-HMC on this reference via `latflow run` (test_latflow_run_pf_hmc_job)
 def test_pf_hmc_reproduces_exact_values(reference, record_z) -> None:
     """PF-HMC (library API, the theory's staggered pseudofermion), 32 chains x 250 trajectories from proposal
     draws (50 discarded): Gamma-method means over the replicas agree with the exact reference."""
