@@ -172,19 +172,24 @@ def shrinking(batch: int, device: torch.device, measure: Callable[[int], list[Ro
 
 @contextlib.contextmanager
 def counting_host_reads() -> Iterator[list[int]]:
-    """Count the calls of the solvers' one host synchronisation, ``latflow.fermions.solvers._sync_any``."""
+    """Count the calls of the solvers' one host synchronisation, ``latflow.fermions.solvers._sync_any``.
+
+    Inside, ``cg`` keeps to the device-scalar solver (the GPU path) also for CPU tensors: with ``check_every`` 1
+    the CPU would otherwise take its host-scalar CG (:mod:`latflow.fermions.cg_cpu`), which reads no flag."""
     count = [0]
-    original = solvers._sync_any
+    original, usable = solvers._sync_any, solvers.cg_cpu.usable
 
     def counted(mask: torch.Tensor) -> bool:
         count[0] += 1
         return original(mask)
 
     solvers._sync_any = counted
+    solvers.cg_cpu.usable = lambda b, x0: False
     try:
         yield count
     finally:
         solvers._sync_any = original
+        solvers.cg_cpu.usable = usable
 
 
 # --- configurations ---------------------------------------------------------------------------------------------
