@@ -66,32 +66,33 @@ inline void sum_chunks(const std::vector<double>& partial, int64_t batch, int64_
     }
 }
 
-template <typename T>
-void re_dot(int64_t batch, int64_t m, const T* a, const T* b, double* out, int n_threads) {
+// out[i] = sum over the chunks of system i of part(i, lo, hi), each chunk a thread's work
+template <typename F>
+void chunked_sums(int64_t batch, int64_t m, double* out, int n_threads, F part) {
     const int64_t nc = n_chunks(m);
     std::vector<double> partial(static_cast<std::size_t>(batch * nc));
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && batch * m > 65536)
     for (int64_t t = 0; t < batch * nc; ++t) {
         const int64_t i = t / nc, c = t % nc;
         const int64_t lo = c * CHUNK, hi = lo + CHUNK < m ? lo + CHUNK : m;
-        partial[t] = dot_range(a + i * m, b + i * m, lo, hi);
+        partial[t] = part(i, lo, hi);
     }
     sum_chunks(partial, batch, nc, out);
 }
 
 template <typename T>
+void re_dot(int64_t batch, int64_t m, const T* a, const T* b, double* out, int n_threads) {
+    chunked_sums(batch, m, out, n_threads,
+                 [=](int64_t i, int64_t lo, int64_t hi) { return dot_range(a + i * m, b + i * m, lo, hi); });
+}
+
+template <typename T>
 void update(int64_t batch, int64_t m, const double* alpha, T* x, const T* p, T* r, const T* ap, double* rr,
             int n_threads) {
-    const int64_t nc = n_chunks(m);
-    std::vector<double> partial(static_cast<std::size_t>(batch * nc));
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && batch * m > 65536)
-    for (int64_t t = 0; t < batch * nc; ++t) {
-        const int64_t i = t / nc, c = t % nc;
-        const int64_t lo = c * CHUNK, hi = lo + CHUNK < m ? lo + CHUNK : m;
+    chunked_sums(batch, m, rr, n_threads, [=](int64_t i, int64_t lo, int64_t hi) {
         const int64_t o = i * m;
-        partial[t] = update_range(x + o, p + o, r + o, ap + o, T(alpha[i]), lo, hi);
-    }
-    sum_chunks(partial, batch, nc, rr);
+        return update_range(x + o, p + o, r + o, ap + o, T(alpha[i]), lo, hi);
+    });
 }
 
 template <typename T>
