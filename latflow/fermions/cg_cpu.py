@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from latflow.kernels.build import kernels_disabled, load
+from latflow.kernels.build import load
 
 _KERNEL = "cg_update"
 _REAL_BYTES = {torch.float64: 8, torch.complex128: 8, torch.float32: 4, torch.complex64: 4}
@@ -50,8 +50,6 @@ def usable(b: torch.Tensor, x0: torch.Tensor | None) -> bool:
         or b.is_neg()
         or (torch.is_grad_enabled() and (b.requires_grad or (x0 is not None and x0.requires_grad)))
     ):
-        return False
-    if kernels_disabled():
         return False
     return _library() is not None
 

@@ -54,7 +54,7 @@ from latflow.manifolds import SUN
 
 from .evenodd import EvenOddWilson
 from .gamma import gamma_matrices
-from .solvers import SolverResult, cg, cg_mixed, lower_dtype
+from .solvers import SOLVERS, SolverResult, lower_dtype, solve_links
 from .wilson import WilsonDirac, u1_links
 
 __all__ = [
@@ -411,22 +411,20 @@ class _FactorBase:
         self.inner_tol = float(inner_tol)
 
     def _cg(self, op: _Operator, U: torch.Tensor, b: torch.Tensor, x0: torch.Tensor | None) -> SolverResult:
-        """Solve ``A^dag A x = b`` on solver vectors (``op.pack``) with this factor's solver; records iterations."""
-        normal = op.normal(U)
-        if self.solver == "cg_mixed" and lower_dtype(b.dtype) != b.dtype:
-            normal_lo = op.normal(U.to(lower_dtype(U.dtype)))
-            res = cg_mixed(
-                normal_lo,
-                normal,
-                b,
-                tol=self.tol,
-                max_iter=self.max_iter,
-                inner_tol=self.inner_tol,
-                x0=x0,
-                check_every=self.check_every,
-            )
-        else:
-            res = cg(normal, b, tol=self.tol, max_iter=self.max_iter, x0=x0, check_every=self.check_every)
+        """Solve ``A^dag A x = b`` on solver vectors (``op.pack``) with this factor's solver; records iterations.
+        Single-precision fields take plain CG (there is no lower precision to correct from)."""
+        solver = self.solver if lower_dtype(b.dtype) != b.dtype else "cg"
+        res = solve_links(
+            op.normal,
+            U,
+            b,
+            solver=solver,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            check_every=self.check_every,
+            inner_tol=self.inner_tol,
+            x0=x0,
+        )
         self.stats.add(res.iterations)
         return res
 
@@ -601,12 +599,6 @@ class HasenbuschRatioFactor(_FactorBase):
         x = self._solve_force(self.op, U, v)
         y = self.op.apply(U, x)
         return 2.0 * (self.op_heavy.derivative(U, phi, x) - self.op.derivative(U, y, x))
-
-
-SOLVERS = ("cg", "cg_mixed")
-"""Solvers of the pseudofermion systems: ``"cg"`` in the fields' dtype; ``"cg_mixed"``: single-precision inner
-CG with double-precision defect correction (:func:`~latflow.fermions.solvers.cg_mixed`; plain CG for
-single-precision fields)."""
 
 
 def chrono_guess(apply_normal: Any, rhs: torch.Tensor, history: list[torch.Tensor]) -> torch.Tensor:

@@ -34,7 +34,17 @@ import torch
 
 from . import cg_cpu
 
-__all__ = ["SolverResult", "ConvergenceError", "cg", "cgnr", "bicgstab", "cg_mixed", "solve_normal"]
+__all__ = [
+    "SOLVERS",
+    "SolverResult",
+    "ConvergenceError",
+    "cg",
+    "cgnr",
+    "bicgstab",
+    "cg_mixed",
+    "solve_links",
+    "solve_normal",
+]
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -520,6 +530,45 @@ def cg_mixed(
     return result
 
 
+SOLVERS = ("cg", "cg_mixed")
+"""Solvers of ``D^dagger D x = b`` (:func:`solve_links`, :func:`solve_normal`): ``"cg"`` in the dtype of ``b``;
+``"cg_mixed"``, single-precision inner CG with double-precision defect correction (:func:`cg_mixed`)."""
+
+
+def solve_links(
+    normal: Callable[[torch.Tensor], Operator],
+    U: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    solver: str = "cg",
+    tol: float = 1e-10,
+    max_iter: int = 1000,
+    check_every: int | None = None,
+    inner_tol: float = 1e-5,
+    x0: torch.Tensor | None = None,
+) -> SolverResult:
+    """Solve ``A x = b`` for a Hermitian positive-definite ``A`` that depends on links: ``normal(U)`` is the map
+    ``v -> A v`` for links ``U`` (e.g. ``lambda U: lambda v: op.apply_normal(U, v)``).
+
+    ``solver = "cg"``: :func:`cg` in the dtype of ``b``; ``"cg_mixed"``: :func:`cg_mixed`, its inner products with
+    ``normal`` of the links cast to single precision (once per call). ``x0``: initial guess.
+    """
+    if solver == "cg":
+        return cg(normal(U), b, tol=tol, max_iter=max_iter, check_every=check_every, x0=x0)
+    if solver == "cg_mixed":
+        return cg_mixed(
+            normal(U.to(lower_dtype(U.dtype))),
+            normal(U),
+            b,
+            tol=tol,
+            max_iter=max_iter,
+            inner_tol=inner_tol,
+            check_every=check_every,
+            x0=x0,
+        )
+    raise ValueError(f"solver must be one of {', '.join(map(repr, SOLVERS))}, got {solver!r}")
+
+
 def solve_normal(
     op: object,
     U: torch.Tensor,
@@ -533,22 +582,16 @@ def solve_normal(
 ) -> SolverResult:
     """Solve ``D^dagger D x = b`` for a Dirac operator with ``apply_normal(U, psi)`` (Wilson, even/odd).
 
-    ``solver = "cg"``: :func:`cg` in the dtype of ``b``; ``"cg_mixed"``: :func:`cg_mixed` with the
-    inner products on ``U`` and ``b`` cast to single precision. ``U [B, d, ...]`` and
-    ``b [B, *field_shape]`` as for ``op.apply_normal``. The single-precision links are made once
-    per call.
+    ``solver`` as in :func:`solve_links`; ``U [B, d, ...]`` and ``b [B, *field_shape]`` as for
+    ``op.apply_normal``.
     """
-    if solver == "cg":
-        return cg(lambda v: op.apply_normal(U, v), b, tol=tol, max_iter=max_iter, check_every=check_every)
-    if solver == "cg_mixed":
-        U_lo = U.to(_LOWER.get(U.dtype, U.dtype))
-        return cg_mixed(
-            lambda v: op.apply_normal(U_lo, v),
-            lambda v: op.apply_normal(U, v),
-            b,
-            tol=tol,
-            max_iter=max_iter,
-            inner_tol=inner_tol,
-            check_every=check_every,
-        )
-    raise ValueError(f"solve_normal: solver must be one of 'cg', 'cg_mixed', got {solver!r}")
+    return solve_links(
+        lambda links: lambda v: op.apply_normal(links, v),
+        U,
+        b,
+        solver=solver,
+        tol=tol,
+        max_iter=max_iter,
+        check_every=check_every,
+        inner_tol=inner_tol,
+    )
